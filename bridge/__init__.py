@@ -1,0 +1,1 @@
+"""The Outpost bridge: consumes hub commands from RabbitMQ and carries them out at Outposts."""

@@ -1,0 +1,154 @@
+"""The bridge's RabbitMQ connection: topology, confirmed publishing, dead-lettering, queues.
+
+One robust connection (aio-pika reconnects and re-declares what it declared, then resumes
+consumers). Publishing always waits for the broker's confirm and retries once across a
+reconnect with the same message id, so a result is either durable or the command stays
+unacked and comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustExchange,
+)
+
+from schemas import Envelope, Topology, encode
+from schemas.topology import DEAD_LETTER_REASON_HEADER
+
+log = logging.getLogger(__name__)
+
+OnMessage = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+def with_heartbeat(url: str, heartbeat: int) -> str:
+    if "heartbeat=" in url:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}heartbeat={heartbeat}"
+
+
+class BridgeBroker:
+    """Owns the connection, the publish channel and one channel per consumed queue."""
+
+    def __init__(self, url: str, topology: Topology, *, heartbeat: int = 15, prefetch: int = 50) -> None:
+        self._url = with_heartbeat(url, heartbeat)
+        self.topology = topology
+        self._prefetch = prefetch
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
+        self._replies: AbstractRobustExchange | None = None
+        self._dead: AbstractRobustExchange | None = None
+        self._consumers: list[tuple[Any, str]] = []
+
+    async def connect(self, timeout: float = 30) -> None:
+        self._connection = await asyncio.wait_for(aio_pika.connect_robust(self._url), timeout)
+        channel = await self._connection.channel(publisher_confirms=True)
+        self._publish_channel = channel  # type: ignore[assignment]
+        t = self.topology
+        self._replies = await channel.declare_exchange(  # type: ignore[assignment]
+            t.reply_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        self._dead = await channel.declare_exchange(  # type: ignore[assignment]
+            t.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        dead_queue = await channel.declare_queue(
+            t.dead_letter_queue, durable=True, arguments=t.dead_letter_arguments()
+        )
+        await dead_queue.bind(self._dead)  # type: ignore[arg-type]
+        await channel.declare_exchange(t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        registry_exchange = await channel.declare_exchange(
+            t.registry_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        registry = await channel.declare_queue(
+            t.registry_stream, durable=True, arguments=t.registry_arguments()
+        )
+        await registry.bind(registry_exchange, routing_key="announce")
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await connection.close()
+
+    async def stop_consuming(self) -> None:
+        """Cancel every consumer: no new deliveries; unacked ones stay with us until acked."""
+        consumers, self._consumers = self._consumers, []
+        for queue, tag in consumers:
+            try:
+                await queue.cancel(tag)
+            except Exception as exc:  # the channel may already be gone; deliveries return anyway
+                log.debug("cancel consumer %s: %s", tag, exc)
+
+    async def consume_outpost(self, key: str, on_message: OnMessage) -> None:
+        """Consume the command queue of one Outpost on its own channel (own prefetch)."""
+        assert self._connection is not None
+        t = self.topology
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=self._prefetch)
+        exchange = await channel.declare_exchange(t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        queue = await channel.declare_queue(
+            t.outpost_queue(key), durable=True, arguments=t.outpost_queue_arguments()
+        )
+        await queue.bind(exchange, routing_key=key)
+        tag = await queue.consume(on_message, no_ack=False)
+        self._consumers.append((queue, tag))
+
+    async def follow_registry(self, on_message: OnMessage) -> None:
+        """Read the Outpost registry stream from its start and keep following it."""
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=100)  # stream consumers need a prefetch
+        queue = await channel.declare_queue(
+            self.topology.registry_stream, durable=True, arguments=self.topology.registry_arguments()
+        )
+        tag = await queue.consume(on_message, no_ack=False, arguments={"x-stream-offset": "first"})
+        self._consumers.append((queue, tag))
+
+    async def publish_reply(self, message: Envelope) -> None:
+        """Publish a result or event to its hub's queue and wait for the broker's confirm."""
+        assert self._replies is not None
+        await self._publish(self._replies, encode(message), message.hub, message.id, message.type)
+
+    async def dead_letter(self, incoming: AbstractIncomingMessage, reason: str) -> None:
+        """Move a poison message to the dead-letter queue with the reason in a header."""
+        assert self._dead is not None
+        headers = dict(incoming.headers or {})
+        headers[DEAD_LETTER_REASON_HEADER] = reason[:1000]
+        headers["x-outpost-mq-source-queue"] = incoming.routing_key or ""
+        message = aio_pika.Message(
+            body=incoming.body,
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=incoming.message_id,
+        )
+        await self._dead.publish(message, routing_key="dead", timeout=30)
+
+    async def _publish(
+        self, exchange: AbstractRobustExchange, body: bytes, routing_key: str, message_id: str, kind: str
+    ) -> None:
+        message = aio_pika.Message(
+            body=body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message_id,
+            content_type="application/msgpack",
+            type=kind,
+        )
+        for attempt in (1, 2, 3):
+            try:
+                await exchange.publish(message, routing_key=routing_key, timeout=30)
+                return
+            except (aio_pika.exceptions.AMQPConnectionError, aio_pika.exceptions.ChannelInvalidStateError,
+                    ConnectionError, asyncio.TimeoutError) as exc:
+                # aio-pika raises for a publish in flight during a reconnect: retry it with
+                # the same message id once the connection is back (consumers dedupe by id).
+                if attempt == 3:
+                    raise
+                log.warning("publish of %s failed (%s); retrying after reconnect", message_id, exc)
+                await asyncio.sleep(attempt)

@@ -1,0 +1,69 @@
+"""Retrying transient failures with capped exponential backoff and jitter, until a deadline.
+
+Only :class:`~bridge.errors.TransientOutpostError` is retried; anything else propagates at
+once. No attempt starts after the deadline, and no wait runs past it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .errors import TransientOutpostError
+
+T = TypeVar("T")
+
+
+class DeadlinePassed(Exception):
+    """Every attempt until the deadline failed transiently; ``last`` is the last failure."""
+
+    def __init__(self, attempts: int, last: TransientOutpostError) -> None:
+        super().__init__(f"gave up after {attempts} attempt(s): {last}")
+        self.attempts = attempts
+        self.last = last
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Wait ``initial * factor**n`` seconds (capped at ``maximum``), +/- ``jitter`` fraction."""
+
+    initial: float = 0.5
+    factor: float = 2.0
+    maximum: float = 10.0
+    jitter: float = 0.2
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.maximum, self.initial * self.factor ** max(0, attempt - 1))
+        return base * (1 + random.uniform(-self.jitter, self.jitter))
+
+
+async def retry_until(
+    deadline: float,
+    attempt: Callable[[float], Awaitable[T]],
+    *,
+    backoff: Backoff = Backoff(),
+    on_retry: Callable[[int, TransientOutpostError, float], Awaitable[None]] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> T:
+    """Call ``attempt(seconds_left)`` until it succeeds, fails finally, or time runs out."""
+    tries = 0
+    while True:
+        left = deadline - clock()
+        if left <= 0 and tries:
+            raise DeadlinePassed(tries, last)
+        tries += 1
+        try:
+            return await attempt(max(left, 0.05))
+        except TransientOutpostError as exc:
+            last = exc
+            wait = backoff.delay(tries)
+            left = deadline - clock()
+            if left <= wait:
+                raise DeadlinePassed(tries, exc) from exc
+            if on_retry is not None:
+                await on_retry(tries, exc, wait)
+            await asyncio.sleep(wait)

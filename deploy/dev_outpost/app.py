@@ -1,0 +1,266 @@
+"""Serve the Outpost HTTP contract (auth, body validation, routes) over a ServiceRegistry.
+
+See ``/work/shared/reference/outpost-contract.md`` for the contract. Besides it, this
+development Outpost answers ``GET /_dev/stats`` (Basic auth) with
+``{"starts": {"<name>/<start_id>": <POSTs received, duplicates included>},
+"pids": {"<name>/<start_id>": <pid>}}`` for the calling hub, so tests can check that a
+start was not repeated and that a process is gone. Fault injection is described in
+:mod:`deploy.dev_outpost.services`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from deploy.dev_outpost.services import (
+    DuplicateStartError,
+    ServiceRecord,
+    ServiceRegistry,
+    StartCancelledError,
+    StartRequest,
+    error_payload,
+    read_log_tail,
+)
+
+log = logging.getLogger("dev_outpost")
+
+REGISTRY = web.AppKey("registry", ServiceRegistry)
+CREDENTIALS = web.AppKey("credentials", dict[str, str])
+HUB = "dev_outpost.hub"  # request key: the authenticated Basic user, i.e. the calling hub
+UNAUTHENTICATED_PATHS = frozenset({"/ping"})
+DICT_FIELDS = ("env", "user_options", "misc", "certs", "internal_trust_bundles")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BodyError(Exception):
+    """A start body that fails validation; ``errors`` uses FastAPI's 422 detail shape."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+def field_error(loc: list[str | int], msg: str, kind: str) -> dict[str, Any]:
+    return {"loc": ["body", *loc], "msg": msg, "type": kind}
+
+
+def parse_start_body(body: Any) -> StartRequest:
+    """Validate a ``POST /services`` body and move ``start_id`` out of ``user_options``."""
+    if not isinstance(body, dict):
+        raise BodyError([field_error([], "Input should be a valid dictionary", "dict_type")])
+    errors: list[dict[str, Any]] = []
+    name = body.get("name")
+    if "name" not in body:
+        errors.append(field_error(["name"], "Field required", "missing"))
+    elif not isinstance(name, str):
+        errors.append(field_error(["name"], "Input should be a valid string", "string_type"))
+    elif not name:
+        errors.append(
+            field_error(["name"], "String should have at least 1 character", "string_too_short")
+        )
+    elif "/" in name:
+        # Poll and stop put the name in one path segment, so it could never be reached.
+        errors.append(
+            field_error(["name"], "Value error, name must not contain '/'", "value_error")
+        )
+    dicts: dict[str, dict[str, Any]] = {}
+    for key in DICT_FIELDS:
+        value = body.get(key, {})
+        if isinstance(value, dict):
+            dicts[key] = value
+        else:
+            errors.append(field_error([key], "Input should be a valid dictionary", "dict_type"))
+    for key, value in dicts.get("env", {}).items():
+        if not isinstance(value, str):
+            errors.append(
+                field_error(["env", key], "Input should be a valid string", "string_type")
+            )
+    authentication = body.get("authentication")
+    if authentication is not None and not isinstance(authentication, dict):
+        errors.append(
+            field_error(["authentication"], "Input should be a valid dictionary", "dict_type")
+        )
+    user_options = dict(dicts.get("user_options", {}))
+    start_id = user_options.pop("start_id", None)
+    if "user_options" in dicts and not isinstance(start_id, str):
+        kind, msg = (
+            ("missing", "Field required")
+            if start_id is None
+            else ("string_type", "Input should be a valid string")
+        )
+        errors.append(field_error(["user_options", "start_id"], msg, kind))
+    if errors:
+        raise BodyError(errors)
+    return StartRequest(
+        name=str(name),
+        start_id=str(start_id),
+        env=dicts["env"],
+        user_options=user_options,
+        misc=dicts["misc"],
+    )
+
+
+def authenticated_hub(header: str | None, credentials: dict[str, str]) -> str | None:
+    """Return the Basic user name if ``header`` carries valid credentials, else None."""
+    scheme, _, encoded = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, sep, password = (
+            base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+        )
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    expected = credentials.get(user)
+    if not sep or expected is None:
+        return None
+    return user if hmac.compare_digest(password.encode(), expected.encode()) else None
+
+
+@web.middleware
+async def basic_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in UNAUTHENTICATED_PATHS:
+        return await handler(request)
+    hub = authenticated_hub(request.headers.get("Authorization"), request.app[CREDENTIALS])
+    if hub is None:
+        return web.json_response(
+            {"detail": "Not authenticated"}, status=401, headers={"WWW-Authenticate": "Basic"}
+        )
+    request[HUB] = hub
+    return await handler(request)
+
+
+def error_response(exc: BaseException) -> web.Response:
+    return web.json_response(error_payload(exc), status=419)
+
+
+def not_found() -> web.Response:
+    return web.json_response({"detail": "Item not found"}, status=404)
+
+
+def is_async(request: web.Request) -> bool:
+    return request.headers.get("execution-type", "").lower() == "async"
+
+
+def find_record(request: web.Request) -> ServiceRecord | None:
+    # A path with only a name means start_id "0", as in the upstream Outpost.
+    return request.app[REGISTRY].get(
+        request[HUB], request.match_info["name"], request.match_info.get("start_id", "0")
+    )
+
+
+async def ping(request: web.Request) -> web.Response:
+    return web.json_response({"ping": "pong!"})
+
+
+async def start_service(request: web.Request) -> web.Response:
+    try:
+        start = parse_start_body(await request.json())
+    except json.JSONDecodeError:
+        return web.json_response(
+            {"detail": [field_error([], "JSON decode error", "json_invalid")]}, status=422
+        )
+    except BodyError as exc:
+        return web.json_response({"detail": exc.errors}, status=422)
+    try:
+        record = request.app[REGISTRY].begin_start(
+            request[HUB], start, async_mode=is_async(request)
+        )
+    except DuplicateStartError as exc:
+        return error_response(exc)
+    if is_async(request):
+        return web.json_response({"service": ""}, status=202)
+    task = record.start_task
+    assert task is not None  # begin_start always launches it
+    # asyncio.wait, not await: a DELETE may cancel the task, which must not cancel this handler.
+    await asyncio.wait({task})
+    if task.cancelled():
+        return error_response(StartCancelledError(f"start of {start.name!r} was cancelled"))
+    failure = task.exception()
+    if failure is not None:
+        return error_response(failure)
+    return web.json_response({"service": task.result()})
+
+
+async def list_services(request: web.Request) -> web.Response:
+    return web.json_response(request.app[REGISTRY].list_for(request[HUB]))
+
+
+async def get_service(request: web.Request) -> web.Response:
+    record = find_record(request)
+    if record is None:
+        return not_found()
+    try:
+        status = await request.app[REGISTRY].poll(record)
+    except Exception as exc:
+        return error_response(exc)
+    body: dict[str, Any] = {"status": status}
+    if request.query.get("collect_logs", "").lower() in ("true", "1", "yes"):
+        body["logs"] = read_log_tail(record.log_path)
+    return web.json_response(body)
+
+
+async def delete_service(request: web.Request) -> web.Response:
+    record = find_record(request)
+    if record is None:
+        return not_found()
+    registry = request.app[REGISTRY]
+    if is_async(request):
+        registry.begin_stop(record)
+        return web.json_response({}, status=202)
+    try:
+        # Shielded: the stop must finish even if this request goes away.
+        logs = await asyncio.shield(registry.begin_stop(record))
+    except Exception as exc:
+        return error_response(exc)
+    return web.json_response({"logs": logs})
+
+
+async def empty_flavors(request: web.Request) -> web.Response:
+    # This Outpost has no resource classes, so there are no flavor quotas to report.
+    return web.json_response({})
+
+
+async def dev_stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[REGISTRY].stats_for(request[HUB]))
+
+
+def create_app(credentials: dict[str, str], registry: ServiceRegistry) -> web.Application:
+    """Build the application; the registry is opened on startup and closed on shutdown."""
+    app = web.Application(middlewares=[basic_auth])
+    app[CREDENTIALS] = credentials
+    app[REGISTRY] = registry
+
+    async def open_registry(app: web.Application) -> None:
+        await registry.open()
+
+    async def close_registry(app: web.Application) -> None:
+        await registry.close()
+
+    app.on_startup.append(open_registry)
+    app.on_shutdown.append(close_registry)
+
+    router = app.router
+    router.add_get("/ping", ping)
+    for path in ("/services", "/services/"):
+        router.add_post(path, start_service)
+        router.add_get(path, list_services)
+    for path in ("/services/{name}", "/services/{name}/{start_id}"):
+        router.add_get(path, get_service)
+        router.add_delete(path, delete_service)
+    for path in ("/flavors", "/flavors/"):
+        router.add_get(path, empty_flavors)
+    for path in ("/userflavors", "/userflavors/"):
+        router.add_post(path, empty_flavors)
+    router.add_get("/_dev/stats", dev_stats)
+    return app

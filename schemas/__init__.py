@@ -1,0 +1,46 @@
+"""The wire contract between the JupyterHub spawner and the Outpost bridge.
+
+Everything that crosses RabbitMQ is defined here: the versioned envelope, the command,
+result and event messages, the codec (the only encoder/decoder of raw bytes) and the
+exchange/queue names with their arguments. ``spawner`` and ``bridge`` both import this
+package and never each other.
+"""
+
+from .base import SCHEMA_VERSION, Envelope, ServerRef
+from .codec import MAX_MESSAGE_BYTES, decode, encode
+from .commands import (
+    Command,
+    HttpOptions,
+    OutpostTarget,
+    PollCommand,
+    StartCommand,
+    StopCommand,
+)
+from .errors import DecodeError, SchemaError
+from .events import CommandResult, ErrorInfo, OutpostAnnouncement, ProgressEvent
+from .secrets import redacted
+from .topology import Topology, outpost_key
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "SCHEMA_VERSION",
+    "Command",
+    "CommandResult",
+    "DecodeError",
+    "Envelope",
+    "ErrorInfo",
+    "HttpOptions",
+    "OutpostAnnouncement",
+    "OutpostTarget",
+    "PollCommand",
+    "ProgressEvent",
+    "SchemaError",
+    "ServerRef",
+    "StartCommand",
+    "StopCommand",
+    "Topology",
+    "decode",
+    "encode",
+    "outpost_key",
+    "redacted",
+]

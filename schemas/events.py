@@ -1,0 +1,64 @@
+"""Messages the bridge sends back: command results, progress events, Outpost announcements.
+
+Failures cross the wire as data (:class:`ErrorInfo`): a kind, a one-line summary for the
+user, details (the Outpost's traceback, say) and whether a retry could help.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from .secrets import RedactedRepr
+
+ErrorKind = Literal[
+    "outpost_error",  # the Outpost answered 419: its spawner raised
+    "not_found",  # 404: the Outpost does not know the server
+    "rejected",  # any other 4xx: the request itself is wrong; retrying cannot help
+    "unreachable",  # transient failures (connection, 5xx, timeouts) until the deadline
+    "cancelled",  # a stop overtook the start
+    "invalid",  # the command could not be carried out as given
+]
+Text = Annotated[str, msgspec.Meta(max_length=65536)]
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a command failed."""
+
+    kind: ErrorKind
+    summary: Annotated[str, msgspec.Meta(max_length=4096)]
+    details: Text = ""
+    http_status: int | None = None
+    retryable: bool = False
+
+
+class CommandResult(RedactedRepr, msgspec.Struct, frozen=True, kw_only=True, tag="result"):
+    """The outcome of one command; ``Envelope.correlation_id`` names the command."""
+
+    command: Literal["start", "poll", "stop"]
+    ok: bool
+    # start: the Outpost's ``service`` ("host:port", or "" for async/delayed starts)
+    service: str = ""
+    # poll: None = running, an int = stopped with that exit code
+    status: int | None = None
+    logs: list[str] = []
+    error: ErrorInfo | None = None
+
+
+class ProgressEvent(msgspec.Struct, frozen=True, kw_only=True, tag="event"):
+    """A progress event for the spawn page, scoped to ``ServerRef.start_id``."""
+
+    source: Literal["bridge", "outpost", "hub"]
+    message: Text = ""
+    html_message: Text = ""
+    progress: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
+    failed: bool = False
+    seq: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class OutpostAnnouncement(msgspec.Struct, frozen=True, kw_only=True, tag="outpost"):
+    """A hub tells the bridges that commands for this Outpost queue exist."""
+
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    origin: Annotated[str, msgspec.Meta(max_length=2048)]

@@ -1,0 +1,109 @@
+"""Exchange and queue names, with their arguments, as data shared by hub and bridge.
+
+Layout (``P`` is the configurable name prefix)::
+
+    P.commands   direct exchange   routing key = Outpost key
+        -> P.outpost.<key>         one quorum queue per Outpost, single active consumer:
+                                   a dead Outpost only fills its own queue (no head-of-line
+                                   blocking); one bridge at a time consumes it (order per server)
+    P.replies    direct exchange   routing key = hub id
+        -> P.hub.<hub id>          one durable quorum queue per hub: results and events survive
+                                   a hub restart
+    P.outposts   direct exchange -> P.outposts (stream): which Outpost queues exist; bridges
+                                   read it from the start and follow it
+    P.dead       fanout exchange -> P.dead-letters: poison messages, with a reason header
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+DEAD_LETTER_REASON_HEADER = "x-outpost-mq-reason"
+DELIVERY_LIMIT = 20
+"""Quorum queues in RabbitMQ < 4.0 have no default delivery limit: without one a message
+that crashes its consumer is redelivered forever."""
+
+
+def outpost_key(url: str) -> str:
+    """A queue-name-safe key for the Outpost behind ``url`` (scheme, host and port)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower() or "http"
+    host = (parts.hostname or "").lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    origin = f"{scheme}://{host}:{port}"
+    readable = re.sub(r"[^a-z0-9.-]+", "-", host)[:60] or "outpost"
+    digest = hashlib.sha256(origin.encode()).hexdigest()[:10]
+    return f"{readable}-{port}-{digest}"
+
+
+def url_origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """All names derive from one prefix, so several installations can share a broker."""
+
+    prefix: str = "outpost-mq"
+
+    @property
+    def command_exchange(self) -> str:
+        return f"{self.prefix}.commands"
+
+    @property
+    def reply_exchange(self) -> str:
+        return f"{self.prefix}.replies"
+
+    @property
+    def registry_exchange(self) -> str:
+        return f"{self.prefix}.outposts"
+
+    @property
+    def registry_stream(self) -> str:
+        return f"{self.prefix}.outposts"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.prefix}.dead-letters"
+
+    def outpost_queue(self, key: str) -> str:
+        return f"{self.prefix}.outpost.{key}"
+
+    def hub_queue(self, hub_id: str) -> str:
+        return f"{self.prefix}.hub.{hub_id}"
+
+    def outpost_queue_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": self.dead_letter_exchange,
+        }
+
+    def hub_queue_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": self.dead_letter_exchange,
+        }
+
+    def registry_arguments(self) -> dict[str, Any]:
+        # Retention is applied per segment: keep segments small or a small cap does nothing.
+        return {
+            "x-queue-type": "stream",
+            "x-max-length-bytes": 64 * 1024 * 1024,
+            "x-stream-max-segment-size-bytes": 4 * 1024 * 1024,
+            "x-max-age": "30D",
+        }
+
+    def dead_letter_arguments(self) -> dict[str, Any]:
+        return {"x-queue-type": "quorum"}

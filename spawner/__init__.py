@@ -1,0 +1,10 @@
+"""The JupyterHub side: ``OutpostSpawner`` and the hub API handlers Outposts call back.
+
+Importing this package registers the handlers with JupyterHub (at their upstream paths),
+which happens when JupyterHub loads ``spawner_class = "outpost-mq"``.
+"""
+
+from . import handlers as _handlers  # noqa: F401  (registers the hub API handlers)
+from .spawner import OutpostSpawner
+
+__all__ = ["OutpostSpawner"]

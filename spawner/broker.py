@@ -1,0 +1,129 @@
+"""The hub process's one RabbitMQ connection: publishes commands, consumes replies.
+
+Every ``OutpostSpawner`` in a hub process shares one :class:`HubBroker` (per event loop),
+hence one robust connection, one confirmed publish channel and one consumer on the hub's
+durable reply queue. Commands are published persistent, ``mandatory`` and confirmed: when
+``publish`` returns, the broker has the command on disk in its Outpost's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import ClassVar
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from schemas import DecodeError, Envelope, OutpostAnnouncement, Topology, decode, encode
+from schemas.base import new_id
+
+from .errors import BrokerUnavailable
+from .server_state import RepliesRouter
+
+log = logging.getLogger(__name__)
+
+
+class HubBroker:
+    """One per (hub process, event loop, URL, prefix, hub id); get it with :meth:`shared`."""
+
+    _instances: ClassVar[dict[tuple[int, str, str, str], HubBroker]] = {}
+
+    def __init__(self, url: str, topology: Topology, hub_id: str, heartbeat: int) -> None:
+        self._url = url if "heartbeat=" in url else f"{url}{'&' if '?' in url else '?'}heartbeat={heartbeat}"
+        self.topology = topology
+        self.hub_id = hub_id
+        self.router = RepliesRouter()
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self._commands: aio_pika.abc.AbstractExchange | None = None
+        self._registry: aio_pika.abc.AbstractExchange | None = None
+        self._outposts: set[str] = set()
+        self._ready: asyncio.Task[None] | None = None
+
+    @classmethod
+    def shared(cls, url: str, prefix: str, hub_id: str, heartbeat: int) -> HubBroker:
+        loop = asyncio.get_running_loop()
+        key = (id(loop), url, prefix, hub_id)
+        broker = cls._instances.get(key)
+        if broker is None:
+            broker = cls._instances[key] = cls(url, Topology(prefix), hub_id, heartbeat)
+        return broker
+
+    async def ready(self, timeout: float = 15) -> HubBroker:
+        """Connect and declare the topology once; later calls return at once."""
+        if self._ready is None or (self._ready.done() and self._ready.exception() is not None):
+            self._ready = asyncio.ensure_future(self._connect())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot reach RabbitMQ: {exc or type(exc).__name__}") from exc
+        return self
+
+    async def _connect(self) -> None:
+        t = self.topology
+        self._connection = await aio_pika.connect_robust(self._url)
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = channel
+        self._commands = await channel.declare_exchange(t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        dead = await channel.declare_exchange(t.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        dead_queue = await channel.declare_queue(t.dead_letter_queue, durable=True, arguments=t.dead_letter_arguments())
+        await dead_queue.bind(dead)
+        replies = await channel.declare_exchange(t.reply_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        self._registry = await channel.declare_exchange(
+            t.registry_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        registry = await channel.declare_queue(t.registry_stream, durable=True, arguments=t.registry_arguments())
+        await registry.bind(self._registry, routing_key="announce")
+        consume_channel = await self._connection.channel()
+        await consume_channel.set_qos(prefetch_count=200)
+        queue = await consume_channel.declare_queue(
+            t.hub_queue(self.hub_id), durable=True, arguments=t.hub_queue_arguments()
+        )
+        await queue.bind(replies, routing_key=self.hub_id)
+        await queue.consume(self._on_reply, no_ack=False)
+        log.info("connected to RabbitMQ; consuming %s", t.hub_queue(self.hub_id))
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        try:
+            envelope = decode(message.body)
+        except DecodeError as exc:
+            log.warning("dropping an invalid reply: %s", exc)
+            await message.reject(requeue=False)  # goes to the dead-letter exchange
+            return
+        try:
+            self.router.deliver(envelope)
+        finally:
+            await message.ack()
+
+    async def ensure_outpost(self, key: str, origin: str) -> None:
+        """Declare the Outpost's command queue and announce it to the bridges (once per process)."""
+        if key in self._outposts:
+            return
+        assert self._channel is not None and self._commands is not None and self._registry is not None
+        t = self.topology
+        queue = await self._channel.declare_queue(
+            t.outpost_queue(key), durable=True, arguments=t.outpost_queue_arguments()
+        )
+        await queue.bind(self._commands, routing_key=key)
+        announcement = Envelope(id=new_id(), hub=self.hub_id, body=OutpostAnnouncement(key=key, origin=origin))
+        await self._registry.publish(
+            aio_pika.Message(encode(announcement), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key="announce",
+        )
+        self._outposts.add(key)
+
+    async def publish(self, command: Envelope, outpost: str) -> None:
+        """Publish a command to an Outpost's queue; returns once the broker confirmed it."""
+        assert self._commands is not None
+        message = aio_pika.Message(
+            encode(command),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=command.id,
+            content_type="application/msgpack",
+            type=command.type,
+        )
+        try:
+            await self._commands.publish(message, routing_key=outpost, mandatory=True, timeout=15)
+        except Exception as exc:
+            raise BrokerUnavailable(f"RabbitMQ did not accept the {command.type} command: {exc}") from exc

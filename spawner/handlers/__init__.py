@@ -1,0 +1,18 @@
+"""Hub API handlers at the upstream OutpostSpawner's paths, registered with JupyterHub on import."""
+
+from jupyterhub import apihandlers
+
+from . import events
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Append our handlers to JupyterHub's API handlers (once)."""
+    global _REGISTERED
+    if not _REGISTERED:
+        apihandlers.default_handlers.extend(events.default_handlers)
+        _REGISTERED = True
+
+
+register()

@@ -1,0 +1,46 @@
+"""The one resolver for value-or-callable traits (sync or async), used by every hook.
+
+``await resolve(spawner, "request_url", spawner.user_options)`` returns the trait's value,
+or calls it as ``hook(spawner, *args)`` and awaits the result if needed, under a timeout.
+Any failure becomes a :class:`~spawner.errors.HookError` naming the trait, except when
+``passthrough`` is set (``check_allowed``: its exception *is* the message for the user).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+from .errors import HookError
+
+HOOK_TIMEOUT = 60.0
+
+
+async def resolve(
+    spawner: Any,
+    trait: str,
+    *args: Any,
+    expect: type | tuple[type, ...] | None = None,
+    passthrough: bool = False,
+    timeout: float = HOOK_TIMEOUT,
+) -> Any:
+    """Resolve ``spawner.<trait>``: a plain value, or a (possibly async) callable."""
+    value = getattr(spawner, trait)
+    if callable(value):
+        try:
+            value = value(spawner, *args)
+            if inspect.isawaitable(value):
+                value = await asyncio.wait_for(value, timeout)
+        except TimeoutError as exc:
+            raise HookError(f"{type(spawner).__name__}.{trait} did not return within {timeout:.0f} s") from exc
+        except Exception as exc:
+            if passthrough:
+                raise
+            raise HookError(f"{type(spawner).__name__}.{trait} failed: {type(exc).__name__}: {exc}") from exc
+    if expect is not None and not isinstance(value, expect):
+        names = expect.__name__ if isinstance(expect, type) else " or ".join(t.__name__ for t in expect)
+        raise HookError(
+            f"{type(spawner).__name__}.{trait} must give a {names}, got {type(value).__name__}: {value!r:.200}"
+        )
+    return value

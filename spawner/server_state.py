@@ -1,0 +1,61 @@
+"""Where replies from the bridge land in the hub: results per command, events per start.
+
+``RepliesRouter`` is fed by the broker consumer; spawners register what they wait for:
+a future per command id (results) and a listener per (user, server, start_id) (events).
+Events for a start nobody listens to any more (an earlier start, a late duplicate) are
+dropped here, so they never land in the current start's progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from schemas import CommandResult, Envelope, ProgressEvent
+
+log = logging.getLogger(__name__)
+
+EventListener = Callable[[ProgressEvent], None]
+
+
+class RepliesRouter:
+    """Dispatches decoded replies to the spawners waiting for them."""
+
+    def __init__(self) -> None:
+        self._results: dict[str, asyncio.Future[CommandResult]] = {}
+        self._listeners: dict[tuple[str, str, str], EventListener] = {}
+
+    def expect(self, command_id: str) -> asyncio.Future[CommandResult]:
+        future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+        self._results[command_id] = future
+        future.add_done_callback(lambda _f: self._results.pop(command_id, None))
+        return future
+
+    def listen(self, user: str, server: str, start_id: str, listener: EventListener) -> Callable[[], None]:
+        key = (user, server, start_id)
+        self._listeners[key] = listener
+
+        def unlisten() -> None:
+            if self._listeners.get(key) is listener:
+                del self._listeners[key]
+
+        return unlisten
+
+    def deliver(self, envelope: Envelope) -> None:
+        body = envelope.body
+        if isinstance(body, CommandResult):
+            future = self._results.get(envelope.correlation_id or "")
+            if future is not None and not future.done():
+                future.set_result(body)
+            else:
+                log.debug("result without a waiter: %s", envelope.describe())
+        elif isinstance(body, ProgressEvent) and envelope.server is not None:
+            ref = envelope.server
+            listener = self._listeners.get((ref.user, ref.server, ref.start_id))
+            if listener is not None:
+                listener(body)
+            else:
+                log.debug("event for a start nobody follows: %s", envelope.describe())
+        else:
+            log.warning("unexpected %s message on the hub queue", envelope.type)

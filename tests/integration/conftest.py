@@ -1,0 +1,53 @@
+"""Session fixtures: real RabbitMQ, the dev Outpost, the bridge and JupyterHub with its proxy."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .services import AMQP_URL, Bridge, Hub, Outpost, port_open
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> str:
+    # `./dev test` (and so .ci/run) starts RabbitMQ; a test run without it is a setup error.
+    assert port_open(5672), f"RabbitMQ is not listening at {AMQP_URL}: run the tests with ./dev test"
+    assert shutil.which("configurable-http-proxy"), "configurable-http-proxy missing: run ./dev test"
+    return AMQP_URL
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="session")
+def prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def outpost(workdir: Path) -> Iterator[Outpost]:
+    outpost = Outpost(workdir, "hubtest:outpost-secret").start()
+    yield outpost
+    outpost.stop()
+
+
+@pytest.fixture(scope="session")
+def bridge(rabbitmq: str, workdir: Path, prefix: str) -> Iterator[Bridge]:
+    bridge = Bridge(workdir, prefix, workdir / "journal.sqlite").start()
+    yield bridge
+    bridge.stop()
+
+
+@pytest.fixture(scope="session")
+def hub(bridge: Bridge, outpost: Outpost, workdir: Path, prefix: str) -> Iterator[Hub]:
+    hub = Hub(workdir, workdir / "hub", prefix, outpost).start()
+    yield hub
+    hub.stop()
