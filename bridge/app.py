@@ -61,7 +61,9 @@ class OutpostBridge(Application):
     def _check_prefix(self, proposal: dict[str, Any]) -> str:
         value = str(proposal["value"])
         if not value or any(c.isspace() for c in value):
-            raise ConfigurationError(f"OutpostBridge.name_prefix must be non-empty without spaces, got {value!r}")
+            raise ConfigurationError(
+                f"OutpostBridge.name_prefix must be non-empty without spaces, got {value!r}"
+            )
         return value
 
     hub_ids = List(
@@ -90,9 +92,15 @@ class OutpostBridge(Application):
         20.0,
         help="Seconds to let in-flight commands finish on SIGTERM before handing them back unacked.",
     ).tag(config=True)
-    retry_initial = Float(0.5, help="First retry delay (seconds) after a transient Outpost failure.").tag(config=True)
-    retry_maximum = Float(10.0, help="Longest retry delay (seconds); delays grow x2 with +/-20% jitter.").tag(config=True)
-    http_limit_per_host = Integer(64, help="Open HTTP connections kept per Outpost host.").tag(config=True)
+    retry_initial = Float(
+        0.5, help="First retry delay (seconds) after a transient Outpost failure."
+    ).tag(config=True)
+    retry_maximum = Float(
+        10.0, help="Longest retry delay (seconds); delays grow x2 with +/-20% jitter."
+    ).tag(config=True)
+    http_limit_per_host = Integer(64, help="Open HTTP connections kept per Outpost host.").tag(
+        config=True
+    )
 
     aliases = {
         "config": "OutpostBridge.config_file",
@@ -106,7 +114,10 @@ class OutpostBridge(Application):
         "log-level": "Application.log_level",
     }
     flags = {
-        "generate-config": ({"OutpostBridge": {"generate_config": True}}, "Write a default config file and exit."),
+        "generate-config": (
+            {"OutpostBridge": {"generate_config": True}},
+            "Write a default config file and exit.",
+        ),
         "debug": ({"Application": {"log_level": logging.DEBUG}}, "Log at debug level."),
     }
     classes = [Application]
@@ -133,7 +144,11 @@ class OutpostBridge(Application):
         parts = urlsplit(self.amqp_url)
         self.log.info(
             "broker %s://%s%s prefix=%s journal=%s",
-            parts.scheme, parts.hostname, f":{parts.port}" if parts.port else "", self.name_prefix, self.journal_path,
+            parts.scheme,
+            parts.hostname,
+            f":{parts.port}" if parts.port else "",
+            self.name_prefix,
+            self.journal_path,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -142,12 +157,19 @@ class OutpostBridge(Application):
         journal = StartJournal(self.journal_path)
         client = OutpostClient(limit_per_host=self.http_limit_per_host)
         broker = BridgeBroker(
-            self.amqp_url, Topology(self.name_prefix), heartbeat=self.heartbeat, prefetch=self.prefetch
+            self.amqp_url,
+            Topology(self.name_prefix),
+            heartbeat=self.heartbeat,
+            prefetch=self.prefetch,
         )
         await client.start()
         try:
             await broker.connect()
-            pipeline = Pipeline(client, journal, backoff=Backoff(initial=self.retry_initial, maximum=self.retry_maximum))
+            pipeline = Pipeline(
+                client,
+                journal,
+                backoff=Backoff(initial=self.retry_initial, maximum=self.retry_maximum),
+            )
             consumer = CommandConsumer(broker, pipeline, hub_ids=frozenset(self.hub_ids))
             await broker.follow_registry(consumer.on_registry)
             self.log.info("outpost-bridge ready")
@@ -157,7 +179,9 @@ class OutpostBridge(Application):
             await broker.stop_consuming()
             handed_back = await consumer.drain(self.shutdown_timeout)
             if handed_back:
-                self.log.warning("%d command(s) handed back unacked; they will be redelivered", handed_back)
+                self.log.warning(
+                    "%d command(s) handed back unacked; they will be redelivered", handed_back
+                )
         finally:
             await broker.close()
             await client.close()

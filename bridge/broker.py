@@ -24,7 +24,7 @@ from aio_pika.abc import (
 from schemas import Envelope, Topology, encode
 from schemas.topology import DEAD_LETTER_REASON_HEADER
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
 OnMessage = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
@@ -38,7 +38,9 @@ def with_heartbeat(url: str, heartbeat: int) -> str:
 class BridgeBroker:
     """Owns the connection, the publish channel and one channel per consumed queue."""
 
-    def __init__(self, url: str, topology: Topology, *, heartbeat: int = 15, prefetch: int = 50) -> None:
+    def __init__(
+        self, url: str, topology: Topology, *, heartbeat: int = 15, prefetch: int = 50
+    ) -> None:
         self._url = with_heartbeat(url, heartbeat)
         self.topology = topology
         self._prefetch = prefetch
@@ -63,7 +65,9 @@ class BridgeBroker:
             t.dead_letter_queue, durable=True, arguments=t.dead_letter_arguments()
         )
         await dead_queue.bind(self._dead)  # type: ignore[arg-type]
-        await channel.declare_exchange(t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        await channel.declare_exchange(
+            t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
         registry_exchange = await channel.declare_exchange(
             t.registry_exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
@@ -92,7 +96,9 @@ class BridgeBroker:
         t = self.topology
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
-        exchange = await channel.declare_exchange(t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        exchange = await channel.declare_exchange(
+            t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
         queue = await channel.declare_queue(
             t.outpost_queue(key), durable=True, arguments=t.outpost_queue_arguments()
         )
@@ -106,7 +112,9 @@ class BridgeBroker:
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=100)  # stream consumers need a prefetch
         queue = await channel.declare_queue(
-            self.topology.registry_stream, durable=True, arguments=self.topology.registry_arguments()
+            self.topology.registry_stream,
+            durable=True,
+            arguments=self.topology.registry_arguments(),
         )
         tag = await queue.consume(on_message, no_ack=False, arguments={"x-stream-offset": "first"})
         self._consumers.append((queue, tag))
@@ -131,7 +139,12 @@ class BridgeBroker:
         await self._dead.publish(message, routing_key="dead", timeout=30)
 
     async def _publish(
-        self, exchange: AbstractRobustExchange, body: bytes, routing_key: str, message_id: str, kind: str
+        self,
+        exchange: AbstractRobustExchange,
+        body: bytes,
+        routing_key: str,
+        message_id: str,
+        kind: str,
     ) -> None:
         message = aio_pika.Message(
             body=body,
@@ -144,8 +157,7 @@ class BridgeBroker:
             try:
                 await exchange.publish(message, routing_key=routing_key, timeout=30)
                 return
-            except (aio_pika.exceptions.AMQPConnectionError, aio_pika.exceptions.ChannelInvalidStateError,
-                    ConnectionError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aio_pika.exceptions.AMQPConnectionError, aio_pika.exceptions.ChannelInvalidStateError, ConnectionError) as exc:
                 # aio-pika raises for a publish in flight during a reconnect: retry it with
                 # the same message id once the connection is back (consumers dedupe by id).
                 if attempt == 3:

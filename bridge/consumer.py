@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -31,7 +30,7 @@ from schemas import (
 from .broker import BridgeBroker
 from .pipeline import Pipeline, reply, run_cancellable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
 
 @dataclass
@@ -107,7 +106,9 @@ class CommandConsumer:
         cancel: asyncio.Event | None = None
         if isinstance(body, StopCommand):
             for start_id, event in slot.pending_starts.items():
-                log.info("stop overtakes pending start start_id=%s %s", start_id, envelope.describe())
+                log.info(
+                    "stop overtakes pending start start_id=%s %s", start_id, envelope.describe()
+                )
                 event.set()
         elif isinstance(body, StartCommand):
             cancel = slot.pending_starts.setdefault(envelope.server.start_id, asyncio.Event())

@@ -23,7 +23,7 @@ from schemas import HttpOptions
 
 from .errors import OutpostAnswerError, TransientOutpostError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
 # tornado's defaults, kept so that an upstream configuration behaves the same.
 DEFAULT_CONNECT_TIMEOUT = 20.0
@@ -93,7 +93,11 @@ class OutpostClient:
             if options.auth_username
             else None
         )
-        proxy = f"http://{options.proxy_host}:{options.proxy_port or 80}" if options.proxy_host else None
+        proxy = (
+            f"http://{options.proxy_host}:{options.proxy_port or 80}"
+            if options.proxy_host
+            else None
+        )
         proxy_auth = (
             aiohttp.BasicAuth(options.proxy_username, options.proxy_password or "")
             if options.proxy_username
@@ -118,8 +122,12 @@ class OutpostClient:
         except aiohttp.ClientConnectorCertificateError as exc:
             # A certificate problem does not heal by retrying.
             raise OutpostAnswerError(0, None, f"TLS verification failed for {url}: {exc}") from exc
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            reason = (
+                "timed out"
+                if isinstance(exc, asyncio.TimeoutError)
+                else str(exc) or type(exc).__name__
+            )
             raise TransientOutpostError(f"{method} {url}: {reason}") from exc
         body = _parse(raw)
         if 200 <= status < 300:

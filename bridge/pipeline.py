@@ -36,7 +36,7 @@ from .journal import StartJournal
 from .outpost import OutpostClient, summarize_419
 from .retry import Backoff, DeadlinePassed, retry_until
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
 Emit = Callable[[ProgressEvent], Awaitable[None]]
 
@@ -166,7 +166,11 @@ class Pipeline:
 
         try:
             answer = await retry_until(
-                command.deadline, post, backoff=self._backoff, on_retry=announce_retry, clock=self._clock
+                command.deadline,
+                post,
+                backoff=self._backoff,
+                on_retry=announce_retry,
+                clock=self._clock,
             )
         except (DeadlinePassed, OutpostAnswerError) as exc:
             return self._finish(key, command, _error_result("start", exc))
@@ -179,9 +183,13 @@ class Pipeline:
                 + (" and runs it in the background." if start.execution_async else "."),
             )
         )
-        return self._finish(key, command, CommandResult(command="start", ok=True, service=str(service or "")))
+        return self._finish(
+            key, command, CommandResult(command="start", ok=True, service=str(service or ""))
+        )
 
-    def _finish(self, key: tuple[str, str, str], command: Envelope, result: CommandResult) -> Envelope:
+    def _finish(
+        self, key: tuple[str, str, str], command: Envelope, result: CommandResult
+    ) -> Envelope:
         answer = reply(command, result)
         self._journal.finish(*key, encode(answer))
         return answer
@@ -267,7 +275,9 @@ class Pipeline:
             )
             return body
 
-        return await retry_until(command.deadline, attempt, backoff=self._backoff, clock=self._clock)
+        return await retry_until(
+            command.deadline, attempt, backoff=self._backoff, clock=self._clock
+        )
 
 
 async def run_cancellable(work: Awaitable[Envelope], cancel: asyncio.Event) -> Envelope | None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from schemas import CommandResult, Envelope, ProgressEvent
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
 
 EventListener = Callable[[ProgressEvent], None]
 
@@ -32,7 +32,9 @@ class RepliesRouter:
         future.add_done_callback(lambda _f: self._results.pop(command_id, None))
         return future
 
-    def listen(self, user: str, server: str, start_id: str, listener: EventListener) -> Callable[[], None]:
+    def listen(
+        self, user: str, server: str, start_id: str, listener: EventListener
+    ) -> Callable[[], None]:
         key = (user, server, start_id)
         self._listeners[key] = listener
 

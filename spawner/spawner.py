@@ -156,7 +156,8 @@ class OutpostSpawner(Spawner):
         internal_ssl, port, ip "0.0.0.0", services_enabled, extra_labels).""",
     ).tag(config=True)
     dns_name_template = Unicode(
-        "{name}.{namespace}.svc.cluster.local", help="Template to use to form the dns name for the pod."
+        "{name}.{namespace}.svc.cluster.local",
+        help="Template to use to form the dns name for the pod.",
     ).tag(config=True)
     svc_name_template = Unicode(
         "jupyter-{username}--{servername}", help="Template to use to form the name of user's pods."
@@ -239,15 +240,23 @@ class OutpostSpawner(Spawner):
     def get_env(self) -> dict[str, str]:
         """The env sent to the Outpost: only ``JUPYTER_*``/``JUPYTERHUB_*`` variables (as
         upstream), with the hub URLs the remote server and the Outpost call back."""
-        env = {k: v for k, v in self.get_env_base().items() if k.startswith(("JUPYTER_", "JUPYTERHUB_"))}
+        env = {
+            k: v
+            for k, v in self.get_env_base().items()
+            if k.startswith(("JUPYTER_", "JUPYTERHUB_"))
+        }
         api = str(self.public_api_url or "") or env["JUPYTERHUB_API_URL"]
         env["JUPYTERHUB_API_URL"] = api
         user = quote(self.user.name, safe="")
         server = f"/{quote(self.name, safe='')}" if self.name else ""
         env["JUPYTERHUB_ACTIVITY_URL"] = url_path_join(api, "users", user, "activity")
         scope = f"?start_id={self.start_id}" if self.start_id else ""
-        env["JUPYTERHUB_EVENTS_URL"] = url_path_join(api, "users/progress/events", user) + server + scope
-        env["JUPYTERHUB_SETUPTUNNEL_URL"] = url_path_join(api, "users/setuptunnel", user) + server + scope
+        env["JUPYTERHUB_EVENTS_URL"] = (
+            url_path_join(api, "users/progress/events", user) + server + scope
+        )
+        env["JUPYTERHUB_SETUPTUNNEL_URL"] = (
+            url_path_join(api, "users/setuptunnel", user) + server + scope
+        )
         return env
 
     async def default_misc(self) -> dict[str, Any]:
@@ -263,7 +272,13 @@ class OutpostSpawner(Spawner):
         }
 
     # -- events -----------------------------------------------------------------------------
-    def add_event(self, event: dict[str, Any], *, start_id: str | None = None, key: tuple[str, int] | None = None) -> bool:
+    def add_event(
+        self,
+        event: dict[str, Any],
+        *,
+        start_id: str | None = None,
+        key: tuple[str, int] | None = None,
+    ) -> bool:
         """Add a progress event of the current start; ``False`` if it belongs elsewhere or repeats."""
         if start_id is not None and start_id != self.start_id:
             return False
@@ -300,13 +315,17 @@ class OutpostSpawner(Spawner):
 
     # -- commands ---------------------------------------------------------------------------
     async def _broker(self) -> HubBroker:
-        return await HubBroker.shared(self.amqp_url, self.name_prefix, self.hub_id, self.broker_heartbeat).ready()
+        return await HubBroker.shared(
+            self.amqp_url, self.name_prefix, self.hub_id, self.broker_heartbeat
+        ).ready()
 
     def _envelope(self, body: Any, deadline: float) -> Envelope:
         ref = ServerRef(user=self.user.name, server=self.name, start_id=self.start_id)
         return Envelope(id=new_id(), hub=self.hub_id, server=ref, deadline=deadline, body=body)
 
-    async def _send(self, body: Any, key: str, origin: str, deadline: float, wait: float) -> CommandResult:
+    async def _send(
+        self, body: Any, key: str, origin: str, deadline: float, wait: float
+    ) -> CommandResult:
         broker = await self._broker()
         envelope = self._envelope(body, deadline)
         result = broker.router.expect(envelope.id)
@@ -316,7 +335,9 @@ class OutpostSpawner(Spawner):
             self.log.debug("published %s", envelope.describe())
             return await asyncio.wait_for(asyncio.shield(result), wait)
         except TimeoutError as exc:
-            raise ReplyTimeout(f"no answer to the {envelope.type} command within {wait:.0f} s") from exc
+            raise ReplyTimeout(
+                f"no answer to the {envelope.type} command within {wait:.0f} s"
+            ) from exc
         finally:
             result.cancel()
 
@@ -329,14 +350,30 @@ class OutpostSpawner(Spawner):
         if self.port == 0:
             self.port = random_port()
         broker = await self._broker()
-        unlisten = broker.router.listen(self.user.name, self.name, self.start_id, self._on_bridge_event)
+        unlisten = broker.router.listen(
+            self.user.name, self.name, self.start_id, self._on_bridge_event
+        )
         self._start_pending = True
         try:
             command, target = await plan_start(self, self.get_env())
-            self.log.info("start %s/%s start_id=%s at %s", self.user.name, self.name, self.start_id, target.origin)
-            result = await self._send(command, target.key, target.origin, time.time() + self.start_timeout, self.start_timeout + 5)
+            self.log.info(
+                "start %s/%s start_id=%s at %s",
+                self.user.name,
+                self.name,
+                self.start_id,
+                target.origin,
+            )
+            result = await self._send(
+                command,
+                target.key,
+                target.origin,
+                time.time() + self.start_timeout,
+                self.start_timeout + 5,
+            )
             if not result.ok:
-                raise OutpostCommandFailed(result.error or ErrorInfo(kind="invalid", summary="start failed"))
+                raise OutpostCommandFailed(
+                    result.error or ErrorInfo(kind="invalid", summary="start failed")
+                )
         except (OutpostCommandFailed, HookError, BrokerUnavailable, ReplyTimeout) as exc:
             self._failed_event(exc)
             raise
@@ -345,7 +382,10 @@ class OutpostSpawner(Spawner):
             unlisten()
         if not result.service:
             raise OutpostCommandFailed(
-                ErrorInfo(kind="invalid", summary="The Outpost gave no address for the server (async start); setup tunnel support is needed.")
+                ErrorInfo(
+                    kind="invalid",
+                    summary="The Outpost gave no address for the server (async start); setup tunnel support is needed.",
+                )
             )
         service = result.service
         scheme = "https" if self.internal_ssl else "http"
@@ -373,10 +413,22 @@ class OutpostSpawner(Spawner):
             return None
         try:
             command, target = await plan_poll(self)
-            result = await self._send(command, target.key, target.origin, time.time() + self.poll_timeout, self.poll_timeout + 5)
+            result = await self._send(
+                command,
+                target.key,
+                target.origin,
+                time.time() + self.poll_timeout,
+                self.poll_timeout + 5,
+            )
         except (BrokerUnavailable, ReplyTimeout, HookError) as exc:
             keep = self.request_failed_poll_keep_running
-            self.log.warning("poll of %s/%s failed (%s); %s", self.user.name, self.name, exc, "keep running" if keep else "stopped")
+            self.log.warning(
+                "poll of %s/%s failed (%s); %s",
+                self.user.name,
+                self.name,
+                exc,
+                "keep running" if keep else "stopped",
+            )
             return None if keep else 0
         if result.ok:
             if result.status is not None:
@@ -388,7 +440,13 @@ class OutpostSpawner(Spawner):
             if error is not None and error.kind == "not_found"
             else self.request_failed_poll_keep_running
         )
-        self.log.warning("poll of %s/%s: %s; %s", self.user.name, self.name, error.summary if error else "failed", "keep running" if keep else "stopped")
+        self.log.warning(
+            "poll of %s/%s: %s; %s",
+            self.user.name,
+            self.name,
+            error.summary if error else "failed",
+            "keep running" if keep else "stopped",
+        )
         return None if keep else 0
 
     async def stop(self, now: bool = False) -> None:
@@ -397,8 +455,24 @@ class OutpostSpawner(Spawner):
             return
         try:
             command, target = await plan_stop(self)
-            result = await self._send(command, target.key, target.origin, time.time() + self.stop_deadline, self.stop_timeout)
+            result = await self._send(
+                command,
+                target.key,
+                target.origin,
+                time.time() + self.stop_deadline,
+                self.stop_timeout,
+            )
             if not result.ok:
-                self.log.warning("stop of %s/%s: %s", self.user.name, self.name, result.error.summary if result.error else "failed")
+                self.log.warning(
+                    "stop of %s/%s: %s",
+                    self.user.name,
+                    self.name,
+                    result.error.summary if result.error else "failed",
+                )
         except (BrokerUnavailable, ReplyTimeout, HookError) as exc:
-            self.log.warning("stop of %s/%s not confirmed (%s); the bridge keeps trying", self.user.name, self.name, exc)
+            self.log.warning(
+                "stop of %s/%s not confirmed (%s); the bridge keeps trying",
+                self.user.name,
+                self.name,
+                exc,
+            )

@@ -1,6 +1,6 @@
 """Serve the Outpost HTTP contract (auth, body validation, routes) over a ServiceRegistry.
 
-See ``/work/shared/reference/outpost-contract.md`` for the contract. Besides it, this
+The contract is the upstream Outpost's (``reference/outpost-contract.md``). Besides it, this
 development Outpost answers ``GET /_dev/stats`` (Basic auth) with
 ``{"starts": {"<name>/<start_id>": <POSTs received, duplicates included>},
 "pids": {"<name>/<start_id>": <pid>}}`` for the calling hub, so tests can check that a

@@ -66,7 +66,11 @@ class ProgressEventsHandler(APIHandler):
     async def get(self, user_name: str, server_name: str = "") -> None:
         spawner = self._spawner(user_name, server_name or "")
         self.write(
-            {"events": list(getattr(spawner, "events", [])), "active": spawner.active, "ready": spawner.ready}
+            {
+                "events": list(getattr(spawner, "events", [])),
+                "active": spawner.active,
+                "ready": spawner.ready,
+            }
         )
 
 

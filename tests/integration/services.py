@@ -48,14 +48,18 @@ def port_open(port: int) -> bool:
 class Process:
     """A subprocess with its output in a log file; stopped with SIGTERM, then SIGKILL."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name, self.argv, self.env = name, argv, {**os.environ, **(env or {})}
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
-        log = open(self.log_path, "ab")  # noqa: SIM115 (kept open by the child)
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT
+        )
         return self
 
     def alive(self) -> bool:
@@ -83,7 +87,15 @@ class Outpost(Process):
         self.credentials = credentials
         super().__init__(
             f"outpost-{self.port}",
-            [sys.executable, "-m", "deploy.dev_outpost", "--port", str(self.port), "--credentials", credentials],
+            [
+                sys.executable,
+                "-m",
+                "deploy.dev_outpost",
+                "--port",
+                str(self.port),
+                "--credentials",
+                credentials,
+            ],
             log_dir,
         )
 
@@ -93,7 +105,11 @@ class Outpost(Process):
 
     def start(self) -> Outpost:
         super().start()
-        wait_for(lambda: requests.get(f"http://127.0.0.1:{self.port}/ping", timeout=2).ok, 30, "dev Outpost")
+        wait_for(
+            lambda: requests.get(f"http://127.0.0.1:{self.port}/ping", timeout=2).ok,
+            30,
+            "dev Outpost",
+        )
         return self
 
     def get(self, path: str) -> Any:
@@ -104,23 +120,41 @@ class Outpost(Process):
 
 
 class Bridge(Process):
-    def __init__(self, log_dir: Path, prefix: str, journal: Path, extra: list[str] | None = None) -> None:
+    def __init__(
+        self, log_dir: Path, prefix: str, journal: Path, extra: list[str] | None = None
+    ) -> None:
         super().__init__(
             "bridge",
-            [str(BIN / "outpost-bridge"), f"--amqp-url={AMQP_URL}", f"--name-prefix={prefix}",
-             f"--journal={journal}", "--OutpostBridge.retry_maximum=2", "--log-level=DEBUG", *(extra or [])],
+            [
+                str(BIN / "outpost-bridge"),
+                f"--amqp-url={AMQP_URL}",
+                f"--name-prefix={prefix}",
+                f"--journal={journal}",
+                "--OutpostBridge.retry_maximum=2",
+                "--log-level=DEBUG",
+                *(extra or []),
+            ],
             log_dir,
         )
 
     def start(self) -> Bridge:
         super().start()
-        wait_for(lambda: "outpost-bridge ready" in self.log() or not self.alive(), 60, "bridge ready")
+        wait_for(
+            lambda: "outpost-bridge ready" in self.log() or not self.alive(), 60, "bridge ready"
+        )
         assert self.alive(), self.log()
         return self
 
 
 class Hub(Process):
-    def __init__(self, log_dir: Path, state_dir: Path, prefix: str, outpost: Outpost, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        state_dir: Path,
+        prefix: str,
+        outpost: Outpost,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.api_port = free_port()
         self.token = base64.b32encode(os.urandom(20)).decode().lower()
@@ -159,7 +193,9 @@ class Hub(Process):
 
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         headers = {"Authorization": f"token {self.token}"}
-        return requests.request(method, f"{self.url}/hub/api{path}", headers=headers, timeout=30, **kwargs)
+        return requests.request(
+            method, f"{self.url}/hub/api{path}", headers=headers, timeout=30, **kwargs
+        )
 
     def server_path(self, user: str, server: str = "") -> str:
         return f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
@@ -176,10 +212,17 @@ class Hub(Process):
         """Follow the spawn's event stream until it reports ready or failed."""
         import json
 
-        path = f"/users/{user}/servers/{server}/progress" if server else f"/users/{user}/server/progress"
+        path = (
+            f"/users/{user}/servers/{server}/progress"
+            if server
+            else f"/users/{user}/server/progress"
+        )
         events: list[dict[str, Any]] = []
         with requests.get(
-            f"{self.url}/hub/api{path}", headers={"Authorization": f"token {self.token}"}, stream=True, timeout=timeout
+            f"{self.url}/hub/api{path}",
+            headers={"Authorization": f"token {self.token}"},
+            stream=True,
+            timeout=timeout,
         ) as r:
             r.raise_for_status()
             for line in r.iter_lines(decode_unicode=True):

@@ -63,8 +63,12 @@ def test_start_reach_and_stop(hub: Hub, outpost: Outpost, bridge: Bridge, server
     assert pid_alive(pid)
 
     # Survive more than one poll (upstream loses the default server here).
-    polls = f"type=poll command_id="
-    wait_for(lambda: bridge.log().count(f"server={user}/{server} ") >= 3 and polls in bridge.log(), 30, "two polls")
+    polls = "type=poll command_id="
+    wait_for(
+        lambda: bridge.log().count(f"server={user}/{server} ") >= 3 and polls in bridge.log(),
+        30,
+        "two polls",
+    )
     assert hub.server_model(user, server)["ready"]
 
     r = hub.api("DELETE", hub.server_path(user, server))
