@@ -37,9 +37,7 @@ class OutpostBridge(Application):
 
     name = "outpost-bridge"
     description = package_doc or ""
-    config_file = Unicode(
-        "outpost_bridge_config.py", help="The config file to load (a Python file)."
-    ).tag(config=True)
+    config_file = Unicode("outpost_bridge_config.py", help="The config file to load (a Python file).").tag(config=True)
     generate_config = Bool(False, help="Write a default config file and exit.").tag(config=True)
 
     amqp_url = Unicode(
@@ -61,9 +59,7 @@ class OutpostBridge(Application):
     def _check_prefix(self, proposal: dict[str, Any]) -> str:
         value = str(proposal["value"])
         if not value or any(c.isspace() for c in value):
-            raise ConfigurationError(
-                f"OutpostBridge.name_prefix must be non-empty without spaces, got {value!r}"
-            )
+            raise ConfigurationError(f"OutpostBridge.name_prefix must be non-empty without spaces, got {value!r}")
         return value
 
     hub_ids = List(
@@ -74,9 +70,9 @@ class OutpostBridge(Application):
         15,
         help="AMQP heartbeat in seconds: a silently dead broker link is noticed after about twice this.",
     ).tag(config=True)
-    prefetch = Integer(
-        50, help="Unacknowledged commands per Outpost queue that this bridge works on at once."
-    ).tag(config=True)
+    prefetch = Integer(50, help="Unacknowledged commands per Outpost queue that this bridge works on at once.").tag(
+        config=True
+    )
     journal_path = Unicode(
         help="""SQLite file of the idempotency journal (which starts were sent). Keep it on
         persistent storage: it is what stops a restarted bridge from starting a server twice.
@@ -92,15 +88,11 @@ class OutpostBridge(Application):
         20.0,
         help="Seconds to let in-flight commands finish on SIGTERM before handing them back unacked.",
     ).tag(config=True)
-    retry_initial = Float(
-        0.5, help="First retry delay (seconds) after a transient Outpost failure."
-    ).tag(config=True)
-    retry_maximum = Float(
-        10.0, help="Longest retry delay (seconds); delays grow x2 with +/-20% jitter."
-    ).tag(config=True)
-    http_limit_per_host = Integer(64, help="Open HTTP connections kept per Outpost host.").tag(
+    retry_initial = Float(0.5, help="First retry delay (seconds) after a transient Outpost failure.").tag(config=True)
+    retry_maximum = Float(10.0, help="Longest retry delay (seconds); delays grow x2 with +/-20% jitter.").tag(
         config=True
     )
+    http_limit_per_host = Integer(64, help="Open HTTP connections kept per Outpost host.").tag(config=True)
 
     aliases = {
         "config": "OutpostBridge.config_file",
@@ -179,9 +171,7 @@ class OutpostBridge(Application):
             await broker.stop_consuming()
             handed_back = await consumer.drain(self.shutdown_timeout)
             if handed_back:
-                self.log.warning(
-                    "%d command(s) handed back unacked; they will be redelivered", handed_back
-                )
+                self.log.warning("%d command(s) handed back unacked; they will be redelivered", handed_back)
         finally:
             await broker.close()
             await client.close()

@@ -38,9 +38,7 @@ def with_heartbeat(url: str, heartbeat: int) -> str:
 class BridgeBroker:
     """Owns the connection, the publish channel and one channel per consumed queue."""
 
-    def __init__(
-        self, url: str, topology: Topology, *, heartbeat: int = 15, prefetch: int = 50
-    ) -> None:
+    def __init__(self, url: str, topology: Topology, *, heartbeat: int = 15, prefetch: int = 50) -> None:
         self._url = with_heartbeat(url, heartbeat)
         self.topology = topology
         self._prefetch = prefetch
@@ -61,19 +59,13 @@ class BridgeBroker:
         self._dead = await channel.declare_exchange(  # type: ignore[assignment]
             t.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
-        dead_queue = await channel.declare_queue(
-            t.dead_letter_queue, durable=True, arguments=t.dead_letter_arguments()
-        )
+        dead_queue = await channel.declare_queue(t.dead_letter_queue, durable=True, arguments=t.dead_letter_arguments())
         await dead_queue.bind(self._dead)  # type: ignore[arg-type]
-        await channel.declare_exchange(
-            t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-        )
+        await channel.declare_exchange(t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
         registry_exchange = await channel.declare_exchange(
             t.registry_exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
-        registry = await channel.declare_queue(
-            t.registry_stream, durable=True, arguments=t.registry_arguments()
-        )
+        registry = await channel.declare_queue(t.registry_stream, durable=True, arguments=t.registry_arguments())
         await registry.bind(registry_exchange, routing_key="announce")
 
     async def close(self) -> None:
@@ -96,12 +88,8 @@ class BridgeBroker:
         t = self.topology
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
-        exchange = await channel.declare_exchange(
-            t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-        )
-        queue = await channel.declare_queue(
-            t.outpost_queue(key), durable=True, arguments=t.outpost_queue_arguments()
-        )
+        exchange = await channel.declare_exchange(t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        queue = await channel.declare_queue(t.outpost_queue(key), durable=True, arguments=t.outpost_queue_arguments())
         await queue.bind(exchange, routing_key=key)
         tag = await queue.consume(on_message, no_ack=False)
         self._consumers.append((queue, tag))
@@ -157,7 +145,12 @@ class BridgeBroker:
             try:
                 await exchange.publish(message, routing_key=routing_key, timeout=30)
                 return
-            except (TimeoutError, aio_pika.exceptions.AMQPConnectionError, aio_pika.exceptions.ChannelInvalidStateError, ConnectionError) as exc:
+            except (
+                TimeoutError,
+                aio_pika.exceptions.AMQPConnectionError,
+                aio_pika.exceptions.ChannelInvalidStateError,
+                ConnectionError,
+            ) as exc:
                 # aio-pika raises for a publish in flight during a reconnect: retry it with
                 # the same message id once the connection is back (consumers dedupe by id).
                 if attempt == 3:

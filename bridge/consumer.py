@@ -106,9 +106,7 @@ class CommandConsumer:
         cancel: asyncio.Event | None = None
         if isinstance(body, StopCommand):
             for start_id, event in slot.pending_starts.items():
-                log.info(
-                    "stop overtakes pending start start_id=%s %s", start_id, envelope.describe()
-                )
+                log.info("stop overtakes pending start start_id=%s %s", start_id, envelope.describe())
                 event.set()
         elif isinstance(body, StartCommand):
             cancel = slot.pending_starts.setdefault(envelope.server.start_id, asyncio.Event())

@@ -42,9 +42,7 @@ class OutpostClient:
 
     async def start(self) -> None:
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=0, limit_per_host=self._limit_per_host, keepalive_timeout=60
-            )
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._limit_per_host, keepalive_timeout=60)
             self._session = aiohttp.ClientSession(
                 connector=connector, json_serialize=json.dumps, raise_for_status=False
             )
@@ -88,20 +86,10 @@ class OutpostClient:
             sock_connect=options.connect_timeout or DEFAULT_CONNECT_TIMEOUT,
         )
         send_headers = {"User-Agent": options.user_agent or self._user_agent, **headers}
-        auth = (
-            aiohttp.BasicAuth(options.auth_username, options.auth_password or "")
-            if options.auth_username
-            else None
-        )
-        proxy = (
-            f"http://{options.proxy_host}:{options.proxy_port or 80}"
-            if options.proxy_host
-            else None
-        )
+        auth = aiohttp.BasicAuth(options.auth_username, options.auth_password or "") if options.auth_username else None
+        proxy = f"http://{options.proxy_host}:{options.proxy_port or 80}" if options.proxy_host else None
         proxy_auth = (
-            aiohttp.BasicAuth(options.proxy_username, options.proxy_password or "")
-            if options.proxy_username
-            else None
+            aiohttp.BasicAuth(options.proxy_username, options.proxy_password or "") if options.proxy_username else None
         )
         try:
             async with self._session.request(
@@ -123,11 +111,7 @@ class OutpostClient:
             # A certificate problem does not heal by retrying.
             raise OutpostAnswerError(0, None, f"TLS verification failed for {url}: {exc}") from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            reason = (
-                "timed out"
-                if isinstance(exc, asyncio.TimeoutError)
-                else str(exc) or type(exc).__name__
-            )
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
             raise TransientOutpostError(f"{method} {url}: {reason}") from exc
         body = _parse(raw)
         if 200 <= status < 300:

@@ -68,9 +68,7 @@ def _error_result(command: str, exc: BaseException) -> CommandResult:
         error = ErrorInfo(kind="not_found", summary=str(exc), http_status=404)
     elif isinstance(exc, OutpostAnswerError):
         detail = exc.body if isinstance(exc.body, str) else repr(exc.body)
-        error = ErrorInfo(
-            kind="rejected", summary=str(exc), details=detail[:4096], http_status=exc.status or None
-        )
+        error = ErrorInfo(kind="rejected", summary=str(exc), details=detail[:4096], http_status=exc.status or None)
     else:  # pragma: no cover - programming errors surface as data, not as a crash loop
         error = ErrorInfo(kind="invalid", summary=f"{type(exc).__name__}: {exc}")
     return CommandResult(command=command, ok=False, error=error)  # type: ignore[arg-type]
@@ -105,9 +103,7 @@ class Pipeline:
 
     # -- start ---------------------------------------------------------------------------
 
-    async def _start(
-        self, command: Envelope, start: StartCommand, *, redelivered: bool, emit: Emit
-    ) -> Envelope:
+    async def _start(self, command: Envelope, start: StartCommand, *, redelivered: bool, emit: Emit) -> Envelope:
         assert command.server is not None
         key = (outpost_key(start.target.url), start.name, command.server.start_id)
         entry = self._journal.get(*key)
@@ -183,13 +179,9 @@ class Pipeline:
                 + (" and runs it in the background." if start.execution_async else "."),
             )
         )
-        return self._finish(
-            key, command, CommandResult(command="start", ok=True, service=str(service or ""))
-        )
+        return self._finish(key, command, CommandResult(command="start", ok=True, service=str(service or "")))
 
-    def _finish(
-        self, key: tuple[str, str, str], command: Envelope, result: CommandResult
-    ) -> Envelope:
+    def _finish(self, key: tuple[str, str, str], command: Envelope, result: CommandResult) -> Envelope:
         answer = reply(command, result)
         self._journal.finish(*key, encode(answer))
         return answer
@@ -241,9 +233,7 @@ class Pipeline:
     async def _stop(self, command: Envelope, stop: StopCommand) -> CommandResult:
         headers = {"execution-type": "async"} if stop.execution_async else {}
         try:
-            body = await self._call(
-                command, "DELETE", stop.target, stop.name, stop.target.http, extra_headers=headers
-            )
+            body = await self._call(command, "DELETE", stop.target, stop.name, stop.target.http, extra_headers=headers)
         except OutpostAnswerError as exc:
             if exc.status == 404:  # already gone: that is what a stop wants
                 return CommandResult(command="stop", ok=True)
@@ -251,9 +241,7 @@ class Pipeline:
         except DeadlinePassed as exc:
             return _error_result("stop", exc)
         logs = body.get("logs") if isinstance(body, dict) else None
-        return CommandResult(
-            command="stop", ok=True, logs=[str(x) for x in logs] if isinstance(logs, list) else []
-        )
+        return CommandResult(command="stop", ok=True, logs=[str(x) for x in logs] if isinstance(logs, list) else [])
 
     async def _call(
         self,
@@ -270,14 +258,10 @@ class Pipeline:
         headers = {**target.headers, **(extra_headers or {})}
 
         async def attempt(time_left: float) -> Any:
-            _, body = await self._client.call(
-                method, url, headers=headers, options=options, time_left=time_left
-            )
+            _, body = await self._client.call(method, url, headers=headers, options=options, time_left=time_left)
             return body
 
-        return await retry_until(
-            command.deadline, attempt, backoff=self._backoff, clock=self._clock
-        )
+        return await retry_until(command.deadline, attempt, backoff=self._backoff, clock=self._clock)
 
 
 async def run_cancellable(work: Awaitable[Envelope], cancel: asyncio.Event) -> Envelope | None:

@@ -51,19 +51,18 @@ async def retry_until(
 ) -> T:
     """Call ``attempt(seconds_left)`` until it succeeds, fails finally, or time runs out."""
     tries = 0
+    last: TransientOutpostError | None = None
     while True:
-        left = deadline - clock()
-        if left <= 0 and tries:
-            raise DeadlinePassed(tries, last)
         tries += 1
         try:
-            return await attempt(max(left, 0.05))
+            return await attempt(max(deadline - clock(), 0.05))
         except TransientOutpostError as exc:
             last = exc
-            wait = backoff.delay(tries)
-            left = deadline - clock()
-            if left <= wait:
-                raise DeadlinePassed(tries, exc) from exc
-            if on_retry is not None:
-                await on_retry(tries, exc, wait)
-            await asyncio.sleep(wait)
+        left = deadline - clock()
+        if left <= 0.1:
+            raise DeadlinePassed(tries, last) from last
+        # Never sleep past the deadline: the last attempt runs just before it.
+        wait = min(backoff.delay(tries), left - 0.05)
+        if on_retry is not None:
+            await on_retry(tries, last, wait)
+        await asyncio.sleep(wait)

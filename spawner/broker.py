@@ -30,11 +30,7 @@ class HubBroker:
     _instances: ClassVar[dict[tuple[int, str, str, str], HubBroker]] = {}
 
     def __init__(self, url: str, topology: Topology, hub_id: str, heartbeat: int) -> None:
-        self._url = (
-            url
-            if "heartbeat=" in url
-            else f"{url}{'&' if '?' in url else '?'}heartbeat={heartbeat}"
-        )
+        self._url = url if "heartbeat=" in url else f"{url}{'&' if '?' in url else '?'}heartbeat={heartbeat}"
         self.topology = topology
         self.hub_id = hub_id
         self.router = RepliesRouter()
@@ -69,25 +65,13 @@ class HubBroker:
         self._connection = await aio_pika.connect_robust(self._url)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
-        self._commands = await channel.declare_exchange(
-            t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-        )
-        dead = await channel.declare_exchange(
-            t.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-        )
-        dead_queue = await channel.declare_queue(
-            t.dead_letter_queue, durable=True, arguments=t.dead_letter_arguments()
-        )
+        self._commands = await channel.declare_exchange(t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        dead = await channel.declare_exchange(t.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        dead_queue = await channel.declare_queue(t.dead_letter_queue, durable=True, arguments=t.dead_letter_arguments())
         await dead_queue.bind(dead)
-        replies = await channel.declare_exchange(
-            t.reply_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-        )
-        self._registry = await channel.declare_exchange(
-            t.registry_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-        )
-        registry = await channel.declare_queue(
-            t.registry_stream, durable=True, arguments=t.registry_arguments()
-        )
+        replies = await channel.declare_exchange(t.reply_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        self._registry = await channel.declare_exchange(t.registry_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        registry = await channel.declare_queue(t.registry_stream, durable=True, arguments=t.registry_arguments())
         await registry.bind(self._registry, routing_key="announce")
         consume_channel = await self._connection.channel()
         await consume_channel.set_qos(prefetch_count=200)
@@ -114,17 +98,13 @@ class HubBroker:
         """Declare the Outpost's command queue and announce it to the bridges (once per process)."""
         if key in self._outposts:
             return
-        assert (
-            self._channel is not None and self._commands is not None and self._registry is not None
-        )
+        assert self._channel is not None and self._commands is not None and self._registry is not None
         t = self.topology
         queue = await self._channel.declare_queue(
             t.outpost_queue(key), durable=True, arguments=t.outpost_queue_arguments()
         )
         await queue.bind(self._commands, routing_key=key)
-        announcement = Envelope(
-            id=new_id(), hub=self.hub_id, body=OutpostAnnouncement(key=key, origin=origin)
-        )
+        announcement = Envelope(id=new_id(), hub=self.hub_id, body=OutpostAnnouncement(key=key, origin=origin))
         await self._registry.publish(
             aio_pika.Message(encode(announcement), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
             routing_key="announce",
@@ -144,6 +124,4 @@ class HubBroker:
         try:
             await self._commands.publish(message, routing_key=outpost, mandatory=True, timeout=15)
         except Exception as exc:
-            raise BrokerUnavailable(
-                f"RabbitMQ did not accept the {command.type} command: {exc}"
-            ) from exc
+            raise BrokerUnavailable(f"RabbitMQ did not accept the {command.type} command: {exc}") from exc

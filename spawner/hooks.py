@@ -33,19 +33,13 @@ async def resolve(
             if inspect.isawaitable(value):
                 value = await asyncio.wait_for(value, timeout)
         except TimeoutError as exc:
-            raise HookError(
-                f"{type(spawner).__name__}.{trait} did not return within {timeout:.0f} s"
-            ) from exc
+            raise HookError(f"{type(spawner).__name__}.{trait} did not return within {timeout:.0f} s") from exc
         except Exception as exc:
             if passthrough:
                 raise
-            raise HookError(
-                f"{type(spawner).__name__}.{trait} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise HookError(f"{type(spawner).__name__}.{trait} failed: {type(exc).__name__}: {exc}") from exc
     if expect is not None and not isinstance(value, expect):
-        names = (
-            expect.__name__ if isinstance(expect, type) else " or ".join(t.__name__ for t in expect)
-        )
+        names = expect.__name__ if isinstance(expect, type) else " or ".join(t.__name__ for t in expect)
         raise HookError(
             f"{type(spawner).__name__}.{trait} must give a {names}, got {type(value).__name__}: {value!r:.200}"
         )

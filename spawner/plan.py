@@ -59,26 +59,20 @@ def http_options(owner: str, trait: str, *layers: dict[str, Any]) -> HttpOptions
         merged.update(layer or {})
     bad = sorted(k for k in merged if k in _UNSENDABLE)
     if bad:
-        raise HookError(
-            f"{owner}.{trait}: {', '.join(bad)} cannot be used with the bridge (not serialisable)"
-        )
+        raise HookError(f"{owner}.{trait}: {', '.join(bad)} cannot be used with the bridge (not serialisable)")
     try:
         return msgspec.convert(merged, HttpOptions)
     except msgspec.ValidationError as exc:
         raise HookError(f"{owner}.{trait}: {exc}") from None
 
 
-async def resolve_target(
-    spawner: Any, *, for_start: bool = False
-) -> tuple[Target, HttpOptions | None]:
+async def resolve_target(spawner: Any, *, for_start: bool = False) -> tuple[Target, HttpOptions | None]:
     """Resolve URL, headers and HTTP options; also the start-specific options."""
     owner = type(spawner).__name__
     options = spawner.user_options or {}
     url = await resolve(spawner, "request_url", options, expect=str)
     if not url:
-        raise HookError(
-            f"{owner}.request_url is not set: it must name the Outpost's /services/ URL"
-        )
+        raise HookError(f"{owner}.request_url is not set: it must name the Outpost's /services/ URL")
     if not url.startswith(("http://", "https://")):
         raise HookError(f"{owner}.request_url must be an http(s) URL, got {url!r}")
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -89,9 +83,7 @@ async def resolve_target(
     start_http = None
     if for_start and spawner.request_kwargs_start is not None:
         start_kwargs = await resolve(spawner, "request_kwargs_start", options, expect=dict)
-        start_http = http_options(
-            owner, "request_kwargs_start", spawner.http_client_defaults, start_kwargs
-        )
+        start_http = http_options(owner, "request_kwargs_start", spawner.http_client_defaults, start_kwargs)
     url = url.rstrip("/")
     target = OutpostTarget(url=url, headers=headers, http=http)
     return Target(target=target, key=outpost_key(url), origin=url_origin(url)), start_http
@@ -101,9 +93,7 @@ async def plan_start(spawner: Any, env: dict[str, str]) -> tuple[StartCommand, T
     """Everything the bridge needs to POST the start."""
     user_options = copy.deepcopy(spawner.user_options or {})
     target, start_http = await resolve_target(spawner, for_start=True)
-    custom_env = await resolve(
-        spawner, "custom_env", user_options, env.get("JUPYTERHUB_API_URL", ""), expect=dict
-    )
+    custom_env = await resolve(spawner, "custom_env", user_options, env.get("JUPYTERHUB_API_URL", ""), expect=dict)
     env = {**env, **{str(k): str(v) for k, v in custom_env.items()}}
     env["JUPYTERHUB_USER_ID"] = str(spawner.user.id)
     extra_options = await resolve(spawner, "custom_user_options", user_options, expect=dict)
@@ -142,6 +132,4 @@ async def plan_poll(spawner: Any) -> tuple[PollCommand, Target]:
 async def plan_stop(spawner: Any) -> tuple[StopCommand, Target]:
     target, _ = await resolve_target(spawner)
     execution_async = bool(await resolve(spawner, "stop_async"))
-    return StopCommand(
-        target=target.target, name=spawner.service_name, execution_async=execution_async
-    ), target
+    return StopCommand(target=target.target, name=spawner.service_name, execution_async=execution_async), target

@@ -32,9 +32,7 @@ class RepliesRouter:
         future.add_done_callback(lambda _f: self._results.pop(command_id, None))
         return future
 
-    def listen(
-        self, user: str, server: str, start_id: str, listener: EventListener
-    ) -> Callable[[], None]:
+    def listen(self, user: str, server: str, start_id: str, listener: EventListener) -> Callable[[], None]:
         key = (user, server, start_id)
         self._listeners[key] = listener
 

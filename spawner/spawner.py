@@ -240,23 +240,15 @@ class OutpostSpawner(Spawner):
     def get_env(self) -> dict[str, str]:
         """The env sent to the Outpost: only ``JUPYTER_*``/``JUPYTERHUB_*`` variables (as
         upstream), with the hub URLs the remote server and the Outpost call back."""
-        env = {
-            k: v
-            for k, v in self.get_env_base().items()
-            if k.startswith(("JUPYTER_", "JUPYTERHUB_"))
-        }
+        env = {k: v for k, v in self.get_env_base().items() if k.startswith(("JUPYTER_", "JUPYTERHUB_"))}
         api = str(self.public_api_url or "") or env["JUPYTERHUB_API_URL"]
         env["JUPYTERHUB_API_URL"] = api
         user = quote(self.user.name, safe="")
         server = f"/{quote(self.name, safe='')}" if self.name else ""
         env["JUPYTERHUB_ACTIVITY_URL"] = url_path_join(api, "users", user, "activity")
         scope = f"?start_id={self.start_id}" if self.start_id else ""
-        env["JUPYTERHUB_EVENTS_URL"] = (
-            url_path_join(api, "users/progress/events", user) + server + scope
-        )
-        env["JUPYTERHUB_SETUPTUNNEL_URL"] = (
-            url_path_join(api, "users/setuptunnel", user) + server + scope
-        )
+        env["JUPYTERHUB_EVENTS_URL"] = url_path_join(api, "users/progress/events", user) + server + scope
+        env["JUPYTERHUB_SETUPTUNNEL_URL"] = url_path_join(api, "users/setuptunnel", user) + server + scope
         return env
 
     async def default_misc(self) -> dict[str, Any]:
@@ -315,17 +307,13 @@ class OutpostSpawner(Spawner):
 
     # -- commands ---------------------------------------------------------------------------
     async def _broker(self) -> HubBroker:
-        return await HubBroker.shared(
-            self.amqp_url, self.name_prefix, self.hub_id, self.broker_heartbeat
-        ).ready()
+        return await HubBroker.shared(self.amqp_url, self.name_prefix, self.hub_id, self.broker_heartbeat).ready()
 
     def _envelope(self, body: Any, deadline: float) -> Envelope:
         ref = ServerRef(user=self.user.name, server=self.name, start_id=self.start_id)
         return Envelope(id=new_id(), hub=self.hub_id, server=ref, deadline=deadline, body=body)
 
-    async def _send(
-        self, body: Any, key: str, origin: str, deadline: float, wait: float
-    ) -> CommandResult:
+    async def _send(self, body: Any, key: str, origin: str, deadline: float, wait: float) -> CommandResult:
         broker = await self._broker()
         envelope = self._envelope(body, deadline)
         result = broker.router.expect(envelope.id)
@@ -335,9 +323,7 @@ class OutpostSpawner(Spawner):
             self.log.debug("published %s", envelope.describe())
             return await asyncio.wait_for(asyncio.shield(result), wait)
         except TimeoutError as exc:
-            raise ReplyTimeout(
-                f"no answer to the {envelope.type} command within {wait:.0f} s"
-            ) from exc
+            raise ReplyTimeout(f"no answer to the {envelope.type} command within {wait:.0f} s") from exc
         finally:
             result.cancel()
 
@@ -350,9 +336,7 @@ class OutpostSpawner(Spawner):
         if self.port == 0:
             self.port = random_port()
         broker = await self._broker()
-        unlisten = broker.router.listen(
-            self.user.name, self.name, self.start_id, self._on_bridge_event
-        )
+        unlisten = broker.router.listen(self.user.name, self.name, self.start_id, self._on_bridge_event)
         self._start_pending = True
         try:
             command, target = await plan_start(self, self.get_env())
@@ -371,9 +355,7 @@ class OutpostSpawner(Spawner):
                 self.start_timeout + 5,
             )
             if not result.ok:
-                raise OutpostCommandFailed(
-                    result.error or ErrorInfo(kind="invalid", summary="start failed")
-                )
+                raise OutpostCommandFailed(result.error or ErrorInfo(kind="invalid", summary="start failed"))
         except (OutpostCommandFailed, HookError, BrokerUnavailable, ReplyTimeout) as exc:
             self._failed_event(exc)
             raise

@@ -65,14 +65,10 @@ def parse_start_body(body: Any) -> StartRequest:
     elif not isinstance(name, str):
         errors.append(field_error(["name"], "Input should be a valid string", "string_type"))
     elif not name:
-        errors.append(
-            field_error(["name"], "String should have at least 1 character", "string_too_short")
-        )
+        errors.append(field_error(["name"], "String should have at least 1 character", "string_too_short"))
     elif "/" in name:
         # Poll and stop put the name in one path segment, so it could never be reached.
-        errors.append(
-            field_error(["name"], "Value error, name must not contain '/'", "value_error")
-        )
+        errors.append(field_error(["name"], "Value error, name must not contain '/'", "value_error"))
     dicts: dict[str, dict[str, Any]] = {}
     for key in DICT_FIELDS:
         value = body.get(key, {})
@@ -82,21 +78,15 @@ def parse_start_body(body: Any) -> StartRequest:
             errors.append(field_error([key], "Input should be a valid dictionary", "dict_type"))
     for key, value in dicts.get("env", {}).items():
         if not isinstance(value, str):
-            errors.append(
-                field_error(["env", key], "Input should be a valid string", "string_type")
-            )
+            errors.append(field_error(["env", key], "Input should be a valid string", "string_type"))
     authentication = body.get("authentication")
     if authentication is not None and not isinstance(authentication, dict):
-        errors.append(
-            field_error(["authentication"], "Input should be a valid dictionary", "dict_type")
-        )
+        errors.append(field_error(["authentication"], "Input should be a valid dictionary", "dict_type"))
     user_options = dict(dicts.get("user_options", {}))
     start_id = user_options.pop("start_id", None)
     if "user_options" in dicts and not isinstance(start_id, str):
         kind, msg = (
-            ("missing", "Field required")
-            if start_id is None
-            else ("string_type", "Input should be a valid string")
+            ("missing", "Field required") if start_id is None else ("string_type", "Input should be a valid string")
         )
         errors.append(field_error(["user_options", "start_id"], msg, kind))
     if errors:
@@ -116,9 +106,7 @@ def authenticated_hub(header: str | None, credentials: dict[str, str]) -> str | 
     if scheme.lower() != "basic":
         return None
     try:
-        user, sep, password = (
-            base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
-        )
+        user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
     except (binascii.Error, UnicodeDecodeError):
         return None
     expected = credentials.get(user)
@@ -133,9 +121,7 @@ async def basic_auth(request: web.Request, handler: Handler) -> web.StreamRespon
         return await handler(request)
     hub = authenticated_hub(request.headers.get("Authorization"), request.app[CREDENTIALS])
     if hub is None:
-        return web.json_response(
-            {"detail": "Not authenticated"}, status=401, headers={"WWW-Authenticate": "Basic"}
-        )
+        return web.json_response({"detail": "Not authenticated"}, status=401, headers={"WWW-Authenticate": "Basic"})
     request[HUB] = hub
     return await handler(request)
 
@@ -154,9 +140,7 @@ def is_async(request: web.Request) -> bool:
 
 def find_record(request: web.Request) -> ServiceRecord | None:
     # A path with only a name means start_id "0", as in the upstream Outpost.
-    return request.app[REGISTRY].get(
-        request[HUB], request.match_info["name"], request.match_info.get("start_id", "0")
-    )
+    return request.app[REGISTRY].get(request[HUB], request.match_info["name"], request.match_info.get("start_id", "0"))
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -167,15 +151,11 @@ async def start_service(request: web.Request) -> web.Response:
     try:
         start = parse_start_body(await request.json())
     except json.JSONDecodeError:
-        return web.json_response(
-            {"detail": [field_error([], "JSON decode error", "json_invalid")]}, status=422
-        )
+        return web.json_response({"detail": [field_error([], "JSON decode error", "json_invalid")]}, status=422)
     except BodyError as exc:
         return web.json_response({"detail": exc.errors}, status=422)
     try:
-        record = request.app[REGISTRY].begin_start(
-            request[HUB], start, async_mode=is_async(request)
-        )
+        record = request.app[REGISTRY].begin_start(request[HUB], start, async_mode=is_async(request))
     except DuplicateStartError as exc:
         return error_response(exc)
     if is_async(request):

@@ -272,9 +272,7 @@ class ServiceRegistry:
     def stats_for(self, hub: str) -> dict[str, dict[str, int]]:
         return {
             "starts": {f"{k[1]}/{k[2]}": n for k, n in self._start_counts.items() if k[0] == hub},
-            "pids": {
-                f"{k[1]}/{k[2]}": r.pid for k, r in self._records.items() if k[0] == hub and r.pid
-            },
+            "pids": {f"{k[1]}/{k[2]}": r.pid for k, r in self._records.items() if k[0] == hub and r.pid},
         }
 
     def begin_start(self, hub: str, request: StartRequest, *, async_mode: bool) -> ServiceRecord:
@@ -283,8 +281,7 @@ class ServiceRegistry:
         self._start_counts[key] += 1
         if key in self._records:
             raise DuplicateStartError(
-                f"duplicate start: server {request.name!r} with start_id "
-                f"{request.start_id!r} already exists"
+                f"duplicate start: server {request.name!r} with start_id {request.start_id!r} already exists"
             )
         record = self._new_record(key, request)
         self._records[key] = record
@@ -343,9 +340,7 @@ class ServiceRegistry:
             log=log,
             cmd=[SINGLEUSER_COMMAND],
             ip=self.bind_ip,
-            port=port
-            if isinstance(port, int) and not isinstance(port, bool) and port > 0
-            else random_port(),
+            port=port if isinstance(port, int) and not isinstance(port, bool) and port > 0 else random_port(),
             user_options=dict(request.user_options),
             hub_env=dict(env),
             home_dir=str(self.home_root / safe_path_component(user_name)),
@@ -357,9 +352,7 @@ class ServiceRegistry:
         )
         return ServiceRecord(key=key, spawner=spawner)
 
-    async def _run_start(
-        self, record: ServiceRecord, request: StartRequest, *, async_mode: bool
-    ) -> str:
+    async def _run_start(self, record: ServiceRecord, request: StartRequest, *, async_mode: bool) -> str:
         spawner = record.spawner
         try:
             spawner.apply_misc(request.misc)
@@ -368,9 +361,7 @@ class ServiceRegistry:
             record.pid = spawner.pid
             record.last_update = utcnow()
             log.info("%s started pid=%d at %s:%d", record.label, record.pid, ip, port)
-            await self._post_event(
-                record, 60, f"Outpost: jupyterhub-singleuser process started (pid {record.pid})"
-            )
+            await self._post_event(record, 60, f"Outpost: jupyterhub-singleuser process started (pid {record.pid})")
             return f"{fmt_ip_url(ip)}:{port}"
         except asyncio.CancelledError:
             # Whoever cancelled (DELETE or shutdown) stops the spawner and forgets the record.
@@ -454,17 +445,11 @@ class ServiceRegistry:
         }
         if failed:
             event["failed"] = True
-        headers = {
-            "Authorization": f"token {record.spawner.hub_env.get('JUPYTERHUB_API_TOKEN', '')}"
-        }
+        headers = {"Authorization": f"token {record.spawner.hub_env.get('JUPYTERHUB_API_TOKEN', '')}"}
         try:
-            async with self._session.post(
-                url, json=event, headers=headers, timeout=EVENT_TIMEOUT
-            ) as response:
+            async with self._session.post(url, json=event, headers=headers, timeout=EVENT_TIMEOUT) as response:
                 if response.status >= 400:
-                    log.warning(
-                        "%s event POST to %s answered %d", record.label, url, response.status
-                    )
+                    log.warning("%s event POST to %s answered %d", record.label, url, response.status)
         except (TimeoutError, aiohttp.ClientError) as exc:
             # The exception text is left out: it is not needed and must never carry headers.
             log.warning("%s event POST to %s failed: %s", record.label, url, exc.__class__.__name__)

@@ -17,12 +17,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="session")
 def rabbitmq() -> str:
     # `./dev test` (and so .ci/run) starts RabbitMQ; a test run without it is a setup error.
-    assert port_open(5672), (
-        f"RabbitMQ is not listening at {AMQP_URL}: run the tests with ./dev test"
-    )
-    assert shutil.which("configurable-http-proxy"), (
-        "configurable-http-proxy missing: run ./dev test"
-    )
+    assert port_open(5672), f"RabbitMQ is not listening at {AMQP_URL}: run the tests with ./dev test"
+    assert shutil.which("configurable-http-proxy"), "configurable-http-proxy missing: run ./dev test"
     return AMQP_URL
 
 

@@ -48,18 +48,14 @@ def port_open(port: int) -> bool:
 class Process:
     """A subprocess with its output in a log file; stopped with SIGTERM, then SIGKILL."""
 
-    def __init__(
-        self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.name, self.argv, self.env = name, argv, {**os.environ, **(env or {})}
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT
-        )
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         return self
 
     def alive(self) -> bool:
@@ -120,9 +116,7 @@ class Outpost(Process):
 
 
 class Bridge(Process):
-    def __init__(
-        self, log_dir: Path, prefix: str, journal: Path, extra: list[str] | None = None
-    ) -> None:
+    def __init__(self, log_dir: Path, prefix: str, journal: Path, extra: list[str] | None = None) -> None:
         super().__init__(
             "bridge",
             [
@@ -139,9 +133,7 @@ class Bridge(Process):
 
     def start(self) -> Bridge:
         super().start()
-        wait_for(
-            lambda: "outpost-bridge ready" in self.log() or not self.alive(), 60, "bridge ready"
-        )
+        wait_for(lambda: "outpost-bridge ready" in self.log() or not self.alive(), 60, "bridge ready")
         assert self.alive(), self.log()
         return self
 
@@ -193,9 +185,7 @@ class Hub(Process):
 
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         headers = {"Authorization": f"token {self.token}"}
-        return requests.request(
-            method, f"{self.url}/hub/api{path}", headers=headers, timeout=30, **kwargs
-        )
+        return requests.request(method, f"{self.url}/hub/api{path}", headers=headers, timeout=30, **kwargs)
 
     def server_path(self, user: str, server: str = "") -> str:
         return f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
@@ -212,11 +202,7 @@ class Hub(Process):
         """Follow the spawn's event stream until it reports ready or failed."""
         import json
 
-        path = (
-            f"/users/{user}/servers/{server}/progress"
-            if server
-            else f"/users/{user}/server/progress"
-        )
+        path = f"/users/{user}/servers/{server}/progress" if server else f"/users/{user}/server/progress"
         events: list[dict[str, Any]] = []
         with requests.get(
             f"{self.url}/hub/api{path}",

@@ -143,15 +143,11 @@ async def fake_hub() -> AsyncIterator[FakeHub]:
 
 @pytest_asyncio.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        headers=HUB_AUTH, timeout=aiohttp.ClientTimeout(total=60)
-    ) as session:
+    async with aiohttp.ClientSession(headers=HUB_AUTH, timeout=aiohttp.ClientTimeout(total=60)) as session:
         yield session
 
 
-def start_body(
-    name: str, start_id: str, env: dict[str, str], **user_options: Any
-) -> dict[str, Any]:
+def start_body(name: str, start_id: str, env: dict[str, str], **user_options: Any) -> dict[str, Any]:
     return {
         "name": name,
         "env": env,
@@ -162,9 +158,7 @@ def start_body(
     }
 
 
-async def request_json(
-    session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
-) -> tuple[int, Any]:
+async def request_json(session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> tuple[int, Any]:
     async with session.request(method, url, **kwargs) as response:
         return response.status, await response.json()
 
@@ -203,9 +197,7 @@ async def test_ping_needs_no_auth_and_everything_else_does(dev_outpost: Outpost)
             assert response.status == 401
 
 
-async def test_invalid_start_bodies_answer_422(
-    dev_outpost: Outpost, client: aiohttp.ClientSession
-) -> None:
+async def test_invalid_start_bodies_answer_422(dev_outpost: Outpost, client: aiohttp.ClientSession) -> None:
     url = f"{dev_outpost.url}/services"
     cases: list[tuple[Any, list[Any]]] = [
         ({"env": {}, "user_options": {"start_id": "1"}}, ["body", "name"]),
@@ -267,9 +259,7 @@ async def test_sync_start_poll_list_and_delete_a_real_singleuser(
         assert {"start_date", "last_update"} <= entry.keys()
 
     # Another hub sees none of it.
-    assert await request_json(
-        client, "GET", f"{dev_outpost.url}/services/", headers=OTHER_HUB_AUTH
-    ) == (
+    assert await request_json(client, "GET", f"{dev_outpost.url}/services/", headers=OTHER_HUB_AUTH) == (
         200,
         [],
     )
@@ -292,9 +282,7 @@ async def test_sync_start_poll_list_and_delete_a_real_singleuser(
     assert (await request_json(client, "DELETE", service_url))[0] == 404
 
 
-async def test_exit_code_logs_and_default_start_id(
-    dev_outpost: Outpost, client: aiohttp.ClientSession
-) -> None:
+async def test_exit_code_logs_and_default_start_id(dev_outpost: Outpost, client: aiohttp.ClientSession) -> None:
     body = start_body("bob-exits", "0", {"JUPYTERHUB_USER": "bob"})
     body["misc"] = {"cmd": [sys.executable, "-c", "print('bye from dev cmd'); raise SystemExit(3)"]}
     status, _ = await request_json(client, "POST", f"{dev_outpost.url}/services", json=body)
@@ -328,9 +316,7 @@ async def test_spawner_exception_answers_419_and_leaves_nothing(
     assert answer["args"] == ["boom"]
     assert answer["kwargs"] == {}
     assert "Traceback" in answer["traceback"]
-    assert (await request_json(client, "GET", f"{dev_outpost.url}/services/carol-fails/f1"))[
-        0
-    ] == 404
+    assert (await request_json(client, "GET", f"{dev_outpost.url}/services/carol-fails/f1"))[0] == 404
     stats = (await request_json(client, "GET", f"{dev_outpost.url}/_dev/stats"))[1]
     assert "carol-fails/f1" not in stats["pids"]
 
@@ -340,9 +326,7 @@ async def test_async_failure_sends_a_failed_event(
 ) -> None:
     body = start_body("dave-fails", "a1", fake_hub.env("dave"), dev_raise="async boom")
     headers = {"execution-type": "async"}
-    status, answer = await request_json(
-        client, "POST", f"{dev_outpost.url}/services", json=body, headers=headers
-    )
+    status, answer = await request_json(client, "POST", f"{dev_outpost.url}/services", json=body, headers=headers)
     assert (status, answer) == (202, {"service": ""})
 
     async def failed_event() -> Any:
@@ -354,28 +338,20 @@ async def test_async_failure_sends_a_failed_event(
     assert "html_message" in event
 
     async def forgotten() -> bool:
-        return (await request_json(client, "GET", f"{dev_outpost.url}/services/dave-fails/a1"))[
-            0
-        ] == 404
+        return (await request_json(client, "GET", f"{dev_outpost.url}/services/dave-fails/a1"))[0] == 404
 
     await eventually(forgotten)
 
 
-async def test_async_start_and_async_delete(
-    dev_outpost: Outpost, client: aiohttp.ClientSession
-) -> None:
+async def test_async_start_and_async_delete(dev_outpost: Outpost, client: aiohttp.ClientSession) -> None:
     body = start_body("erin-async", "a2", {"JUPYTERHUB_USER": "erin"})
     body["misc"] = {"cmd": SLEEPER_CMD}
     async_header = {"execution-type": "async"}
-    status, _ = await request_json(
-        client, "POST", f"{dev_outpost.url}/services", json=body, headers=async_header
-    )
+    status, _ = await request_json(client, "POST", f"{dev_outpost.url}/services", json=body, headers=async_header)
     assert status == 202
 
     async def started_pid() -> int | None:
-        return (await request_json(client, "GET", f"{dev_outpost.url}/_dev/stats"))[1]["pids"].get(
-            "erin-async/a2"
-        )
+        return (await request_json(client, "GET", f"{dev_outpost.url}/_dev/stats"))[1]["pids"].get("erin-async/a2")
 
     pid = await eventually(started_pid)
     url = f"{dev_outpost.url}/services/erin-async/a2"
@@ -389,9 +365,7 @@ async def test_async_start_and_async_delete(
     assert not pid_alive(pid)
 
 
-async def test_delete_cancels_pending_starts(
-    dev_outpost: Outpost, client: aiohttp.ClientSession
-) -> None:
+async def test_delete_cancels_pending_starts(dev_outpost: Outpost, client: aiohttp.ClientSession) -> None:
     slow = {"dev_start_delay": 60}
     async_body = start_body("frank-slow", "p1", {"JUPYTERHUB_USER": "frank"}, **slow)
     status, _ = await request_json(
@@ -408,9 +382,7 @@ async def test_delete_cancels_pending_starts(
     assert [e["start_pending"] for e in listing if e["name"] == "frank-slow"] == [True]
 
     sync_body = start_body("grace-slow", "p2", {"JUPYTERHUB_USER": "grace"}, **slow)
-    sync_start = asyncio.create_task(
-        request_json(client, "POST", f"{dev_outpost.url}/services", json=sync_body)
-    )
+    sync_start = asyncio.create_task(request_json(client, "POST", f"{dev_outpost.url}/services", json=sync_body))
     sync_url = f"{dev_outpost.url}/services/grace-slow/p2"
 
     async def registered() -> bool:
@@ -426,9 +398,7 @@ async def test_delete_cancels_pending_starts(
     assert not {"frank-slow/p1", "grace-slow/p2"} & pids.keys()
 
 
-async def test_flavor_endpoints_are_empty(
-    dev_outpost: Outpost, client: aiohttp.ClientSession
-) -> None:
+async def test_flavor_endpoints_are_empty(dev_outpost: Outpost, client: aiohttp.ClientSession) -> None:
     assert await request_json(client, "GET", f"{dev_outpost.url}/flavors/") == (200, {})
     assert await request_json(client, "POST", f"{dev_outpost.url}/userflavors", json={}) == (
         200,
@@ -436,9 +406,7 @@ async def test_flavor_endpoints_are_empty(
     )
 
 
-async def test_sigterm_stops_every_service_and_logs_no_secret(
-    tmp_path: Path, client: aiohttp.ClientSession
-) -> None:
+async def test_sigterm_stops_every_service_and_logs_no_secret(tmp_path: Path, client: aiohttp.ClientSession) -> None:
     own = launch_outpost(tmp_path)
     try:
         # An unreachable events URL exercises the event-failure log line with a token around.
@@ -449,12 +417,8 @@ async def test_sigterm_stops_every_service_and_logs_no_secret(
         assert (await request_json(client, "POST", f"{own.url}/services", json=body))[0] == 200
         pending = start_body("heidi-pending", "t2", env, dev_start_delay=60)
         headers = {"execution-type": "async"}
-        assert (
-            await request_json(client, "POST", f"{own.url}/services", json=pending, headers=headers)
-        )[0] == 202
-        pid = (await request_json(client, "GET", f"{own.url}/_dev/stats"))[1]["pids"][
-            "heidi-sleeps/t1"
-        ]
+        assert (await request_json(client, "POST", f"{own.url}/services", json=pending, headers=headers))[0] == 202
+        pid = (await request_json(client, "GET", f"{own.url}/_dev/stats"))[1]["pids"]["heidi-sleeps/t1"]
         assert pid_alive(pid)
     finally:
         returncode = own.stop()
