@@ -50,3 +50,20 @@ c.OutpostSpawner.default_url = "/lab"
 # Answer "202 pending" at once instead of holding the REST request up to 10 s: scripts
 # (and the tests) then follow the spawn's progress stream like the spawn page does.
 c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
+
+# Several Outposts: user_options["system"] picks one from OUTPOST_SYSTEMS (JSON name -> URL),
+# the way upstream configurations choose an Outpost with a callable request_url.
+import json  # noqa: E402
+
+systems = json.loads(os.environ.get("OUTPOST_SYSTEMS", "{}"))
+if systems:
+    default_url = c.OutpostSpawner.request_url
+
+    def request_url(spawner, user_options):
+        return systems.get(user_options.get("system", ""), default_url)
+
+    c.OutpostSpawner.request_url = request_url
+
+if os.environ.get("OUTPOST_MQ_TEST_OPTIONS"):
+    # Tests only: let user_options shorten start_timeout (JupyterHub's dict form of apply_user_options).
+    c.Spawner.apply_user_options = {"start_timeout": "start_timeout"}

@@ -78,7 +78,7 @@ class OutpostSpawner(Spawner):
         failed request (see ``request_failed_poll_keep_running``).""",
     ).tag(config=True)
     stop_timeout = Float(
-        60.0,
+        10.0,
         help="""Seconds ``stop()`` waits for the Outpost to confirm the stop. The bridge keeps
         trying until ``stop_deadline`` even after the hub stopped waiting.""",
     ).tag(config=True)
@@ -351,13 +351,15 @@ class OutpostSpawner(Spawner):
                 command,
                 target.key,
                 target.origin,
-                time.time() + self.start_timeout,
+                # The bridge gives up a little before JupyterHub does, so the user sees why.
+                time.time() + max(1.0, self.start_timeout * 0.9),
                 self.start_timeout + 5,
             )
             if not result.ok:
                 raise OutpostCommandFailed(result.error or ErrorInfo(kind="invalid", summary="start failed"))
         except (OutpostCommandFailed, HookError, BrokerUnavailable, ReplyTimeout) as exc:
             self._failed_event(exc)
+            await self._clean_up_failed_start()
             raise
         finally:
             self._start_pending = False
@@ -372,6 +374,19 @@ class OutpostSpawner(Spawner):
         service = result.service
         scheme = "https" if self.internal_ssl else "http"
         return service if "://" in service else f"{scheme}://{service}"
+
+    async def _clean_up_failed_start(self) -> None:
+        """Hand a stop to the bridge (durably) so nothing of the failed start stays at the
+        Outpost, without waiting for an Outpost that may be down; then the server counts as
+        stopped, so JupyterHub's follow-up poll and stop need no round trip."""
+        try:
+            command, target = await plan_stop(self)
+            broker = await self._broker()
+            await broker.ensure_outpost(target.key, target.origin)
+            await broker.publish(self._envelope(command, time.time() + self.stop_deadline), target.key)
+        except (BrokerUnavailable, HookError) as exc:
+            self.log.warning("could not hand the clean-up stop of %s to the bridge: %s", self._log_name, exc)
+        self.start_id = ""
 
     def _failed_event(self, exc: Exception) -> None:
         details = exc.error.details if isinstance(exc, OutpostCommandFailed) else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -47,7 +48,16 @@ def bridge(rabbitmq: str, workdir: Path, prefix: str) -> Iterator[Bridge]:
 
 
 @pytest.fixture(scope="session")
-def hub(bridge: Bridge, outpost: Outpost, workdir: Path, prefix: str) -> Iterator[Hub]:
-    hub = Hub(workdir, workdir / "hub", prefix, outpost).start()
+def flaky_outpost(workdir: Path) -> Iterator[Outpost]:
+    """A second Outpost (user_options system="flaky") that tests stop and start."""
+    outpost = Outpost(workdir, "hubtest:outpost-secret")
+    yield outpost
+    outpost.stop()
+
+
+@pytest.fixture(scope="session")
+def hub(bridge: Bridge, outpost: Outpost, flaky_outpost: Outpost, workdir: Path, prefix: str) -> Iterator[Hub]:
+    env = {"OUTPOST_SYSTEMS": json.dumps({"flaky": flaky_outpost.url}), "OUTPOST_MQ_TEST_OPTIONS": "1"}
+    hub = Hub(workdir, workdir / "hub", prefix, outpost, env=env).start()
     yield hub
     hub.stop()
