@@ -10,7 +10,7 @@ import time
 import pytest
 
 from .services import Hub, Outpost, wait_for
-from .test_spine import new_user, outpost_entries, pid_alive, start
+from .test_spine import new_user, outpost_entries, start
 
 pytestmark = pytest.mark.integration
 
