@@ -22,17 +22,11 @@ from aio_pika.abc import (
 )
 
 from schemas import Envelope, Topology, encode
-from schemas.topology import DEAD_LETTER_REASON_HEADER
+from schemas.topology import DEAD_LETTER_REASON_HEADER, with_heartbeat
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
 OnMessage = Callable[[AbstractIncomingMessage], Awaitable[None]]
-
-
-def with_heartbeat(url: str, heartbeat: int) -> str:
-    if "heartbeat=" in url:
-        return url
-    return f"{url}{'&' if '?' in url else '?'}heartbeat={heartbeat}"
 
 
 class BridgeBroker:

@@ -40,6 +40,14 @@ def outpost_key(url: str) -> str:
     return f"{readable}-{port}-{digest}"
 
 
+def with_heartbeat(url: str, heartbeat: int) -> str:
+    """The AMQP URL with a ``heartbeat`` query unless it names one (the 60 s default notices a
+    dead link only after ~3 minutes)."""
+    if "heartbeat=" in url:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}heartbeat={heartbeat}"
+
+
 def url_origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"

@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from schemas import DecodeError, Envelope, OutpostAnnouncement, Topology, decode, encode
 from schemas.base import new_id
+from schemas.topology import with_heartbeat
 
 from .errors import BrokerUnavailable
 from .server_state import RepliesRouter
@@ -30,7 +31,7 @@ class HubBroker:
     _instances: ClassVar[dict[tuple[int, str, str, str], HubBroker]] = {}
 
     def __init__(self, url: str, topology: Topology, hub_id: str, heartbeat: int) -> None:
-        self._url = url if "heartbeat=" in url else f"{url}{'&' if '?' in url else '?'}heartbeat={heartbeat}"
+        self._url = with_heartbeat(url, heartbeat)
         self.topology = topology
         self.hub_id = hub_id
         self.router = RepliesRouter()

@@ -231,9 +231,6 @@ class OutpostSpawner(Spawner):
         self.start_id = ""
 
     # -- env --------------------------------------------------------------------------------
-    def _api_url(self) -> str:
-        return str(self.public_api_url or "") or self.get_env_base()["JUPYTERHUB_API_URL"]
-
     def get_env_base(self) -> dict[str, str]:
         return super().get_env()
 
