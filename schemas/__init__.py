@@ -13,12 +13,15 @@ from .commands import (
     HttpOptions,
     OutpostTarget,
     PollCommand,
+    RecreateForwardCommand,
     StartCommand,
     StopCommand,
+    TunnelCommand,
 )
 from .errors import DecodeError, SchemaError
 from .events import CommandResult, ErrorInfo, OutpostAnnouncement, ProgressEvent
 from .secrets import redacted
+from .specs import RemoteForwardSpec, ServiceSpec, SshEndpoint, TunnelSpec
 from .topology import Topology, outpost_key
 
 __all__ = [
@@ -34,11 +37,17 @@ __all__ = [
     "OutpostTarget",
     "PollCommand",
     "ProgressEvent",
+    "RecreateForwardCommand",
+    "RemoteForwardSpec",
     "SchemaError",
     "ServerRef",
+    "ServiceSpec",
+    "SshEndpoint",
     "StartCommand",
     "StopCommand",
     "Topology",
+    "TunnelCommand",
+    "TunnelSpec",
     "decode",
     "encode",
     "outpost_key",

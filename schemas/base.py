@@ -14,7 +14,7 @@ from typing import Annotated
 
 import msgspec
 
-from .commands import PollCommand, StartCommand, StopCommand
+from .commands import PollCommand, RecreateForwardCommand, StartCommand, StopCommand, TunnelCommand
 from .events import CommandResult, OutpostAnnouncement, ProgressEvent
 from .secrets import RedactedRepr
 
@@ -23,7 +23,16 @@ SCHEMA_VERSION = 1
 Name = Annotated[str, msgspec.Meta(max_length=255)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
-Body = StartCommand | PollCommand | StopCommand | CommandResult | ProgressEvent | OutpostAnnouncement
+Body = (
+    StartCommand
+    | PollCommand
+    | StopCommand
+    | TunnelCommand
+    | RecreateForwardCommand
+    | CommandResult
+    | ProgressEvent
+    | OutpostAnnouncement
+)
 
 
 class ServerRef(msgspec.Struct, frozen=True, kw_only=True):

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import msgspec
 
 from .secrets import SECRET, RedactedRepr
+from .specs import Host, RemoteForwardSpec, TunnelSpec
 
 Url = Annotated[str, msgspec.Meta(min_length=1, max_length=2048, pattern=r"^https?://")]
 ServiceName = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
@@ -65,6 +66,10 @@ class StartCommand(RedactedRepr, msgspec.Struct, frozen=True, kw_only=True, tag=
     execution_async: bool = False
     # Overrides request_timeout for this POST (request_kwargs_start).
     http: HttpOptions | None = None
+    # How the bridge makes the server reachable (ssh_* / svc_* traits); None = directly.
+    tunnel: TunnelSpec | None = None
+    # ssh_create_remote_forward: run before the POST.
+    remote_forward: RemoteForwardSpec | None = None
 
     def body(self) -> dict[str, Any]:
         """The JSON body of ``POST /services`` (contract: outpost-contract.md)."""
@@ -95,6 +100,27 @@ class StopCommand(RedactedRepr, msgspec.Struct, frozen=True, kw_only=True, tag="
     target: OutpostTarget
     name: ServiceName
     execution_async: bool = False
+    # What the bridge built for this server and must remove with it.
+    tunnel: TunnelSpec | None = None
+    remote_forward: RemoteForwardSpec | None = None
 
 
-Command = StartCommand | PollCommand | StopCommand
+class TunnelCommand(RedactedRepr, msgspec.Struct, frozen=True, kw_only=True, tag="tunnel"):
+    """Build (or re-build: it is an idempotent ensure) the forward of a running server to
+    ``service`` ("host:port"): the delayed case of ``/hub/api/users/setuptunnel``, and
+    ``ssh_recreate_at_start``. Travels through the server's Outpost queue, so it stays in
+    order with that server's start and stop."""
+
+    name: ServiceName
+    service: Annotated[str, msgspec.Meta(min_length=3, max_length=300)]
+    tunnel: TunnelSpec
+
+
+class RecreateForwardCommand(msgspec.Struct, frozen=True, kw_only=True, tag="recreate_forward"):
+    """An SSH node restarted (``/hub/api/recreateforward/{node}``): every bridge rebuilds its
+    connection to ``host`` and all forwards through it."""
+
+    host: Host
+
+
+Command = StartCommand | PollCommand | StopCommand | TunnelCommand | RecreateForwardCommand

@@ -36,10 +36,13 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
 class CommandResult(RedactedRepr, msgspec.Struct, frozen=True, kw_only=True, tag="result"):
     """The outcome of one command; ``Envelope.correlation_id`` names the command."""
 
-    command: Literal["start", "poll", "stop"]
+    command: Literal["start", "poll", "stop", "tunnel", "recreate_forward"]
     ok: bool
     # start: the Outpost's ``service`` ("host:port", or "" for async/delayed starts)
     service: str = ""
+    # start/tunnel with a TunnelSpec: "host:port" where the hub reaches the server through
+    # the bridge (its listen address, or the Service's DNS name); "" = use ``service``.
+    address: str = ""
     # poll: None = running, an int = stopped with that exit code
     status: int | None = None
     logs: list[str] = []

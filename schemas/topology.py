@@ -12,6 +12,8 @@ Layout (``P`` is the configurable name prefix)::
     P.outposts   direct exchange -> P.outposts (stream): which Outpost queues exist; bridges
                                    read it from the start and follow it
     P.dead       fanout exchange -> P.dead-letters: poison messages, with a reason header
+    P.control    fanout exchange -> one exclusive queue per bridge: commands every bridge
+                                   carries out (``recreate_forward`` after an SSH node restart)
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ class Topology:
     @property
     def dead_letter_queue(self) -> str:
         return f"{self.prefix}.dead-letters"
+
+    @property
+    def control_exchange(self) -> str:
+        return f"{self.prefix}.control"
 
     def outpost_queue(self, key: str) -> str:
         return f"{self.prefix}.outpost.{key}"

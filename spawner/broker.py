@@ -39,6 +39,7 @@ class HubBroker:
         self._channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._commands: aio_pika.abc.AbstractExchange | None = None
         self._registry: aio_pika.abc.AbstractExchange | None = None
+        self._control: aio_pika.abc.AbstractExchange | None = None
         self._outposts: set[str] = set()
         self._ready: asyncio.Task[None] | None = None
 
@@ -70,6 +71,7 @@ class HubBroker:
         dead = await channel.declare_exchange(t.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
         dead_queue = await channel.declare_queue(t.dead_letter_queue, durable=True, arguments=t.dead_letter_arguments())
         await dead_queue.bind(dead)
+        self._control = await channel.declare_exchange(t.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
         replies = await channel.declare_exchange(t.reply_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
         self._registry = await channel.declare_exchange(t.registry_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
         registry = await channel.declare_queue(t.registry_stream, durable=True, arguments=t.registry_arguments())
@@ -115,6 +117,17 @@ class HubBroker:
     async def publish(self, command: Envelope, outpost: str) -> None:
         """Publish a command to an Outpost's queue; returns once the broker confirmed it."""
         assert self._commands is not None
+        await self._publish(self._commands, command, outpost, mandatory=True)
+
+    async def broadcast(self, command: Envelope) -> None:
+        """Publish a command every running bridge carries out (``P.control``). Not mandatory:
+        with no bridge running there is nothing to rebuild."""
+        assert self._control is not None
+        await self._publish(self._control, command, "", mandatory=False)
+
+    async def _publish(
+        self, exchange: aio_pika.abc.AbstractExchange, command: Envelope, routing_key: str, *, mandatory: bool
+    ) -> None:
         message = aio_pika.Message(
             encode(command),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -123,6 +136,6 @@ class HubBroker:
             type=command.type,
         )
         try:
-            await self._commands.publish(message, routing_key=outpost, mandatory=True, timeout=15)
+            await exchange.publish(message, routing_key=routing_key, mandatory=mandatory, timeout=15)
         except Exception as exc:
             raise BrokerUnavailable(f"RabbitMQ did not accept the {command.type} command: {exc}") from exc
