@@ -1,9 +1,12 @@
 """``outpost-bridge``: the traitlets Application that wires broker, consumer and pipeline.
 
-Start order: journal -> HTTP client -> broker (topology) -> registry (Outpost queues) ->
-ready. Stop order on SIGTERM/SIGINT: stop consuming -> let in-flight commands finish
-(bounded by ``shutdown_timeout``; the rest stay unacked and are redelivered) -> close the
-broker -> close the HTTP client -> close the journal.
+Start order: journal -> tunnel store -> restore every stored forward (bounded by
+``tunnel_restore_timeout``) -> Kubernetes client -> HTTP client -> broker (topology) ->
+control queue -> registry (Outpost queues) -> ready. Stop order on SIGTERM/SIGINT: stop
+consuming -> let in-flight commands finish (bounded by ``shutdown_timeout``; the rest stay
+unacked and are redelivered) -> close the broker -> stop listening on forwards (they stay
+recorded for the next start) -> close SSH connections -> Kubernetes and HTTP clients ->
+journal.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import signal
 import sys
 from typing import Any
 
-from traitlets import Bool, Float, Integer, List, Unicode, default, validate
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, validate
 from traitlets.config import Application
 
 from schemas import Topology
@@ -25,9 +28,15 @@ from .broker import BridgeBroker
 from .consumer import CommandConsumer
 from .errors import ConfigurationError
 from .journal import StartJournal
+from .k8s_services import ServiceManager
 from .outpost import OutpostClient
 from .pipeline import Pipeline
+from .reachability import Reachability
+from .remote_forward import RemoteForwardRunner
 from .retry import Backoff
+from .ssh_connections import SshPool
+from .tunnel_store import TunnelStore
+from .tunnels import TunnelManager
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -94,6 +103,93 @@ class OutpostBridge(Application):
     )
     http_limit_per_host = Integer(64, help="Open HTTP connections kept per Outpost host.").tag(config=True)
 
+    # -- tunnels (SSH forwards) ------------------------------------------------------------
+    tunnel_bind_host = Unicode(
+        "0.0.0.0",
+        help="""Address the bridge's forwards listen on (``ssh -L bind_address``). ``0.0.0.0``:
+        every interface (needed when the hub or a Service reaches the bridge over the network);
+        ``127.0.0.1`` when hub and bridge share a host. Example: ``c.OutpostBridge.tunnel_bind_host = "10.0.0.5"``.""",
+    ).tag(config=True)
+    tunnel_public_host = Unicode(
+        "127.0.0.1",
+        help="""Host name or IP the hub uses to reach this bridge's forwards: results carry
+        ``address = "<tunnel_public_host>:<port>"`` when no Kubernetes Service is made.
+        Example: ``c.OutpostBridge.tunnel_public_host = "bridge.internal.example.org"``.""",
+    ).tag(config=True)
+    tunnel_listen_backlog = Integer(
+        4096,
+        help="""Listen backlog (pending TCP connections) of each forward; bursts of many
+        browser connections through one forward queue here (the kernel caps it at
+        ``net.core.somaxconn``).""",
+    ).tag(config=True)
+    tunnel_db_path = Unicode(
+        help="""SQLite file recording the open forwards, restored when the bridge starts.
+        Default: the journal file (``journal_path``); keep it on persistent storage.""",
+    ).tag(config=True)
+
+    @default("tunnel_db_path")
+    def _default_tunnel_db_path(self) -> str:
+        return self.journal_path
+
+    tunnel_restore_timeout = Float(
+        30.0,
+        help="""Seconds the bridge waits at start-up for the SSH nodes of restored forwards
+        before it reports ready (the ports are bound at once; nodes still down keep being
+        reconnected in the background).""",
+    ).tag(config=True)
+    known_hosts_path = Unicode(
+        help="""OpenSSH known-hosts file for SSH nodes. Policy equals
+        ``StrictHostKeyChecking=accept-new``: an unknown node's key is added, a changed key is
+        refused. Default: ``known_hosts`` next to the journal. Example:
+        ``c.OutpostBridge.known_hosts_path = "/var/lib/outpost-bridge/known_hosts"``.""",
+    ).tag(config=True)
+
+    @default("known_hosts_path")
+    def _default_known_hosts_path(self) -> str:
+        return os.path.join(os.path.dirname(self.journal_path) or ".", "known_hosts")
+
+    ssh_keepalive_interval = Float(
+        15.0,
+        help="""Seconds between SSH keepalives (``ServerAliveInterval``; 0 = off). A dead
+        connection is noticed after ``interval * ssh_keepalive_count_max`` seconds and
+        re-made with its forwards. ``ServerAliveInterval`` in ``ssh_forward_options`` overrides it.""",
+    ).tag(config=True)
+    ssh_keepalive_count_max = Integer(
+        3, help="Unanswered SSH keepalives before a connection counts as dead (``ServerAliveCountMax``)."
+    ).tag(config=True)
+    ssh_connect_timeout = Float(15.0, help="Seconds for one SSH connect + handshake + login (``ConnectTimeout``).").tag(
+        config=True
+    )
+    ssh_ciphers = List(
+        Unicode(),
+        ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr"],
+        help="""SSH ciphers offered, in preference order (``Ciphers``). AES-GCM first: with
+        AES-NI it is the fastest through asyncssh (see docs/tunnels.md for figures).""",
+    ).tag(config=True)
+    remote_forward_timeout = Float(
+        30.0,
+        help="""Seconds one remote-forward command (``start``/``stop``/``status``) may run; a
+        ``start`` that does not answer in time is checked with ``status``.""",
+    ).tag(config=True)
+
+    # -- Kubernetes Services ---------------------------------------------------------------
+    k8s_enabled = Bool(
+        False,
+        help="""Create a Kubernetes Service per forward when the hub asks (``svc_create``).
+        Off: the hub gets ``tunnel_public_host:port`` instead. Needs ``service_selector``.""",
+    ).tag(config=True)
+    kubeconfig = Unicode(
+        "",
+        help="""Path of a kubeconfig file for the Kubernetes API; empty = the in-cluster
+        service account. Example: ``c.OutpostBridge.kubeconfig = "/etc/outpost-bridge/kubeconfig"``.""",
+    ).tag(config=True)
+    service_selector = Dict(
+        Unicode(),
+        help="""Labels of the bridge pod: the selector of every Service the bridge makes, so the
+        Service leads to the bridge's forward. Example:
+        ``c.OutpostBridge.service_selector = {"app.kubernetes.io/name": "outpost-bridge"}``.""",
+    ).tag(config=True)
+
     aliases = {
         "config": "OutpostBridge.config_file",
         "f": "OutpostBridge.config_file",
@@ -120,6 +216,7 @@ class OutpostBridge(Application):
             return
         if self.config_file and os.path.exists(self.config_file):
             self.load_config_file(self.config_file)
+        self._check_tunnel_config()
 
     def write_default_config(self) -> None:
         path = self.config_file
@@ -129,6 +226,14 @@ class OutpostBridge(Application):
         with open(path, "w") as f:
             f.write(self.generate_config_file())
         print(f"Wrote {path}")
+
+    def _check_tunnel_config(self) -> None:
+        if self.k8s_enabled and not self.service_selector:
+            raise ConfigurationError(
+                "OutpostBridge.service_selector must name the bridge pod's labels when k8s_enabled is true"
+            )
+        if self.tunnel_listen_backlog < 1:
+            raise ConfigurationError("OutpostBridge.tunnel_listen_backlog must be >= 1")
 
     def _log_config(self) -> None:
         from urllib.parse import urlsplit
@@ -147,6 +252,20 @@ class OutpostBridge(Application):
         """Serve until ``stop`` is set, then shut down in order."""
         self._log_config()
         journal = StartJournal(self.journal_path)
+        store = TunnelStore(self.tunnel_db_path)
+        pool = SshPool(known_hosts=self.known_hosts_path)
+        tunnels = TunnelManager(
+            pool,
+            store,
+            bind_host=self.tunnel_bind_host,
+            backlog=self.tunnel_listen_backlog,
+            keepalive_interval=self.ssh_keepalive_interval,
+            keepalive_count_max=self.ssh_keepalive_count_max,
+            connect_timeout=self.ssh_connect_timeout,
+            ciphers=tuple(self.ssh_ciphers),
+        )
+        backoff = Backoff(initial=self.retry_initial, maximum=self.retry_maximum)
+        services = ServiceManager(selector=self.service_selector, kubeconfig=self.kubeconfig, backoff=backoff)
         client = OutpostClient(limit_per_host=self.http_limit_per_host)
         broker = BridgeBroker(
             self.amqp_url,
@@ -154,15 +273,23 @@ class OutpostBridge(Application):
             heartbeat=self.heartbeat,
             prefetch=self.prefetch,
         )
-        await client.start()
         try:
+            restored, nodes = await tunnels.restore(self.tunnel_restore_timeout)
+            if restored:
+                self.log.info("restored %d forward(s); %d SSH node(s) connected", restored, nodes)
+            if self.k8s_enabled:
+                await services.start()
+            await client.start()
             await broker.connect()
-            pipeline = Pipeline(
-                client,
-                journal,
-                backoff=Backoff(initial=self.retry_initial, maximum=self.retry_maximum),
+            remote = RemoteForwardRunner(
+                pool, tunnels.settings, command_timeout=self.remote_forward_timeout, backoff=backoff
             )
-            consumer = CommandConsumer(broker, pipeline, hub_ids=frozenset(self.hub_ids))
+            reach = Reachability(
+                tunnels, remote, services if self.k8s_enabled else None, public_host=self.tunnel_public_host
+            )
+            pipeline = Pipeline(client, journal, backoff=backoff, reach=reach)
+            consumer = CommandConsumer(broker, pipeline, hub_ids=frozenset(self.hub_ids), reach=reach)
+            await broker.consume_control(consumer.on_control)
             await broker.follow_registry(consumer.on_registry)
             self.log.info("outpost-bridge ready")
             print("outpost-bridge ready", flush=True)
@@ -174,7 +301,11 @@ class OutpostBridge(Application):
                 self.log.warning("%d command(s) handed back unacked; they will be redelivered", handed_back)
         finally:
             await broker.close()
+            await tunnels.close()
+            await pool.close()
+            await services.close()
             await client.close()
+            store.close()
             journal.close()
         self.log.info("outpost-bridge stopped")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -87,6 +88,22 @@ class BridgeBroker:
         await queue.bind(exchange, routing_key=key)
         tag = await queue.consume(on_message, no_ack=False)
         self._consumers.append((queue, tag))
+
+    async def consume_control(self, on_message: OnMessage) -> str:
+        """Consume ``P.control`` (commands every bridge carries out) through this bridge's own
+        exclusive queue; returns the queue's name. Named by us, not by the server, so that
+        aio-pika can re-declare it after a reconnect (``amq.*`` names cannot be declared)."""
+        assert self._connection is not None
+        t = self.topology
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=10)
+        exchange = await channel.declare_exchange(t.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        name = f"{t.control_exchange}.bridge-{uuid.uuid4().hex[:12]}"
+        queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
+        await queue.bind(exchange)
+        tag = await queue.consume(on_message, no_ack=False)
+        self._consumers.append((queue, tag))
+        return name
 
     async def follow_registry(self, on_message: OnMessage) -> None:
         """Read the Outpost registry stream from its start and keep following it."""

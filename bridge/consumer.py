@@ -22,13 +22,16 @@ from schemas import (
     OutpostAnnouncement,
     PollCommand,
     ProgressEvent,
+    RecreateForwardCommand,
     StartCommand,
     StopCommand,
+    TunnelCommand,
     decode,
 )
 
 from .broker import BridgeBroker
 from .pipeline import Pipeline, reply, run_cancellable
+from .reachability import Reachability
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
@@ -49,8 +52,10 @@ class CommandConsumer:
         pipeline: Pipeline,
         *,
         hub_ids: frozenset[str] = frozenset(),
+        reach: Reachability | None = None,
     ) -> None:
         self._broker = broker
+        self._reach = reach
         self._pipeline = pipeline
         self._hub_ids = hub_ids
         self._slots: dict[str, _Slot] = {}
@@ -88,6 +93,41 @@ class CommandConsumer:
             self._outposts.add(key)
             log.info("consuming commands for Outpost %s", key)
 
+    # -- control (every bridge) ------------------------------------------------------------
+
+    async def on_control(self, message: AbstractIncomingMessage) -> None:
+        """A broadcast command: rebuild the SSH connection(s) to a node, answer, ack."""
+        try:
+            envelope = decode(message.body)
+            if not isinstance(envelope.body, RecreateForwardCommand):
+                raise DecodeError("invalid", f"a {envelope.type!r} message is not a control command")
+            if self._hub_ids and envelope.hub not in self._hub_ids:
+                raise DecodeError("invalid", f"hub id {envelope.hub!r} is not served by this bridge")
+        except DecodeError as exc:
+            log.warning("dead-lettering control message %s: %s", message.message_id, exc)
+            await self._broker.dead_letter(message, str(exc))
+            await message.ack()
+            return
+        host = envelope.body.host
+        if self._reach is None:
+            result = CommandResult(command="recreate_forward", ok=True)
+        else:
+            try:
+                count = await self._reach.recreate(host)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a failure is data for the hub, never a consumer crash
+                log.exception("recreate_forward %s failed", host)
+                error = ErrorInfo(kind="unreachable", summary=f"Tunnel: recreating forwards via {host}: {exc}")
+                result = CommandResult(command="recreate_forward", ok=False, error=error)
+            else:
+                log.info("recreate_forward: reconnected to %s (%d forwards) %s", host, count, envelope.describe())
+                result = CommandResult(command="recreate_forward", ok=True)
+        try:
+            await self._broker.publish_reply(reply(envelope, result))
+        finally:
+            await message.ack()
+
     # -- commands ------------------------------------------------------------------------
 
     async def on_command(self, message: AbstractIncomingMessage) -> None:
@@ -118,7 +158,7 @@ class CommandConsumer:
         task.add_done_callback(lambda t, key=envelope.server.slot: self._forget_slot(key, t))
 
     def _check(self, envelope: Envelope) -> None:
-        if not isinstance(envelope.body, StartCommand | PollCommand | StopCommand):
+        if not isinstance(envelope.body, StartCommand | PollCommand | StopCommand | TunnelCommand):
             raise DecodeError("invalid", f"a {envelope.type!r} message is not a command")
         if envelope.server is None or not envelope.server.start_id:
             raise DecodeError("invalid", "a command needs a server with a start_id")

@@ -1,4 +1,9 @@
-"""What the bridge does for one command: idempotency check -> Outpost call -> result.
+"""What the bridge does for one command: idempotency check -> effects -> result.
+
+A start runs: remote forward (if asked) -> Outpost POST -> forward/Service
+(:mod:`bridge.reachability`); a failed start removes what it built before it answers. A
+stop removes forward, Service and remote forward, then DELETEs at the Outpost. A tunnel
+command leads a server's (reserved) port to the address the single-user server reported.
 
 Reads top to bottom per command type. Transient failures are retried until the command's
 deadline (:mod:`bridge.retry`); final answers (4xx, 419) are reported at once. Progress
@@ -16,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
+import msgspec
+
 from schemas import (
     CommandResult,
     Envelope,
@@ -24,6 +31,7 @@ from schemas import (
     ProgressEvent,
     StartCommand,
     StopCommand,
+    TunnelCommand,
     decode,
     encode,
     outpost_key,
@@ -31,9 +39,16 @@ from schemas import (
 from schemas.base import new_id
 from schemas.topology import url_origin
 
-from .errors import OutpostAnswerError, TransientOutpostError
+from .errors import (
+    OutpostAnswerError,
+    ServiceApiError,
+    TransientError,
+    TunnelError,
+    TunnelSpecError,
+)
 from .journal import StartJournal
 from .outpost import OutpostClient, summarize_419
+from .reachability import Reachability
 from .retry import Backoff, DeadlinePassed, retry_until
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
@@ -53,13 +68,40 @@ def reply(command: Envelope, body: CommandResult | ProgressEvent) -> Envelope:
     )
 
 
+def _tunnel_error(command: str, exc: BaseException) -> CommandResult:
+    """A failed forward/Service/remote-forward step as data (never retried by the hub)."""
+    if isinstance(exc, DeadlinePassed):
+        error = ErrorInfo(
+            kind="unreachable",
+            summary=f"Tunnel: unreachable until the deadline ({exc.attempts} attempts): {exc.last}",
+            retryable=True,
+        )
+    elif isinstance(exc, TransientError):
+        error = ErrorInfo(kind="unreachable", summary=f"Tunnel: {exc}", retryable=True)
+    elif isinstance(exc, TunnelSpecError):
+        error = ErrorInfo(kind="invalid", summary=f"Tunnel: {exc}")
+    elif isinstance(exc, ServiceApiError):
+        error = ErrorInfo(kind="rejected", summary=f"Tunnel: {exc}", http_status=exc.status)
+    else:
+        error = ErrorInfo(kind="rejected", summary=f"Tunnel: {exc}")
+    return CommandResult(command=command, ok=False, error=error)  # type: ignore[arg-type]
+
+
+TUNNEL_FAILURES = (TunnelError, ServiceApiError, DeadlinePassed, TransientError)
+
+
+def forward_key(command: Envelope, name: str) -> str:
+    """The key of a server's forward: one per (hub, Outpost service name)."""
+    return f"{command.hub}/{name}"
+
+
 def _error_result(command: str, exc: BaseException) -> CommandResult:
     if isinstance(exc, DeadlinePassed):
         error = ErrorInfo(
             kind="unreachable",
             summary=f"Outpost unreachable until the deadline ({exc.attempts} attempts): {exc.last}",
             retryable=True,
-            http_status=exc.last.status,
+            http_status=getattr(exc.last, "status", None),
         )
     elif isinstance(exc, OutpostAnswerError) and exc.status == 419:
         summary, details = summarize_419(exc.body)
@@ -84,9 +126,11 @@ class Pipeline:
         *,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
+        reach: Reachability | None = None,
     ) -> None:
         self._client = client
         self._journal = journal
+        self._reach = reach
         self._backoff = backoff or Backoff()
         self._clock = clock
 
@@ -99,6 +143,8 @@ class Pipeline:
             return reply(command, await self._poll(command, body))
         if isinstance(body, StopCommand):
             return reply(command, await self._stop(command, body))
+        if isinstance(body, TunnelCommand):
+            return reply(command, await self._tunnel(command, body))
         raise TypeError(f"not a command: {command.type}")
 
     # -- start ---------------------------------------------------------------------------
@@ -122,6 +168,12 @@ class Pipeline:
             if exists:
                 return self._finish(key, command, self._already_started(start))
 
+        if start.remote_forward is not None:
+            try:
+                await self._reachability().remote_start(start.remote_forward, command.deadline)
+            except TUNNEL_FAILURES as exc:
+                return self._finish(key, command, _tunnel_error("start", exc))
+
         self._journal.begin(*key)
         await emit(
             ProgressEvent(
@@ -131,7 +183,7 @@ class Pipeline:
             )
         )
 
-        async def announce_retry(attempt: int, exc: TransientOutpostError, wait: float) -> None:
+        async def announce_retry(attempt: int, exc: TransientError, wait: float) -> None:
             log.warning("start attempt %d failed (%s) %s", attempt, exc, command.describe())
             await emit(
                 ProgressEvent(
@@ -169,8 +221,9 @@ class Pipeline:
                 clock=self._clock,
             )
         except (DeadlinePassed, OutpostAnswerError) as exc:
+            await self._undo_start(command, start)
             return self._finish(key, command, _error_result("start", exc))
-        service = answer.get("service", "") if isinstance(answer, dict) else ""
+        service = str((answer.get("service", "") if isinstance(answer, dict) else "") or "")
         await emit(
             ProgressEvent(
                 source="bridge",
@@ -179,7 +232,59 @@ class Pipeline:
                 + (" and runs it in the background." if start.execution_async else "."),
             )
         )
-        return self._finish(key, command, CommandResult(command="start", ok=True, service=str(service or "")))
+        address = ""
+        if start.tunnel is not None:
+            try:
+                address = await self._reachability().after_start(
+                    forward_key(command, start.name), start.tunnel, service, command.deadline
+                )
+            except TUNNEL_FAILURES as exc:
+                log.warning("start: making the server reachable failed (%s) %s", exc, command.describe())
+                await self._undo_start(command, start)
+                return self._finish(key, command, _tunnel_error("start", exc))
+            if address:
+                await emit(ProgressEvent(source="bridge", progress=35, message=f"Bridge: forward ready at {address}."))
+        return self._finish(key, command, CommandResult(command="start", ok=True, service=service, address=address))
+
+    def _reachability(self) -> Reachability:
+        if self._reach is None:
+            raise TunnelSpecError("this bridge was started without tunnel support")
+        return self._reach
+
+    async def _undo_start(self, command: Envelope, start: StartCommand) -> None:
+        """Remove what a failed start built (forward, Service, remote forward); log, never raise."""
+        if self._reach is None or (start.tunnel is None and start.remote_forward is None):
+            return
+        for problem in await self._remove_reachability(command, start.name, start.tunnel, start.remote_forward):
+            log.warning("clean-up after a failed start: %s %s", problem, command.describe())
+
+    async def _remove_reachability(self, command: Envelope, name: str, tunnel: Any, remote_forward: Any) -> list[str]:
+        """Remove forward, Service and remote forward; returns what could not be removed."""
+        if self._reach is None:
+            return []
+        problems: list[str] = []
+        # Clean-up gets at least a short while even when the command's deadline is near.
+        deadline = max(command.deadline, self._clock() + 15)
+        try:
+            await self._reach.remove(forward_key(command, name), tunnel, deadline)
+        except TUNNEL_FAILURES as exc:
+            problems.append(f"Bridge: could not remove the forward/Service: {exc}")
+        if remote_forward is not None:
+            try:
+                await self._reach.remote_stop(remote_forward, deadline)
+            except TUNNEL_FAILURES as exc:
+                problems.append(f"Bridge: could not stop the remote forward: {exc}")
+        return problems
+
+    async def _tunnel(self, command: Envelope, tunnel: TunnelCommand) -> CommandResult:
+        try:
+            address = await self._reachability().setup_tunnel(
+                forward_key(command, tunnel.name), tunnel.tunnel, tunnel.service, command.deadline
+            )
+        except TUNNEL_FAILURES as exc:
+            log.warning("tunnel failed (%s) %s", exc, command.describe())
+            return _tunnel_error("tunnel", exc)
+        return CommandResult(command="tunnel", ok=True, service=tunnel.service, address=address)
 
     def _finish(self, key: tuple[str, str, str], command: Envelope, result: CommandResult) -> Envelope:
         answer = reply(command, result)
@@ -231,6 +336,15 @@ class Pipeline:
         )
 
     async def _stop(self, command: Envelope, stop: StopCommand) -> CommandResult:
+        # Tunnel clean-up first (local, quick); its problems are reported in the logs of an
+        # otherwise successful stop: the server is gone either way.
+        problems = await self._remove_reachability(command, stop.name, stop.tunnel, stop.remote_forward)
+        for problem in problems:
+            log.warning("stop: %s %s", problem, command.describe())
+        result = await self._stop_at_outpost(command, stop)
+        return msgspec.structs.replace(result, logs=[*result.logs, *problems]) if problems else result
+
+    async def _stop_at_outpost(self, command: Envelope, stop: StopCommand) -> CommandResult:
         headers = {"execution-type": "async"} if stop.execution_async else {}
         try:
             body = await self._call(command, "DELETE", stop.target, stop.name, stop.target.http, extra_headers=headers)

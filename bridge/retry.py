@@ -1,6 +1,6 @@
 """Retrying transient failures with capped exponential backoff and jitter, until a deadline.
 
-Only :class:`~bridge.errors.TransientOutpostError` is retried; anything else propagates at
+Only :class:`~bridge.errors.TransientError` (Outpost or SSH/Kubernetes) is retried; anything else propagates at
 once. No attempt starts after the deadline, and no wait runs past it.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import TransientOutpostError
+from .errors import TransientError
 
 T = TypeVar("T")
 
@@ -21,7 +21,7 @@ T = TypeVar("T")
 class DeadlinePassed(Exception):
     """Every attempt until the deadline failed transiently; ``last`` is the last failure."""
 
-    def __init__(self, attempts: int, last: TransientOutpostError) -> None:
+    def __init__(self, attempts: int, last: TransientError) -> None:
         super().__init__(f"gave up after {attempts} attempt(s): {last}")
         self.attempts = attempts
         self.last = last
@@ -46,17 +46,17 @@ async def retry_until(
     attempt: Callable[[float], Awaitable[T]],
     *,
     backoff: Backoff = Backoff(),
-    on_retry: Callable[[int, TransientOutpostError, float], Awaitable[None]] | None = None,
+    on_retry: Callable[[int, TransientError, float], Awaitable[None]] | None = None,
     clock: Callable[[], float] = time.time,
 ) -> T:
     """Call ``attempt(seconds_left)`` until it succeeds, fails finally, or time runs out."""
     tries = 0
-    last: TransientOutpostError | None = None
+    last: TransientError | None = None
     while True:
         tries += 1
         try:
             return await attempt(max(deadline - clock(), 0.05))
-        except TransientOutpostError as exc:
+        except TransientError as exc:
             last = exc
         left = deadline - clock()
         if left <= 0.1:

@@ -1,0 +1,146 @@
+"""Kubernetes Services that point at the bridge pod's forward, made with kubernetes_asyncio.
+
+For ``svc_create``: a Service ``name`` in ``namespace`` with the spec's labels (plus
+``app.kubernetes.io/managed-by: outpost-bridge``), selector = the bridge pod's labels
+(:attr:`OutpostBridge.service_selector`), port and targetPort = the forward's local port.
+An existing Service of that name (409 AlreadyExists) is replaced: deleted, then created
+again; a delete of a Service that is gone (404) counts as done. Connection failures and 5xx
+are transient (retried until the command's deadline), other answers are final.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from schemas import ServiceSpec
+
+from .errors import ServiceApiError, TransientTunnelError
+from .retry import Backoff, retry_until
+
+log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "outpost-bridge"}
+
+
+def service_address(spec: ServiceSpec, port: int) -> str:
+    """Where the hub reaches a server through its Service (cluster DNS)."""
+    return f"{spec.name}.{spec.namespace}.svc:{port}"
+
+
+class ServiceManager:
+    """Creates and deletes Services; owns its API client (``start``/``close``)."""
+
+    def __init__(
+        self,
+        *,
+        selector: dict[str, str],
+        kubeconfig: str = "",
+        request_timeout: float = 10.0,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._selector = dict(selector)
+        self._kubeconfig = kubeconfig
+        self._request_timeout = request_timeout
+        self._backoff = backoff or Backoff()
+        self._clock = clock
+        self._api: client.ApiClient | None = None
+        self._core: client.CoreV1Api | None = None
+
+    async def start(self) -> None:
+        """Load the kubeconfig file, or the in-cluster service account when none is set."""
+        configuration = client.Configuration()
+        if self._kubeconfig:
+            await config.load_kube_config(config_file=self._kubeconfig, client_configuration=configuration)
+        else:
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        self._api = client.ApiClient(configuration=configuration)
+        self._core = client.CoreV1Api(self._api)
+
+    async def close(self) -> None:
+        api, self._api, self._core = self._api, None, None
+        if api is not None:
+            await api.close()
+
+    async def ensure(self, spec: ServiceSpec, port: int, deadline: float) -> str:
+        """Create the Service (replacing one of that name); returns its address."""
+        body = self._body(spec, port)
+
+        async def create(time_left: float) -> None:
+            try:
+                await self._call("create", spec, time_left, body)
+            except ServiceApiError as exc:
+                if exc.status != 409:
+                    raise
+                log.info("Service %s/%s exists (409); replacing it", spec.namespace, spec.name)
+                await self._delete(spec, time_left)
+                await self._call("create", spec, time_left, body)
+
+        await retry_until(deadline, create, backoff=self._backoff, clock=self._clock)
+        log.info("Service %s/%s -> bridge port %d", spec.namespace, spec.name, port)
+        return service_address(spec, port)
+
+    async def delete(self, spec: ServiceSpec, deadline: float) -> None:
+        """Delete the Service; one that is already gone (404) counts as deleted."""
+
+        async def attempt(time_left: float) -> None:
+            await self._delete(spec, time_left)
+
+        await retry_until(deadline, attempt, backoff=self._backoff, clock=self._clock)
+
+    async def _delete(self, spec: ServiceSpec, time_left: float) -> None:
+        try:
+            await self._call("delete", spec, time_left)
+        except ServiceApiError as exc:
+            if exc.status != 404:
+                raise
+            log.info("Service %s/%s already gone (404)", spec.namespace, spec.name)
+
+    async def _call(self, verb: str, spec: ServiceSpec, time_left: float, body: Any = None) -> None:
+        assert self._core is not None, "ServiceManager.start() was not called"
+        timeout = max(0.05, min(self._request_timeout, time_left))
+        try:
+            if verb == "create":
+                await self._core.create_namespaced_service(spec.namespace, body, _request_timeout=timeout)
+            else:
+                await self._core.delete_namespaced_service(spec.name, spec.namespace, _request_timeout=timeout)
+        except ApiException as exc:
+            status = int(exc.status or 0)
+            what = f"Kubernetes API: {verb} Service {spec.namespace}/{spec.name}: HTTP {status} {exc.reason}"
+            if status >= 500 or status in (408, 429) or status == 0:
+                raise TransientTunnelError(what) from None
+            raise ServiceApiError(status, str(exc.reason), f"{what}: {_message(exc.body)}") from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise TransientTunnelError(
+                f"Kubernetes API unreachable ({verb} Service {spec.namespace}/{spec.name}): {exc or type(exc).__name__}"
+            ) from None
+
+    def _body(self, spec: ServiceSpec, port: int) -> client.V1Service:
+        return client.V1Service(
+            api_version="v1",
+            kind="Service",
+            metadata=client.V1ObjectMeta(
+                name=spec.name, namespace=spec.namespace, labels={**spec.labels, **MANAGED_BY}
+            ),
+            spec=client.V1ServiceSpec(
+                selector=self._selector,
+                ports=[client.V1ServicePort(name="http", port=port, target_port=port, protocol="TCP")],
+            ),
+        )
+
+
+def _message(body: Any) -> str:
+    """The ``message`` of a Kubernetes ``Status`` body, else the body's start."""
+    import json
+
+    try:
+        return str(json.loads(body).get("message", ""))[:500]
+    except (TypeError, ValueError, AttributeError):
+        return str(body or "")[:500]

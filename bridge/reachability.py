@@ -1,0 +1,91 @@
+"""Makes one server reachable for the hub: its forward, its Service and its remote forward.
+
+Each step is an idempotent ensure with its undo, called by :mod:`bridge.pipeline`:
+
+- after a start: forward to the Outpost's answer (``during_startup``), or reserve the
+  port when the answer has no address yet (delayed case), or nothing (reachable directly);
+- a :class:`~schemas.TunnelCommand`: lead the (reserved) port to the given address;
+- a stop or a failed start: remove forward and Service (a Service that is gone is fine).
+
+The address handed back is where the hub connects: the Service's cluster DNS name when a
+Service was made, else ``public_host:port``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from schemas import RemoteForwardSpec, ServiceSpec, TunnelSpec
+
+from .errors import TunnelSpecError
+from .k8s_services import ServiceManager
+from .remote_forward import RemoteForwardRunner
+from .tunnels import TunnelManager
+
+log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
+
+
+class Reachability:
+    """The bridge's reachability steps for servers; owns nothing, composes its parts."""
+
+    def __init__(
+        self,
+        tunnels: TunnelManager,
+        remote: RemoteForwardRunner,
+        services: ServiceManager | None,
+        *,
+        public_host: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.tunnels = tunnels
+        self.remote = remote
+        self._services = services
+        self._public_host = public_host
+        self._clock = clock
+
+    async def after_start(self, key: str, tunnel: TunnelSpec, service: str, deadline: float) -> str:
+        """Forward, reserve or do nothing after the Outpost's start answer ``service``."""
+        if service and not (tunnel.during_startup and tunnel.ssh is not None):
+            return ""  # reachable directly: the hub uses the Outpost's answer
+        forward = await self.tunnels.ensure(key, tunnel, service, timeout=deadline - self._clock())
+        return await self._publish(tunnel.service, forward.port, deadline)
+
+    async def setup_tunnel(self, key: str, tunnel: TunnelSpec, service: str, deadline: float) -> str:
+        """Lead the server's forward (reserved or not) to ``service``."""
+        if tunnel.ssh is None:
+            raise TunnelSpecError("the tunnel command has no SSH endpoint (ssh_node) to forward through")
+        forward = await self.tunnels.ensure(key, tunnel, service, timeout=deadline - self._clock())
+        return await self._publish(tunnel.service, forward.port, deadline)
+
+    async def _publish(self, spec: ServiceSpec | None, port: int, deadline: float) -> str:
+        if spec is not None and self._services is not None:
+            return await self._services.ensure(spec, port, deadline)
+        if spec is not None:
+            log.warning(
+                "Service %s/%s asked for, but k8s_enabled is off: using %s",
+                spec.namespace,
+                spec.name,
+                self._public_host,
+            )
+        return f"{self._public_host}:{port}"
+
+    async def remove(self, key: str, tunnel: TunnelSpec | None, deadline: float) -> None:
+        """Remove the forward and the Service of ``key`` (also the ones only the store knows)."""
+        stored = self.tunnels.stored(key)
+        await self.tunnels.remove(key)
+        spec = tunnel.service if tunnel is not None and tunnel.service is not None else None
+        if spec is None and stored is not None:
+            spec = stored.spec.service
+        if spec is not None and self._services is not None:
+            await self._services.delete(spec, deadline)
+
+    async def remote_start(self, spec: RemoteForwardSpec, deadline: float) -> None:
+        await self.remote.start(spec, deadline)
+
+    async def remote_stop(self, spec: RemoteForwardSpec, deadline: float) -> None:
+        await self.remote.stop(spec, deadline)
+
+    async def recreate(self, host: str) -> int:
+        return await self.tunnels.recreate(host)
