@@ -2,6 +2,11 @@
 
 ``await resolve(spawner, "request_url", spawner.user_options)`` returns the trait's value,
 or calls it as ``hook(spawner, *args)`` and awaits the result if needed, under a timeout.
+
+Arguments are offered in the order the configuration reference documents them, followed
+by the extra ones upstream passed (``extra_labels(spawner)`` is documented, upstream called
+``extra_labels(spawner, user_options)``): a hook receives as many as its signature takes,
+so configurations written against either keep working.
 Any failure becomes a :class:`~spawner.errors.HookError` naming the trait, except when
 ``passthrough`` is set (``check_allowed``: its exception *is* the message for the user).
 """
@@ -17,6 +22,18 @@ from .errors import HookError
 HOOK_TIMEOUT = 60.0
 
 
+def call_hook(hook: Any, spawner: Any, *args: Any) -> Any:
+    """``hook(spawner, *args)``, trimmed to the positional parameters ``hook`` accepts."""
+    try:
+        parameters = list(inspect.signature(hook).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: offer everything
+        return hook(spawner, *args)
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return hook(spawner, *args)
+    positional = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
+    return hook(spawner, *args[: max(0, positional - 1)])
+
+
 async def resolve(
     spawner: Any,
     trait: str,
@@ -29,7 +46,7 @@ async def resolve(
     value = getattr(spawner, trait)
     if callable(value):
         try:
-            value = value(spawner, *args)
+            value = call_hook(value, spawner, *args)
             if inspect.isawaitable(value):
                 value = await asyncio.wait_for(value, timeout)
         except TimeoutError as exc:

@@ -13,7 +13,16 @@ from typing import Any
 
 import msgspec
 
-from schemas import HttpOptions, OutpostTarget, PollCommand, StartCommand, StopCommand, outpost_key
+from schemas import (
+    HttpOptions,
+    OutpostTarget,
+    PollCommand,
+    RemoteForwardSpec,
+    StartCommand,
+    StopCommand,
+    TunnelSpec,
+    outpost_key,
+)
 from schemas.topology import url_origin
 
 from .errors import HookError
@@ -89,8 +98,17 @@ async def resolve_target(spawner: Any, *, for_start: bool = False) -> tuple[Targ
     return Target(target=target, key=outpost_key(url), origin=url_origin(url)), start_http
 
 
-async def plan_start(spawner: Any, env: dict[str, str]) -> tuple[StartCommand, Target]:
-    """Everything the bridge needs to POST the start."""
+async def plan_start(
+    spawner: Any,
+    env: dict[str, str],
+    *,
+    tunnel: TunnelSpec | None = None,
+    remote_forward: RemoteForwardSpec | None = None,
+    certs: dict[str, str] | None = None,
+    trust_bundles: dict[str, str] | None = None,
+    authentication: dict[str, Any] | None = None,
+) -> tuple[StartCommand, Target]:
+    """Everything the bridge needs to POST the start (and to build the forwards)."""
     user_options = copy.deepcopy(spawner.user_options or {})
     target, start_http = await resolve_target(spawner, for_start=True)
     custom_env = await resolve(spawner, "custom_env", user_options, env.get("JUPYTERHUB_API_URL", ""), expect=dict)
@@ -109,6 +127,11 @@ async def plan_start(spawner: Any, env: dict[str, str]) -> tuple[StartCommand, T
         misc=misc,
         execution_async=bool(await resolve(spawner, "start_async")),
         http=start_http,
+        certs=certs or {},
+        internal_trust_bundles=trust_bundles or {},
+        authentication=authentication,
+        tunnel=tunnel,
+        remote_forward=remote_forward,
     )
     _check_encodable(type(spawner).__name__, command)
     return command, target
@@ -126,10 +149,20 @@ def _check_encodable(owner: str, command: StartCommand) -> None:
 
 async def plan_poll(spawner: Any) -> tuple[PollCommand, Target]:
     target, _ = await resolve_target(spawner)
-    return PollCommand(target=target.target, name=spawner.service_name, collect_logs=False), target
+    command = PollCommand(target=target.target, name=spawner.service_name, collect_logs=spawner.collect_logs_polling)
+    return command, target
 
 
-async def plan_stop(spawner: Any) -> tuple[StopCommand, Target]:
+async def plan_stop(
+    spawner: Any, *, tunnel: TunnelSpec | None = None, remote_forward: RemoteForwardSpec | None = None
+) -> tuple[StopCommand, Target]:
     target, _ = await resolve_target(spawner)
     execution_async = bool(await resolve(spawner, "stop_async"))
-    return StopCommand(target=target.target, name=spawner.service_name, execution_async=execution_async), target
+    command = StopCommand(
+        target=target.target,
+        name=spawner.service_name,
+        execution_async=execution_async,
+        tunnel=tunnel,
+        remote_forward=remote_forward,
+    )
+    return command, target

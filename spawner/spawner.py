@@ -1,227 +1,127 @@
 """``OutpostSpawner``: the JupyterHub Spawner that starts servers at Outposts via RabbitMQ.
 
 The spawner never talks HTTP to an Outpost. ``start``/``poll``/``stop`` resolve the
-configured hooks into a typed command (:mod:`spawner.plan`), publish it through the
-process-wide broker connection (:mod:`spawner.broker`) and wait for the bridge's result.
-Progress events from the bridge and from the Outpost land in ``self.events`` and are
-streamed to the spawn page by :meth:`progress`.
+configured hooks into a typed command (:mod:`spawner.plan`, :mod:`spawner.tunnel_plan`),
+publish it through the process-wide broker connection (:mod:`spawner.broker`) and wait for
+the bridge's result. Progress events from the bridge and from the Outpost land in
+``self.events`` and are streamed to the spawn page by :meth:`progress`.
+
+The configuration (upstream names and meaning) is in :mod:`spawner.outpost_traits` and
+:mod:`spawner.tunnel_traits`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import html
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
+from contextlib import aclosing
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlparse
 
 from jupyterhub.spawner import Spawner
 from jupyterhub.utils import random_port, url_path_join
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Callable, Dict, Float, Integer, Unicode, Union, default
+from traitlets import Dict, Unicode, default
 
-from schemas import CommandResult, Envelope, ErrorInfo, ProgressEvent, ServerRef
+from schemas import CommandResult, Envelope, ErrorInfo, ProgressEvent, ServerRef, TunnelCommand, TunnelSpec
 from schemas.base import new_id
 
+from . import progress as events
 from .broker import HubBroker
-from .errors import BrokerUnavailable, HookError, OutpostCommandFailed, ReplyTimeout
-from .hooks import resolve
-from .plan import plan_poll, plan_start, plan_stop
+from .errors import BrokerUnavailable, HookError, OutpostCommandFailed, OutpostSpawnerError, ReplyTimeout
+from .hooks import call_hook, resolve
+from .outpost_traits import OutpostTraits
+from .plan import plan_poll, plan_start, plan_stop, resolve_target
+from .tunnel_plan import expand_name, remote_forward_spec, tunnel_spec
+from .tunnel_traits import TunnelTraits
+
+# Errors that mean "the start request did not succeed" (upstream: the POST failed).
+REQUEST_FAILED = (OutpostCommandFailed, HookError, BrokerUnavailable, ReplyTimeout)
 
 
-def _now() -> str:
-    return datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-
-
-class OutpostSpawner(Spawner):
+class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     """Starts single-user servers at JupyterHub Outposts, through RabbitMQ and the bridge."""
 
-    # -- broker ----------------------------------------------------------------------------
-    amqp_url = Unicode(
-        help="""RabbitMQ URL, ``amqp://user:password@host:port/vhost``. Default: the
-        ``AMQP_URL`` environment variable, else ``amqp://guest:guest@127.0.0.1:5672/``.
-
-        Example::
-
-            c.OutpostSpawner.amqp_url = "amqps://hub:secret@rabbitmq.example.org:5671/jupyter"
-        """,
-    ).tag(config=True)
-
-    @default("amqp_url")
-    def _default_amqp_url(self) -> str:
-        return os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-
-    name_prefix = Unicode(
-        "outpost-mq",
-        help="Prefix of every exchange and queue; the bridge's ``OutpostBridge.name_prefix`` must match.",
-    ).tag(config=True)
-    hub_id = Unicode(
-        help="""Names this hub's durable reply queue (letters, digits, ``._-``). Keep it
-        stable across restarts: results produced while the hub is down wait in that queue.
-        Default: the ``OUTPOST_MQ_HUB_ID`` environment variable, else ``jupyterhub``.""",
-    ).tag(config=True)
-
-    @default("hub_id")
-    def _default_hub_id(self) -> str:
-        return os.environ.get("OUTPOST_MQ_HUB_ID", "jupyterhub")
-
-    broker_heartbeat = Integer(
-        15, help="AMQP heartbeat (seconds): a dead broker link is noticed after about twice this."
-    ).tag(config=True)
-    poll_timeout = Float(
-        30.0,
-        help="""Seconds a poll waits for the bridge's answer. Past it the poll counts as a
-        failed request (see ``request_failed_poll_keep_running``).""",
-    ).tag(config=True)
-    stop_timeout = Float(
-        10.0,
-        help="""Seconds ``stop()`` waits for the Outpost to confirm the stop. The bridge keeps
-        trying until ``stop_deadline`` even after the hub stopped waiting.""",
-    ).tag(config=True)
-    stop_deadline = Float(
-        3600.0, help="Seconds the bridge keeps retrying a stop while the Outpost cannot be reached."
-    ).tag(config=True)
-    service_name_template = Unicode(
-        "{username}--{servername}",
-        help="""Name of the server at the Outpost, unique per hub (``{username}``,
-        ``{servername}``). Trailing ``-`` are stripped, so a default server is named after
-        its user. Upstream sent the bare server name, which is empty for default servers.""",
-    ).tag(config=True)
-
-    # -- Outpost requests (upstream meaning) ----------------------------------------------
-    request_url = Union(
-        [Unicode(), Callable()],
-        help="""The URL of the Outpost's services endpoint. May be a (async) callable
-        ``request_url(spawner, user_options) -> str``.
-
-        Example::
-
-            def request_url(spawner, user_options):
-                if user_options.get("system", "") == "A":
-                    return "http://outpost.namespace.svc:8080/services/"
-                return "https://remote-outpost.com/services/"
-
-            c.OutpostSpawner.request_url = request_url
-        """,
-    ).tag(config=True)
-    request_headers = Union(
-        [Dict(), Callable()],
-        help="""Headers for every request to the Outpost (``Authorization: Basic ...``), as a
-        dict or a (async) callable ``request_headers(spawner, user_options) -> dict``.
-        ``Content-Type``/``Accept: application/json`` are added. Never logged.""",
-    ).tag(config=True)
-    request_kwargs = Union(
-        [Dict(), Callable()],
-        default_value={},
-        help="""tornado ``HTTPRequest`` keyword arguments for every Outpost request, honoured by
-        the bridge: ``request_timeout``, ``connect_timeout`` (seconds), ``validate_cert``,
-        ``ca_certs``, ``client_cert``, ``client_key``, ``follow_redirects``, ``max_redirects``,
-        ``user_agent``, ``auth_username``, ``auth_password``, ``proxy_host``, ``proxy_port``,
-        ``proxy_username``, ``proxy_password``, ``decompress_response``, ``allow_ipv6``.
-        Unknown names are an error. Dict or ``request_kwargs(spawner, user_options) -> dict``.""",
-    ).tag(config=True)
-    request_kwargs_start = Union(
-        [Dict(), Callable()],
-        default_value=None,
-        allow_none=True,
-        help="""Like ``request_kwargs`` but for the start request only; ``None`` uses
-        ``request_kwargs``. A sync start holds the request open for the whole spawn: when no
-        ``request_timeout`` is given the bridge allows it until ``start_timeout``.""",
-    ).tag(config=True)
-    http_client_defaults = Dict(
-        help="Default tornado-style keyword arguments under every ``request_kwargs`` (same names)."
-    ).tag(config=True)
-    custom_env = Union(
-        [Dict(), Callable()],
-        help="""Extra environment variables for the Outpost, as a dict or a (async) callable
-        ``custom_env(spawner, user_options, jupyterhub_api_url) -> dict``.""",
-    ).tag(config=True)
-    custom_user_options = Union(
-        [Dict(), Callable()],
-        help="""Extra user_options sent to the Outpost, as a dict or a (async) callable
-        ``custom_user_options(spawner, user_options) -> dict`` (merged into user_options).""",
-    ).tag(config=True)
-    custom_misc = Union(
-        [Dict(), Callable()],
-        help="""Spawner configuration overrides applied at the Outpost (``misc``), as a dict or a
-        (async) callable ``custom_misc(spawner, user_options) -> dict``.""",
-    ).tag(config=True)
-    custom_misc_disable_default = Bool(
-        False,
-        help="""Do not add the default ``misc`` entries (dns_name_template, pod_name_template,
-        internal_ssl, port, ip "0.0.0.0", services_enabled, extra_labels).""",
-    ).tag(config=True)
-    dns_name_template = Unicode(
-        "{name}.{namespace}.svc.cluster.local",
-        help="Template to use to form the dns name for the pod.",
-    ).tag(config=True)
-    svc_name_template = Unicode(
-        "jupyter-{username}--{servername}", help="Template to use to form the name of user's pods."
-    ).tag(config=True)
-    extra_labels = Union(
-        [Dict(), Callable()],
-        help="Extra labels (dict or (async) callable ``extra_labels(spawner, user_options)``).",
-    ).tag(config=True)
-    start_async = Union(
-        [Bool(), Callable()],
-        default_value=False,
-        help="Start in the background at the Outpost (header ``execution-type: async``); bool or callable(spawner).",
-    ).tag(config=True)
-    stop_async = Union(
-        [Bool(), Callable()],
-        default_value=False,
-        help="Stop in the background at the Outpost (header ``execution-type: async``); bool or callable(spawner).",
-    ).tag(config=True)
-    request_404_poll_keep_running = Bool(
-        False, help="Whether a poll answered 404 by the Outpost keeps the server running."
-    ).tag(config=True)
-    request_failed_poll_keep_running = Bool(
-        True,
-        help="""Whether a failed poll (Outpost, bridge or broker unreachable) keeps the server running.""",
-    ).tag(config=True)
-    public_api_url = AnyTrait(
-        None,
-        allow_none=True,
-        help="""Hub API URL as seen from the remote servers; overrides ``JUPYTERHUB_API_URL`` and
-        the activity, events and setup-tunnel URLs in the env sent to the Outpost.""",
-    ).tag(config=True)
-
-    # -- state -------------------------------------------------------------------------------
+    # -- state (upstream keys) ---------------------------------------------------------------
     start_id = Unicode("")
     events = AnyTrait()
+    port_forward_info = Dict()
+    logs = AnyTrait()
 
     @default("events")
     def _default_events(self) -> list[dict[str, Any]]:
+        return []
+
+    @default("logs")
+    def _default_logs(self) -> list[str]:
         return []
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._changed = asyncio.Event()
         self._seen_seq: set[tuple[str, int]] = set()
-        self._start_pending = False
+        self._request_pending = False
         self._exit_code: int | None = None
+        self._outpost_name = ""
+        self._is_job: Any = None
+        self._first_poll = True
+        self._recreate_task: asyncio.Future[None] | None = None
 
+    # -- names -------------------------------------------------------------------------------
     @property
     def service_name(self) -> str:
+        """The server's name at the Outpost (kept from the state for upstream servers)."""
+        if self._outpost_name:
+            return self._outpost_name
         name = self.service_name_template.format(username=self.user.name, servername=self.name)
         return name.rstrip("-") or self.user.name
 
+    @property
+    def svc_name(self) -> str:
+        return expand_name(self, self.svc_name_template)
+
+    @property
+    def dns_name(self) -> str:
+        return self.dns_name_template.format(namespace=self.namespace, name=self.svc_name)
+
+    # -- state -------------------------------------------------------------------------------
     def load_state(self, state: dict[str, Any]) -> None:
+        """Read our state and the upstream spawner's (same keys), so a hub that switches
+        spawner classes keeps its running servers."""
         super().load_state(state)
         self.start_id = str(state.get("start_id", "") or "")
-        events = state.get("events")
-        self.events = list(events) if isinstance(events, list) else []
+        loaded = state.get("events")
+        self.events = list(loaded) if isinstance(loaded, list) else []
         self._exit_code = state.get("exitCode")
+        logs = state.get("logs")
+        self.logs = list(logs) if isinstance(logs, list) else []
+        info = state.get("port_forward_info")
+        self.port_forward_info = copy.deepcopy(info) if isinstance(info, dict) else {}
+        if isinstance(state.get("custom_port"), int) and state["custom_port"]:
+            self.port = state["custom_port"]
+        self._is_job = state.get("_is_job")
+        self._outpost_name = str(state.get("outpost_name", "") or "")
+        if self.start_id and "outpost_name" not in state and self.name:
+            # Started by the upstream OutpostSpawner, which sent the bare server name.
+            self._outpost_name = self.name
 
     def get_state(self) -> dict[str, Any]:
         state = super().get_state()
         if self.start_id:
             state["start_id"] = self.start_id
+            state["outpost_name"] = self.service_name
             state["events"] = self.events
+            state["port_forward_info"] = copy.deepcopy(self.port_forward_info)
+            state["custom_port"] = self.port
+            if self.logs:
+                state["logs"] = self.logs
+            if self._is_job is not None:
+                state["_is_job"] = self._is_job
         if self._exit_code is not None:
             state["exitCode"] = self._exit_code
         return state
@@ -229,16 +129,29 @@ class OutpostSpawner(Spawner):
     def clear_state(self) -> None:
         super().clear_state()
         self.start_id = ""
+        self.port_forward_info = {}
+        self._outpost_name = ""
 
-    # -- env --------------------------------------------------------------------------------
+    # -- env -------------------------------------------------------------------------------
     def get_env_base(self) -> dict[str, str]:
         return super().get_env()
+
+    def public_api(self) -> str:
+        """``public_api_url``, else ``hub_connect_url`` + the API path, else the internal URL."""
+        value = self.public_api_url
+        if callable(value):
+            value = call_hook(value, self)
+        if value:
+            return str(value).rstrip("/")
+        if self.hub_connect_url:
+            return url_path_join(self.hub_connect_url, urlparse(self.hub.api_url).path).rstrip("/")
+        return str(self.hub.api_url).rstrip("/")
 
     def get_env(self) -> dict[str, str]:
         """The env sent to the Outpost: only ``JUPYTER_*``/``JUPYTERHUB_*`` variables (as
         upstream), with the hub URLs the remote server and the Outpost call back."""
         env = {k: v for k, v in self.get_env_base().items() if k.startswith(("JUPYTER_", "JUPYTERHUB_"))}
-        api = str(self.public_api_url or "") or env["JUPYTERHUB_API_URL"]
+        api = self.public_api()
         env["JUPYTERHUB_API_URL"] = api
         user = quote(self.user.name, safe="")
         server = f"/{quote(self.name, safe='')}" if self.name else ""
@@ -260,21 +173,53 @@ class OutpostSpawner(Spawner):
             "extra_labels": labels,
         }
 
-    # -- events -----------------------------------------------------------------------------
+    async def _certs(self) -> tuple[dict[str, str], dict[str, str]]:
+        """internal_ssl: the server's key pair and the trust bundles, as PEM text."""
+        if not self.internal_ssl:
+            return {}, {}
+        certs = {key: _read(path) for key, path in (self.cert_paths or {}).items()}
+        bundles = {key: _read(path) for key, path in (self.internal_trust_bundles or {}).items()}
+        if self.additional_cafile:
+            extra = _pem(await resolve(self, "additional_cafile", expect=str))
+            if "cafile" in certs:
+                certs["cafile"] += extra
+            bundles["hub-ca"] = bundles.get("hub-ca", "") + extra
+        return certs, bundles
+
+    async def _authentication(self) -> dict[str, Any] | None:
+        """Upstream sends the user's identity when auth_state holds per-user flavors."""
+        auth_state = await self.user.get_auth_state()
+        if not auth_state or not auth_state.get("outpost_flavors"):
+            return None
+        return {
+            "access_token": auth_state.get("access_token", ""),
+            "name": auth_state.get("name", ""),
+            "groups": auth_state.get("groups", []),
+        }
+
+    # -- events ----------------------------------------------------------------------------
     def add_event(
         self,
         event: dict[str, Any],
         *,
         start_id: str | None = None,
         key: tuple[str, int] | None = None,
+        external: bool = False,
     ) -> bool:
-        """Add a progress event of the current start; ``False`` if it belongs elsewhere or repeats."""
+        """Add a progress event of the current start; ``False`` if it belongs to another
+        start, repeats one already shown, or ``filter_events`` hid it."""
         if start_id is not None and start_id != self.start_id:
             return False
         if key is not None:
             if key in self._seen_seq:
                 return False
             self._seen_seq.add(key)
+        elif external and any(events.same_event(event, seen) for seen in self.events):
+            return False
+        if external and self.filter_events is not None:
+            event = call_hook(self.filter_events, self, event)
+            if not event:
+                return False
         self.events.append(event)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
@@ -284,14 +229,31 @@ class OutpostSpawner(Spawner):
         shown: dict[str, Any] = {
             "failed": event.failed,
             "message": event.message,
-            "html_message": event.html_message or f"{_now()}: {html.escape(event.message)}",
+            "html_message": event.html_message or events.details(html.escape(event.message)),
         }
         if event.progress is not None:
             shown["progress"] = event.progress
-        self.add_event(shown, key=(event.source, event.seq) if event.seq else None)
+        self.add_event(shown, key=(event.source, event.seq) if event.seq else None, external=True)
+
+    async def _generate_progress(self) -> AsyncIterator[dict[str, Any]]:
+        """JupyterHub's wrapper, with the 0% event only when ``show_first_default_event``."""
+        if not self._spawn_pending:
+            self.log.warning("Spawn not pending, can't generate progress for %s", self._log_name)
+            return
+        try:
+            show_first = await resolve(self, "show_first_default_event")
+        except HookError as exc:
+            self.log.warning("%s; showing the default event", exc)
+            show_first = True
+        if show_first:
+            yield {"progress": 0, "message": "Server requested"}
+        async with aclosing(self.progress()) as stream:
+            async for event in stream:
+                yield event
 
     async def progress(self) -> AsyncIterator[dict[str, Any]]:
-        """Stream this start's events (bridge and Outpost) to the spawn page as they arrive."""
+        """Stream this start's events (hub, bridge and Outpost) as they arrive, until a
+        failed one."""
         seen = 0
         while True:
             changed = self._changed
@@ -300,6 +262,8 @@ class OutpostSpawner(Spawner):
                 seen += 1
                 event.pop("ready", None)
                 yield event
+                if event.get("failed"):
+                    return
             await changed.wait()
 
     # -- commands ---------------------------------------------------------------------------
@@ -324,149 +288,358 @@ class OutpostSpawner(Spawner):
         finally:
             result.cancel()
 
+    async def _resolve_port(self) -> int:
+        if callable(self.custom_port):
+            port = await resolve(self, "custom_port", self.user_options or {}, expect=int)
+        else:
+            port = self.custom_port or self.port
+        return int(port) or random_port()
+
+    async def _apply_poll_interval(self) -> None:
+        """``custom_poll_interval`` is in milliseconds; JupyterHub polls every
+        ``poll_interval`` seconds with ``poll_jitter`` (upstream ignored both)."""
+        try:
+            interval = await resolve(self, "custom_poll_interval", self.user_options or {}, expect=(int, float))
+        except HookError as exc:
+            self.log.warning("%s; keeping poll_interval", exc)
+            return
+        if interval:
+            self.poll_interval = interval / 1000
+
     async def start(self) -> str:
         """Publish a start and wait for the bridge's result; returns the server's URL."""
         self.start_id = uuid.uuid4().hex
         self.events = []
         self._seen_seq.clear()
         self._exit_code = None
-        if self.port == 0:
-            self.port = random_port()
-        broker = await self._broker()
-        unlisten = broker.router.listen(self.user.name, self.name, self.start_id, self._on_bridge_event)
-        self._start_pending = True
+        self._outpost_name = ""
+        self.logs = []
+        self.port_forward_info = {}
+        self._first_poll = False
+        self.add_event(events.sending_request(self._log_name, self.user_options or {}))
+        broker_listen = None
+        self._request_pending = True
         try:
-            command, target = await plan_start(self, self.get_env())
-            self.log.info(
-                "start %s/%s start_id=%s at %s",
-                self.user.name,
-                self.name,
-                self.start_id,
-                target.origin,
-            )
-            result = await self._send(
-                command,
-                target.key,
-                target.origin,
-                # The bridge gives up a little before JupyterHub does, so the user sees why.
-                time.time() + max(1.0, self.start_timeout * 0.9),
-                self.start_timeout + 5,
-            )
-            if not result.ok:
-                raise OutpostCommandFailed(result.error or ErrorInfo(kind="invalid", summary="start failed"))
-        except (OutpostCommandFailed, HookError, BrokerUnavailable, ReplyTimeout) as exc:
-            self._failed_event(exc)
+            await resolve(self, "check_allowed", self.user_options or {}, passthrough=True)
+            self.port = await self._resolve_port()
+            await self._apply_poll_interval()
+            broker = await self._broker()
+            broker_listen = broker.router.listen(self.user.name, self.name, self.start_id, self._on_bridge_event)
+            result, during_startup = await self._request_start()
+        except REQUEST_FAILED as exc:
+            self._report_failure(exc)
+            await self._run_failed_spawn_request_hook(exc)
             await self._clean_up_failed_start()
             raise
+        except Exception as exc:  # check_allowed refused: its message is the reason
+            self._report_failure(exc)
+            self.start_id = ""
+            raise
         finally:
-            self._start_pending = False
-            unlisten()
-        if not result.service:
-            raise OutpostCommandFailed(
-                ErrorInfo(
-                    kind="invalid",
-                    summary="The Outpost gave no address for the server (async start); setup tunnel support is needed.",
-                )
-            )
+            self._request_pending = False
+            if broker_listen is not None:
+                broker_listen()
+        try:
+            return await self._reachable_url(result, during_startup)
+        except REQUEST_FAILED as exc:
+            self._report_failure(exc)
+            await self._clean_up_failed_start()
+            raise
+
+    async def _request_start(self) -> tuple[CommandResult, bool]:
+        during_startup = bool(await resolve(self, "ssh_during_startup"))
+        # A hook that rewrites the Outpost's answer must run before the forward is built:
+        # then the forward is a second command (TunnelCommand) after the rewrite.
+        one_step = during_startup and not self.update_start_response
+        tunnel = None
+        if one_step:
+            tunnel = await tunnel_spec(self, {}, during_startup=True)
+        elif not during_startup:
+            try:  # only used if the Outpost answers without an address (delayed case)
+                tunnel = await tunnel_spec(self, {}, during_startup=False)
+            except HookError as exc:
+                self.log.warning("%s; a delayed forward for %s will not be possible", exc, self._log_name)
+        remote = await self._remote_forward_start()
+        certs, bundles = await self._certs()
+        command, target = await plan_start(
+            self,
+            self.get_env(),
+            tunnel=tunnel,
+            remote_forward=remote,
+            certs=certs,
+            trust_bundles=bundles,
+            authentication=await self._authentication(),
+        )
+        self.log.info("start %s start_id=%s at %s", self._log_name, self.start_id, target.origin)
+        result = await self._send(
+            command,
+            target.key,
+            target.origin,
+            # The bridge gives up a little before JupyterHub does, so the user sees why.
+            time.time() + max(1.0, self.start_timeout * 0.9),
+            self.start_timeout + 5,
+        )
+        if not result.ok:
+            raise OutpostCommandFailed(result.error or ErrorInfo(kind="invalid", summary="start failed"))
+        progress = next((e["progress"] for e in reversed(self.events) if "progress" in e), 20)
+        self.add_event(events.communication_successful(progress))
+        if self.post_spawn_request_hook:
+            await resolve(self, "post_spawn_request_hook", {"service": result.service})
+        return result, during_startup
+
+    async def _remote_forward_start(self) -> Any:
+        if self.ssh_custom_forward_remote:
+            if await resolve(self, "ssh_create_remote_forward", {}):
+                await resolve(self, "ssh_custom_forward_remote", self.port_forward_info.get("remote", {}))
+            return None
+        return await remote_forward_spec(self, self.port_forward_info)
+
+    async def _reachable_url(self, result: CommandResult, during_startup: bool) -> str:
+        """Upstream's three cases: reachable as answered; forwarded at start; forwarded later
+        (the server calls the setup-tunnel API), with the address known now."""
+        scheme = "https://" if self.internal_ssl else "http://"
         service = result.service
-        scheme = "https" if self.internal_ssl else "http"
-        return service if "://" in service else f"{scheme}://{service}"
+        if self.update_start_response:
+            service = str(await resolve(self, "update_start_response", service) or "")
+        address = result.address
+        if during_startup:
+            self.port_forward_info = {"service": service}
+            if self.ssh_custom_forward or not address:
+                address = await self._forward(service)
+        elif not service:
+            self.port_forward_info = {}
+            if not address:
+                # Custom forward pending; JupyterHub waits at the Service's address.
+                address = f"{self.svc_name}:{self.port}"
+        else:
+            address = service.removeprefix("https://").removeprefix("http://")
+        host, _, port = address.rpartition(":")
+        if port.isdigit():
+            self.port = int(port)
+        url = f"{scheme}{host}:{port}" if host else f"{scheme}{address}"
+        if self.update_expected_path:
+            url = str(await resolve(self, "update_expected_path", url))
+        self.log.info("%s: expecting the server at %s", self._log_name, url)
+        return url
+
+    async def _forward(self, service: str) -> str:
+        """Build the forward to ``service`` now; returns where the hub reaches the server."""
+        if not service:
+            raise OutpostCommandFailed(
+                ErrorInfo(kind="invalid", summary="ssh_during_startup is on but the Outpost gave no address")
+            )
+        if self.ssh_custom_forward:
+            made = await resolve(self, "ssh_custom_forward", self.port_forward_info)
+            address = _address(made) or f"{self.svc_name}:{self.port}"
+        else:
+            address = await self.send_tunnel(service)
+        if self.ssh_custom_svc:
+            address = _address(await resolve(self, "ssh_custom_svc", self.port_forward_info)) or address
+        return address
+
+    async def send_tunnel(self, service: str, info: dict[str, Any] | None = None) -> str:
+        """Ask the bridge to forward to ``service`` (idempotent); returns the address."""
+        info = {**(info or self.port_forward_info), "service": service}
+        tunnel = await tunnel_spec(self, info, during_startup=True)
+        assert tunnel is not None  # callers handle ssh_custom_forward themselves
+        if tunnel.ssh is None:
+            raise HookError(f"{type(self).__name__}.ssh_node is not set: the bridge cannot forward to {service}")
+        target, _ = await resolve_target(self)
+        result = await self._send(
+            TunnelCommand(name=self.service_name, service=service, tunnel=tunnel),
+            target.key,
+            target.origin,
+            time.time() + max(5.0, self.start_timeout * 0.9),
+            self.start_timeout + 5,
+        )
+        if not result.ok:
+            raise OutpostCommandFailed(result.error or ErrorInfo(kind="invalid", summary="tunnel failed"))
+        return result.address or service
+
+    async def setup_tunnel(self, info: dict[str, Any]) -> None:
+        """The delayed case: the server (or its Outpost) reports where it runs."""
+        self.port_forward_info = {**self.port_forward_info, **info}
+        if self.ssh_custom_forward:
+            await resolve(self, "ssh_custom_forward", self.port_forward_info)
+        else:
+            await self.send_tunnel(str(info["service"]), self.port_forward_info)
+        if self.ssh_custom_svc:
+            await resolve(self, "ssh_custom_svc", self.port_forward_info)
+
+    async def _run_failed_spawn_request_hook(self, exc: Exception) -> None:
+        if not self.failed_spawn_request_hook:
+            return
+        try:
+            await resolve(self, "failed_spawn_request_hook", exc)
+        except HookError as hook_exc:
+            self.log.error("%s", hook_exc)
 
     async def _clean_up_failed_start(self) -> None:
         """Hand a stop to the bridge (durably) so nothing of the failed start stays at the
-        Outpost, without waiting for an Outpost that may be down; then the server counts as
-        stopped, so JupyterHub's follow-up poll and stop need no round trip."""
+        Outpost or in the bridge, without waiting for an Outpost that may be down; then the
+        server counts as stopped, so JupyterHub's follow-up poll and stop need no round trip."""
         try:
-            command, target = await plan_stop(self)
+            command, target = await self._plan_stop()
             broker = await self._broker()
             await broker.ensure_outpost(target.key, target.origin)
             await broker.publish(self._envelope(command, time.time() + self.stop_deadline), target.key)
         except (BrokerUnavailable, HookError) as exc:
             self.log.warning("could not hand the clean-up stop of %s to the bridge: %s", self._log_name, exc)
+        await self._run_custom_removals()
         self.start_id = ""
 
-    def _failed_event(self, exc: Exception) -> None:
-        details = exc.error.details if isinstance(exc, OutpostCommandFailed) else ""
-        summary = str(exc)
-        body = f"<pre>{html.escape(details)}</pre>" if details else ""
-        self.add_event(
-            {
-                "progress": 100,
-                "failed": True,
-                "message": summary,
-                "html_message": f"<details><summary>{_now()}: {html.escape(summary)}</summary>{body}</details>",
-            }
-        )
-        self.log.warning("start of %s/%s failed: %s", self.user.name, self.name, summary)
+    def _report_failure(self, exc: Exception) -> None:
+        detail = exc.error.details if isinstance(exc, OutpostCommandFailed) else ""
+        summary = str(exc) or type(exc).__name__
+        self.add_event(events.start_failed(summary, detail))
+        self.log.warning("start of %s failed: %s", self._log_name, summary)
+
+    # -- poll -----------------------------------------------------------------------------
+    def start_polling(self) -> None:
+        if self.custom_poll_interval and not callable(self.custom_poll_interval):
+            self.poll_interval = self.custom_poll_interval / 1000
+        super().start_polling()
+        if self._first_poll and self.start_id:
+            # Called once when the hub starts with this server running.
+            self._recreate_task = asyncio.ensure_future(self._recreate_at_start())
+
+    async def _recreate_at_start(self) -> None:
+        self._first_poll = False
+        try:
+            if not await resolve(self, "ssh_recreate_at_start"):
+                return
+            service = str(self.port_forward_info.get("service", ""))
+            if service and not self.ssh_custom_forward:
+                await self.send_tunnel(service)
+            elif service:
+                await resolve(self, "ssh_custom_forward", self.port_forward_info)
+        except OutpostSpawnerError as exc:
+            self.log.warning("could not re-create the forward of %s: %s", self._log_name, exc)
 
     async def poll(self) -> int | None:
-        """``None`` while the Outpost reports the server running, else its exit code."""
+        """``None`` while the server runs, else its exit code; ``pre_poll_hook`` may answer
+        instead of the Outpost."""
         if not self.start_id:
             return 0
-        if self._start_pending:
+        if self._request_pending:
             return None
+        decision: Any = True
+        if self.pre_poll_hook:
+            try:
+                decision = await resolve(self, "pre_poll_hook", expect=(bool, int, type(None)))
+            except HookError as exc:
+                self.log.warning("%s; polling the Outpost", exc)
+        if decision is True:
+            status = await self._poll_outpost()
+        elif decision is False:
+            status = None
+        else:
+            status = decision
+        if status is not None:
+            self._exit_code = status
+            if not self.events or not self.events[-1].get("failed"):
+                self.add_event(events.stopped_with(status))
+        return status
+
+    async def _poll_outpost(self) -> int | None:
         try:
             command, target = await plan_poll(self)
             result = await self._send(
-                command,
-                target.key,
-                target.origin,
-                time.time() + self.poll_timeout,
-                self.poll_timeout + 5,
+                command, target.key, target.origin, time.time() + self.poll_timeout, self.poll_timeout + 5
             )
         except (BrokerUnavailable, ReplyTimeout, HookError) as exc:
-            keep = self.request_failed_poll_keep_running
-            self.log.warning(
-                "poll of %s/%s failed (%s); %s",
-                self.user.name,
-                self.name,
-                exc,
-                "keep running" if keep else "stopped",
-            )
-            return None if keep else 0
+            return self._poll_failed(str(exc), self.request_failed_poll_keep_running)
         if result.ok:
-            if result.status is not None:
-                self._exit_code = result.status
+            if self.collect_logs_polling and result.logs:
+                self.logs = list(result.logs)
             return result.status
         error = result.error
-        keep = (
-            self.request_404_poll_keep_running
-            if error is not None and error.kind == "not_found"
-            else self.request_failed_poll_keep_running
-        )
-        self.log.warning(
-            "poll of %s/%s: %s; %s",
-            self.user.name,
-            self.name,
-            error.summary if error else "failed",
-            "keep running" if keep else "stopped",
-        )
+        not_found = error is not None and error.kind == "not_found"
+        keep = self.request_404_poll_keep_running if not_found else self.request_failed_poll_keep_running
+        return self._poll_failed(error.summary if error else "failed", keep)
+
+    def _poll_failed(self, reason: str, keep: bool) -> int | None:
+        self.log.warning("poll of %s: %s; %s", self._log_name, reason, "keep running" if keep else "stopped")
         return None if keep else 0
 
+    # -- stop -----------------------------------------------------------------------------
+    async def _plan_stop(self) -> Any:
+        tunnel: TunnelSpec | None = None
+        if not self.ssh_custom_forward:
+            try:
+                tunnel = await tunnel_spec(self, self.port_forward_info, during_startup=False)
+            except HookError as exc:
+                self.log.warning("%s; the bridge removes what it holds for %s", exc, self._log_name)
+                tunnel = TunnelSpec(local_port=self.port)
+        remote = None
+        if not self.ssh_custom_forward_remote:
+            try:
+                remote = await remote_forward_spec(self, self.port_forward_info)
+            except HookError as exc:
+                self.log.warning("%s", exc)
+        return await plan_stop(self, tunnel=tunnel, remote_forward=remote)
+
+    async def _run_custom_removals(self) -> None:
+        """The hub-side removal hooks; each failure is logged and the others still run."""
+        info = self.port_forward_info
+        removals = [
+            ("ssh_custom_forward_remove", bool(self.ssh_custom_forward and info), info),
+            ("ssh_custom_svc_remove", bool(self.ssh_custom_svc and info), info),
+            ("ssh_custom_forward_remote_remove", bool(self.ssh_custom_forward_remote), info.get("remote", {})),
+        ]
+        for trait, wanted, arg in removals:
+            if wanted and getattr(self, trait):
+                try:
+                    await resolve(self, trait, arg)
+                except HookError as exc:
+                    self.log.warning("%s", exc)
+
     async def stop(self, now: bool = False) -> None:
-        """Publish a stop (it also cancels a start still pending) and wait for it, bounded."""
+        """Publish a stop (it also cancels a start still pending) and wait for it, bounded.
+        The bridge removes the server's forwards and Service with it."""
         if not self.start_id:
             return
+        if self._request_pending:
+            try:
+                self.add_event(dict(await resolve(self, "cancelling_event", expect=dict)))
+            except HookError as exc:
+                self.log.warning("%s", exc)
+        if self.pre_stop_hook:
+            try:
+                await resolve(self, "pre_stop_hook")
+            except HookError as exc:
+                self.log.warning("%s", exc)
         try:
-            command, target = await plan_stop(self)
+            command, target = await self._plan_stop()
             result = await self._send(
-                command,
-                target.key,
-                target.origin,
-                time.time() + self.stop_deadline,
-                self.stop_timeout,
+                command, target.key, target.origin, time.time() + self.stop_deadline, self.stop_timeout
             )
-            if not result.ok:
-                self.log.warning(
-                    "stop of %s/%s: %s",
-                    self.user.name,
-                    self.name,
-                    result.error.summary if result.error else "failed",
-                )
+            if result.ok and self.collect_logs:
+                self.logs = list(result.logs)
+            elif not result.ok:
+                self.log.warning("stop of %s: %s", self._log_name, result.error.summary if result.error else "failed")
         except (BrokerUnavailable, ReplyTimeout, HookError) as exc:
-            self.log.warning(
-                "stop of %s/%s not confirmed (%s); the bridge keeps trying",
-                self.user.name,
-                self.name,
-                exc,
-            )
+            self.log.warning("stop of %s not confirmed (%s); the bridge keeps trying", self._log_name, exc)
+        await self._run_custom_removals()
+        self.port_forward_info = {}
+
+
+def _pem(value: str) -> str:
+    """PEM text as given, or read from the file it names."""
+    if not value.lstrip().startswith("-----BEGIN") and os.path.isfile(value):
+        return _read(value)
+    return value
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _address(made: Any) -> str:
+    """A hook's ``(host, port)`` or ``"host:port"`` as ``"host:port"``; "" otherwise."""
+    if isinstance(made, tuple | list) and len(made) == 2:
+        return f"{made[0]}:{made[1]}"
+    if isinstance(made, str) and ":" in made:
+        return made.removeprefix("https://").removeprefix("http://")
+    return ""

@@ -2,7 +2,7 @@
 
 from jupyterhub import apihandlers
 
-from . import events
+from . import events, flavors, servers, tunnels
 
 _REGISTERED = False
 
@@ -11,7 +11,8 @@ def register() -> None:
     """Append our handlers to JupyterHub's API handlers (once)."""
     global _REGISTERED
     if not _REGISTERED:
-        apihandlers.default_handlers.extend(events.default_handlers)
+        for module in (events, tunnels, servers, flavors):
+            apihandlers.default_handlers.extend(module.default_handlers)
         _REGISTERED = True
 
 

@@ -15,6 +15,8 @@ from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.scopes import needs_scope
 from tornado import web
 
+from .access import find_spawner
+
 _FIELDS = {"progress": int, "message": str, "html_message": str, "failed": bool}
 
 
@@ -44,27 +46,22 @@ def parse_event(raw: bytes) -> dict[str, Any]:
 
 
 class ProgressEventsHandler(APIHandler):
-    def _spawner(self, user_name: str, server_name: str) -> Any:
-        user = self.find_user(user_name)
-        if user is None or server_name not in user.spawners:
-            raise web.HTTPError(404, f"no server {user_name}/{server_name}")
-        return user.spawners[server_name]
-
     @needs_scope("access:servers")
     async def post(self, user_name: str, server_name: str = "") -> None:
-        spawner = self._spawner(user_name, server_name or "")
+        spawner = find_spawner(self, user_name, server_name or "")
         event = parse_event(self.request.body)
         start_id = self.get_argument("start_id", None)
-        add = getattr(spawner, "add_event", None)
-        if add is None:
-            raise web.HTTPError(400, "this server is not run by an OutpostSpawner")
-        if not add(event, start_id=start_id):
-            self.log.info("ignored an event for an earlier start of %s", spawner._log_name)
+        seq = self.get_argument("seq", None)
+        if seq is not None and not seq.isdigit():
+            raise web.HTTPError(400, f"seq must be a non-negative integer, got {seq!r:.50}")
+        key = ("http", int(seq)) if seq is not None else None
+        if not spawner.add_event(event, start_id=start_id, key=key, external=True):
+            self.log.info("ignored an event for %s (earlier start, repeated or filtered)", spawner._log_name)
         self.set_status(204)
 
     @needs_scope("read:servers")
     async def get(self, user_name: str, server_name: str = "") -> None:
-        spawner = self._spawner(user_name, server_name or "")
+        spawner = find_spawner(self, user_name, server_name or "")
         self.write(
             {
                 "events": list(getattr(spawner, "events", [])),

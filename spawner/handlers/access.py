@@ -1,0 +1,64 @@
+"""Shared pieces of the hub API handlers: custom-scope checks, JSON bodies, the spawner
+of a path and the hub's broker (for handlers that act without a spawner)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from jupyterhub.apihandlers.base import APIHandler
+from tornado import web
+from traitlets.config import Config
+
+from ..broker import HubBroker
+from ..outpost_traits import OutpostTraits
+
+
+def require_scope(handler: APIHandler, scope: str) -> None:
+    """403 unless the token has ``scope`` (a ``custom:`` scope upstream defines, granted by
+    a role listing it in ``c.JupyterHub.custom_scopes``) or ``admin:servers``."""
+    if handler.current_user is None:
+        raise web.HTTPError(403, "a token is required")
+    granted = handler.expanded_scopes
+    if scope not in granted and "admin:servers" not in granted:
+        raise web.HTTPError(403, f"the token lacks the {scope!r} scope")
+
+
+def json_object(handler: APIHandler, *, required: bool = True) -> dict[str, Any]:
+    """The request body as a JSON object; 400 naming what is wrong."""
+    raw = handler.request.body
+    if not raw:
+        if required:
+            raise web.HTTPError(400, "the request needs a JSON object body")
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise web.HTTPError(400, f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise web.HTTPError(400, f"the body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def find_spawner(handler: APIHandler, user_name: str, server_name: str) -> Any:
+    """The spawner at ``user_name``/``server_name`` run by our spawner class, else 404/400."""
+    user = handler.find_user(user_name)
+    if user is None or server_name not in user.spawners:
+        raise web.HTTPError(404, f"no server {user_name}/{server_name}")
+    spawner = user.spawners[server_name]
+    if not hasattr(spawner, "add_event"):
+        raise web.HTTPError(400, f"{user_name}/{server_name} is not run by an OutpostSpawner")
+    return spawner
+
+
+async def hub_broker(handler: APIHandler) -> HubBroker:
+    """This hub's broker, configured from the spawner class's configuration sections."""
+    settings = handler.settings
+    spawner_class = settings.get("spawner_class")
+    merged = Config()
+    for cls in reversed(getattr(spawner_class, "__mro__", ())):
+        section = settings["config"].get(cls.__name__)
+        if isinstance(section, Config):
+            merged.merge(section)
+    traits = OutpostTraits(config=Config({"OutpostTraits": merged}))
+    return await HubBroker.shared(traits.amqp_url, traits.name_prefix, traits.hub_id, traits.broker_heartbeat).ready()

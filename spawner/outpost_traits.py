@@ -1,0 +1,405 @@
+"""The configuration of ``OutpostSpawner`` for the Outpost requests, events and hooks.
+
+Names, types, defaults and callable signatures follow the upstream OutpostSpawner, so an
+existing ``jupyterhub_config.py`` keeps its meaning; our own additions (the broker and the
+bridge's deadlines) come first. The SSH/Kubernetes traits live in :mod:`spawner.tunnel_traits`.
+Hooks named here are called by :func:`spawner.hooks.resolve` with the documented arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from traitlets import Any as AnyTrait
+from traitlets import Bool, Callable, Dict, Float, Integer, TraitError, Unicode, Union, default, validate
+from traitlets.config import LoggingConfigurable
+
+DEFAULT_CANCELLING_EVENT: dict[str, Any] = {
+    "failed": False,
+    "ready": False,
+    "progress": 99,
+    "message": "",
+    "html_message": "JupyterLab is cancelling the start.",
+}
+
+# Traits of type Any that must hold a callable when they are set (False/None = unset).
+HOOK_TRAITS = (
+    "check_allowed",
+    "failed_spawn_request_hook",
+    "post_spawn_request_hook",
+    "pre_poll_hook",
+    "pre_stop_hook",
+    "update_start_response",
+    "update_expected_path",
+)
+
+
+class OutpostTraits(LoggingConfigurable):
+    """Configuration shared by every Outpost request of ``OutpostSpawner``."""
+
+    # -- broker and bridge (ours) ----------------------------------------------------------
+    amqp_url = Unicode(
+        help="""RabbitMQ URL, ``amqp://user:password@host:port/vhost``. Default: the
+        ``AMQP_URL`` environment variable, else ``amqp://guest:guest@127.0.0.1:5672/``.
+
+        Example::
+
+            c.OutpostSpawner.amqp_url = "amqps://hub:secret@rabbitmq.example.org:5671/jupyter"
+        """,
+    ).tag(config=True)
+
+    @default("amqp_url")
+    def _default_amqp_url(self) -> str:
+        return os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+    name_prefix = Unicode(
+        "outpost-mq",
+        help="""Prefix of every exchange and queue; the bridge's ``OutpostBridge.name_prefix``
+        must be the same. Lets several installations share one broker.""",
+    ).tag(config=True)
+    hub_id = Unicode(
+        help="""Names this hub's durable reply queue (letters, digits, ``._-``). Keep it
+        stable across restarts: results produced while the hub is down wait in that queue.
+        Default: the ``OUTPOST_MQ_HUB_ID`` environment variable, else ``jupyterhub``.""",
+    ).tag(config=True)
+
+    @default("hub_id")
+    def _default_hub_id(self) -> str:
+        return os.environ.get("OUTPOST_MQ_HUB_ID", "jupyterhub")
+
+    broker_heartbeat = Integer(
+        15, help="AMQP heartbeat in seconds: a silently dead broker link is noticed after about twice this."
+    ).tag(config=True)
+    poll_timeout = Float(
+        30.0,
+        help="""Seconds a poll waits for the bridge's answer. Past it the poll counts as a
+        failed request (see ``request_failed_poll_keep_running``).""",
+    ).tag(config=True)
+    stop_timeout = Float(
+        10.0,
+        help="""Seconds ``stop()`` waits for the Outpost to confirm the stop. The bridge keeps
+        trying until ``stop_deadline`` after the hub stopped waiting.""",
+    ).tag(config=True)
+    stop_deadline = Float(
+        3600.0, help="Seconds the bridge keeps retrying a stop while the Outpost cannot be reached."
+    ).tag(config=True)
+    service_name_template = Unicode(
+        "{username}--{servername}",
+        help="""Name of the server at the Outpost (``{username}``, ``{servername}``), unique
+        per hub. Trailing ``-`` are stripped, so a default server is named after its user.
+        Upstream sent the bare server name, which is empty for default servers; servers
+        started by upstream keep their name (read from their state).""",
+    ).tag(config=True)
+
+    # -- Outpost requests ----------------------------------------------------------------
+    request_url = Union(
+        [Unicode(), Callable()],
+        help="""The URL of the Outpost's services endpoint (``.../services/``). A string, or
+        a (possibly async) callable ``request_url(spawner, user_options) -> str``.
+
+        Example::
+
+            def request_url(spawner, user_options):
+                if user_options.get("system", "") == "A":
+                    return "http://outpost.namespace.svc:8080/services/"
+                return "https://remote-outpost.com/services/"
+
+            c.OutpostSpawner.request_url = request_url
+        """,
+    ).tag(config=True)
+    request_headers = Union(
+        [Dict(), Callable()],
+        help="""Headers of every request to the Outpost, e.g. ``Authorization: Basic ...``.
+        A dict, or a (possibly async) callable ``request_headers(spawner, user_options) -> dict``.
+        ``Content-Type`` and ``Accept: application/json`` are added. Never logged.
+
+        Example::
+
+            def request_headers(spawner, user_options):
+                auth = os.environ["SYSTEM_A_AUTHENTICATION"]
+                return {"Authorization": f"Basic {auth}"}
+
+            c.OutpostSpawner.request_headers = request_headers
+        """,
+    ).tag(config=True)
+    request_kwargs = Union(
+        [Dict(), Callable()],
+        default_value={},
+        help="""Keyword arguments of tornado's ``HTTPRequest`` for every Outpost request,
+        carried out by the bridge's HTTP client with the same meaning: ``request_timeout``,
+        ``connect_timeout`` (seconds), ``validate_cert``, ``ca_certs``, ``client_cert``,
+        ``client_key`` (paths on the bridge's host), ``follow_redirects``, ``max_redirects``,
+        ``user_agent``, ``auth_username``, ``auth_password``, ``proxy_host``, ``proxy_port``,
+        ``proxy_username``, ``proxy_password``, ``decompress_response``, ``allow_ipv6``.
+        Unknown names are an error. A dict, or ``request_kwargs(spawner, user_options) -> dict``.
+
+        Example::
+
+            c.OutpostSpawner.request_kwargs = {"request_timeout": 30, "connect_timeout": 10}
+        """,
+    ).tag(config=True)
+    request_kwargs_start = Union(
+        [Dict(), Callable()],
+        default_value=None,
+        allow_none=True,
+        help="""Like ``request_kwargs``, for the start request only; ``None`` uses
+        ``request_kwargs``. A synchronous start holds the request open for the whole spawn:
+        without a ``request_timeout`` the bridge allows it until ``start_timeout``.
+
+        Example::
+
+            c.OutpostSpawner.request_kwargs_start = {"request_timeout": 300}
+        """,
+    ).tag(config=True)
+    http_client_defaults = Dict(
+        help="""Default ``request_kwargs`` (same names) under every request's own ones.
+
+        Example::
+
+            c.OutpostSpawner.http_client_defaults = {"ca_certs": "/etc/ssl/outposts-ca.pem"}
+        """
+    ).tag(config=True)
+    start_async = Union(
+        [Bool(), Callable()],
+        default_value=False,
+        help="""Start in the background at the Outpost (header ``execution-type: async``: the
+        Outpost answers at once, the server reports its address later). A bool, or a
+        (possibly async) callable ``start_async(spawner) -> bool``.""",
+    ).tag(config=True)
+    stop_async = Union(
+        [Bool(), Callable()],
+        default_value=False,
+        help="""Stop in the background at the Outpost (header ``execution-type: async``).
+        A bool, or a (possibly async) callable ``stop_async(spawner) -> bool``.""",
+    ).tag(config=True)
+
+    # -- what the start sends ------------------------------------------------------------
+    custom_env = Union(
+        [Dict(), Callable()],
+        help="""Extra environment variables for the server, sent to the Outpost. A dict, or a
+        (possibly async) callable ``custom_env(spawner, user_options, jupyterhub_api_url) -> dict``.
+        Only ``JUPYTER_*``/``JUPYTERHUB_*`` variables of the hub's own env are sent, plus these
+        and ``JUPYTERHUB_USER_ID``.
+
+        Example::
+
+            async def custom_env(spawner, user_options, jupyterhub_api_url):
+                system = user_options.get("system", "")
+                return {
+                    "JUPYTERHUB_STAGE": os.environ.get("JUPYTERHUB_STAGE", ""),
+                    "JUPYTERHUB_FLAVORS_UPDATE_URL": f"{jupyterhub_api_url.rstrip('/')}/outpostflavors/{system}",
+                }
+
+            c.OutpostSpawner.custom_env = custom_env
+        """,
+    ).tag(config=True)
+    custom_user_options = Union(
+        [Dict(), Callable()],
+        help="""Extra user_options sent to the Outpost (merged over the user's own). A dict,
+        or a (possibly async) callable ``custom_user_options(spawner, user_options) -> dict``
+        (it gets a copy; changing it does not change ``spawner.user_options``).
+
+        Example::
+
+            async def custom_user_options(spawner, user_options):
+                user_options["image"] = "jupyter/minimal-notebook:latest"
+                return user_options
+
+            c.OutpostSpawner.custom_user_options = custom_user_options
+        """,
+    ).tag(config=True)
+    custom_misc = Union(
+        [Dict(), Callable()],
+        help="""Spawner configuration applied at the Outpost (``misc``: key = a trait of the
+        Outpost's spawner). A dict, or a (possibly async) callable
+        ``custom_misc(spawner, user_options) -> dict``.
+
+        Example::
+
+            async def custom_misc(spawner, user_options):
+                return {"image": "jupyter/base-notebook:latest"}
+
+            c.OutpostSpawner.custom_misc = custom_misc
+        """,
+    ).tag(config=True)
+    custom_misc_disable_default = Bool(
+        False,
+        help="""Do not add the default ``misc`` entries: ``dns_name_template``,
+        ``pod_name_template`` (= ``svc_name_template``), ``internal_ssl``, ``ip`` ("0.0.0.0"),
+        ``port``, ``services_enabled`` (True) and ``extra_labels``. By default they are added
+        and override the custom ones.""",
+    ).tag(config=True)
+    additional_cafile = AnyTrait(
+        None,
+        allow_none=True,
+        help="""Extra certificate authorities (PEM text, or the path of a PEM file, or a
+        callable ``additional_cafile(spawner)`` giving either), appended to the ``cafile``
+        certificate and the ``hub-ca`` trust bundle sent to the Outpost when
+        ``c.JupyterHub.internal_ssl`` is on. Needed when ``JUPYTERHUB_API_URL`` is an external URL.""",
+    ).tag(config=True)
+    public_api_url = AnyTrait(
+        None,
+        allow_none=True,
+        help="""The hub API URL as seen from the remote servers (a string, or a callable
+        ``public_api_url(spawner) -> str``). Sets ``JUPYTERHUB_API_URL`` and the activity,
+        events and setup-tunnel URLs in the env sent to the Outpost. Default: the hub's
+        ``hub_connect_url`` (when set) with the API path, else the internal API URL.
+
+        Example::
+
+            c.OutpostSpawner.public_api_url = "https://jupyter.example.org/hub/api"
+        """,
+    ).tag(config=True)
+
+    # -- start hooks -----------------------------------------------------------------------
+    check_allowed = AnyTrait(
+        None,
+        allow_none=True,
+        help="""A (possibly async) callable ``check_allowed(spawner, user_options)`` run before
+        anything is sent: raise an exception to refuse the start; its message is shown to the user.
+
+        Example::
+
+            def custom_check_allowed(spawner, user_options):
+                if not user_options.get("allowed", True):
+                    raise Exception("This is not allowed")
+
+            c.OutpostSpawner.check_allowed = custom_check_allowed
+        """,
+    ).tag(config=True)
+    failed_spawn_request_hook = AnyTrait(
+        None,
+        allow_none=True,
+        help="""A (possibly async) callable ``failed_spawn_request_hook(spawner, exception)``
+        called when the start request failed. ``exception`` has ``status_code`` (419 when the
+        Outpost's spawner raised), ``log_message`` (summary) and ``reason`` (details).
+
+        Example::
+
+            def custom_failed_spawn_request_hook(spawner, exception):
+                spawner.log.warning("start failed: %s", exception.log_message)
+
+            c.OutpostSpawner.failed_spawn_request_hook = custom_failed_spawn_request_hook
+        """,
+    ).tag(config=True)
+    post_spawn_request_hook = AnyTrait(
+        None,
+        allow_none=True,
+        help="""A (possibly async) callable ``post_spawn_request_hook(spawner, resp_json)``
+        called when the start request succeeded; ``resp_json`` is the Outpost's answer
+        (``{"service": "host:port"}``).
+
+        Example::
+
+            def post_spawn_request_hook(spawner, resp_json):
+                spawner.log.info("Outpost answered %s", resp_json)
+
+            c.OutpostSpawner.post_spawn_request_hook = post_spawn_request_hook
+        """,
+    ).tag(config=True)
+    update_start_response = AnyTrait(
+        False,
+        allow_none=True,
+        help="""A (possibly async) callable ``update_start_response(spawner, service)`` that
+        may rewrite the Outpost's ``service`` answer ("host:port") before any forward is made.""",
+    ).tag(config=True)
+    update_expected_path = AnyTrait(
+        False,
+        allow_none=True,
+        help="""A (possibly async) callable ``update_expected_path(spawner, url)`` that may
+        rewrite the URL ``start()`` returns (where JupyterHub looks for the server), after the
+        forwards are made.""",
+    ).tag(config=True)
+
+    # -- poll and stop -------------------------------------------------------------------
+    custom_poll_interval = Union(
+        [Integer(), Callable()],
+        default_value=0,
+        help="""Poll interval in **milliseconds** for this server; 0 keeps
+        ``Spawner.poll_interval`` (seconds). An int, or a callable
+        ``custom_poll_interval(spawner, user_options) -> int``. ``poll_jitter`` applies.
+
+        Example::
+
+            import random
+            def custom_poll_interval(spawner, user_options):
+                if user_options.get("system") == "A":
+                    return 30_000 + random.randint(0, 10_000)
+                return 0
+
+            c.OutpostSpawner.custom_poll_interval = custom_poll_interval
+        """,
+    ).tag(config=True)
+    pre_poll_hook = AnyTrait(
+        False,
+        allow_none=True,
+        help="""A (possibly async) callable ``pre_poll_hook(spawner)`` run before each poll:
+        return ``True`` to poll the Outpost; ``False`` to skip it and keep the server running;
+        an int to skip it and report that exit code; ``None`` to skip it (still running).""",
+    ).tag(config=True)
+    pre_stop_hook = AnyTrait(
+        False,
+        allow_none=True,
+        help="A (possibly async) callable ``pre_stop_hook(spawner)`` run before the stop is sent.",
+    ).tag(config=True)
+    request_404_poll_keep_running = Bool(
+        False, help="Whether a poll answered 404 (unknown server) by the Outpost keeps the server running."
+    ).tag(config=True)
+    request_failed_poll_keep_running = Bool(
+        True,
+        help="""Whether a failed poll keeps the server running: the Outpost answered an error
+        or could not be reached, or the bridge or the broker did not answer in time.""",
+    ).tag(config=True)
+    collect_logs = Bool(False, help="Keep the logs the Outpost returns on stop (state key ``logs``).").tag(config=True)
+    collect_logs_polling = Bool(
+        False, help="Ask for logs on every poll (``?collect_logs=true``) and keep them (state key ``logs``)."
+    ).tag(config=True)
+
+    # -- progress events -----------------------------------------------------------------
+    show_first_default_event = AnyTrait(
+        True,
+        help="""Whether the spawn page starts with JupyterHub's 0% "Server requested" event.
+        A bool, or a (possibly async) callable ``show_first_default_event(spawner) -> bool``.""",
+    ).tag(config=True)
+    filter_events = Callable(
+        None,
+        allow_none=True,
+        help="""A callable ``filter_events(spawner, event) -> dict`` applied to every event an
+        Outpost or server sends; return ``{}`` to hide the event.
+
+        Example::
+
+            def custom_filter_events(spawner, event):
+                event["html_message"] = event.get("message", "No message available")
+                return event
+
+            c.OutpostSpawner.filter_events = custom_filter_events
+        """,
+    ).tag(config=True)
+    cancelling_event = Union(
+        [Dict(), Callable()],
+        default_value=DEFAULT_CANCELLING_EVENT,
+        help="""The event shown when a pending start is cancelled. A dict, or a (possibly
+        async) callable ``cancelling_event(spawner) -> dict``.
+
+        Example::
+
+            from datetime import datetime
+            async def cancel_click_event(spawner):
+                now = datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+                return {"failed": False, "ready": False, "progress": 99, "message": "",
+                        "html_message": f"<details><summary>{now}: Cancelling start ...</summary></details>"}
+
+            c.OutpostSpawner.cancelling_event = cancel_click_event
+        """,
+    ).tag(config=True)
+
+    @validate(*HOOK_TRAITS)
+    def _hook_is_callable(self, proposal: Any) -> Any:
+        value = proposal["value"]
+        if value in (None, False) or callable(value):
+            return value
+        raise TraitError(
+            f"{type(self).__name__}.{proposal['trait'].name} must be a callable (or None), got {value!r:.100}"
+        )
