@@ -4,7 +4,9 @@ The contract is the upstream Outpost's (``reference/outpost-contract.md``). Besi
 development Outpost answers ``GET /_dev/stats`` (Basic auth) with
 ``{"starts": {"<name>/<start_id>": <POSTs received, duplicates included>},
 "pids": {"<name>/<start_id>": <pid>}}`` for the calling hub, so tests can check that a
-start was not repeated and that a process is gone. Fault injection is described in
+start was not repeated and that a process is gone, and ``GET /_dev/requests`` with the last
+start body per ``"<name>/<start_id>"`` (tokens redacted), so tests can check what the hub
+sent. Fault injection is described in
 :mod:`deploy.dev_outpost.services`.
 """
 
@@ -35,6 +37,8 @@ log = logging.getLogger("dev_outpost")
 
 REGISTRY = web.AppKey("registry", ServiceRegistry)
 CREDENTIALS = web.AppKey("credentials", dict[str, str])
+# The last start request per "hub/name/start_id", for tests (GET /_dev/requests).
+REQUESTS = web.AppKey("requests", dict[str, dict[str, Any]])
 HUB = "dev_outpost.hub"  # request key: the authenticated Basic user, i.e. the calling hub
 UNAUTHENTICATED_PATHS = frozenset({"/ping"})
 DICT_FIELDS = ("env", "user_options", "misc", "certs", "internal_trust_bundles")
@@ -154,6 +158,17 @@ async def start_service(request: web.Request) -> web.Response:
         return web.json_response({"detail": [field_error([], "JSON decode error", "json_invalid")]}, status=422)
     except BodyError as exc:
         return web.json_response({"detail": exc.errors}, status=422)
+    raw = await request.json()
+    request.app[REQUESTS][f"{request[HUB]}/{start.name}/{start.start_id}"] = {
+        "async": is_async(request),
+        "env": {k: ("<redacted>" if k.endswith("TOKEN") else v) for k, v in start.env.items()},
+        "user_options": start.user_options,
+        "misc": start.misc,
+        "certs": sorted(raw.get("certs") or {}),
+        "internal_trust_bundles": {k: len(v) for k, v in (raw.get("internal_trust_bundles") or {}).items()},
+        "certs_cafile_tail": str((raw.get("certs") or {}).get("cafile", ""))[-200:],
+        "authentication": "authentication" in raw,
+    }
     try:
         record = request.app[REGISTRY].begin_start(request[HUB], start, async_mode=is_async(request))
     except DuplicateStartError as exc:
@@ -215,11 +230,18 @@ async def dev_stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[REGISTRY].stats_for(request[HUB]))
 
 
+async def dev_requests(request: web.Request) -> web.Response:
+    hub = f"{request[HUB]}/"
+    mine = {k.removeprefix(hub): v for k, v in request.app[REQUESTS].items() if k.startswith(hub)}
+    return web.json_response(mine)
+
+
 def create_app(credentials: dict[str, str], registry: ServiceRegistry) -> web.Application:
     """Build the application; the registry is opened on startup and closed on shutdown."""
     app = web.Application(middlewares=[basic_auth])
     app[CREDENTIALS] = credentials
     app[REGISTRY] = registry
+    app[REQUESTS] = {}
 
     async def open_registry(app: web.Application) -> None:
         await registry.open()
@@ -243,4 +265,5 @@ def create_app(credentials: dict[str, str], registry: ServiceRegistry) -> web.Ap
     for path in ("/userflavors", "/userflavors/"):
         router.add_post(path, empty_flavors)
     router.add_get("/_dev/stats", dev_stats)
+    router.add_get("/_dev/requests", dev_requests)
     return app
