@@ -168,6 +168,11 @@ class Pipeline:
             if exists:
                 return self._finish(key, command, self._already_started(start))
 
+        try:
+            # Bad SSH options fail before anything is started anywhere.
+            self._reachability_check(start)
+        except TunnelSpecError as exc:
+            return self._finish(key, command, _tunnel_error("start", exc))
         if start.remote_forward is not None:
             try:
                 await self._reachability().remote_start(start.remote_forward, command.deadline)
@@ -245,6 +250,14 @@ class Pipeline:
             if address:
                 await emit(ProgressEvent(source="bridge", progress=35, message=f"Bridge: forward ready at {address}."))
         return self._finish(key, command, CommandResult(command="start", ok=True, service=service, address=address))
+
+    def _reachability_check(self, start: StartCommand) -> None:
+        for endpoint in (
+            start.tunnel.ssh if start.tunnel is not None else None,
+            start.remote_forward.ssh if start.remote_forward is not None else None,
+        ):
+            if endpoint is not None:
+                self._reachability().tunnels.settings(endpoint)
 
     def _reachability(self) -> Reachability:
         if self._reach is None:

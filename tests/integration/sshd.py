@@ -24,11 +24,13 @@ from .services import Process, free_port, port_open, wait_for
 SSHD = "/usr/sbin/sshd"
 
 REMOTE_SCRIPT = """#!/bin/sh
-# Fake remote-forward node: state in {state}; every call is appended to {calls}.
+# Fake remote-forward node: state in {state}; every call is appended to {calls};
+# while {fail_flag} exists, start fails with exit status 3.
 echo "$SSH_ORIGINAL_COMMAND" >> {calls}
 case "$SSH_ORIGINAL_COMMAND" in
-  start) touch {state}; exit 217 ;;
-  start-fail) echo "no port free on the node" >&2; exit 3 ;;
+  start)
+    if [ -e {fail_flag} ]; then echo "no port free on the node" >&2; exit 3; fi
+    touch {state}; exit 217 ;;
   stop) rm -f {state}; exit 0 ;;
   status) if [ -e {state} ]; then exit 217; else exit 1; fi ;;
   *) echo "unknown command" >&2; exit 64 ;;
@@ -70,17 +72,21 @@ class Sshd(Process):
         self.host_key_path = root / "host_ed25519"
         self.remote_state = root / "remote-forward.state"
         self.remote_calls = root / "remote-forward.calls"
+        self.remote_fail_flag = root / "start-fails"
         if not self.host_key_path.exists():
             self.host_key = _write_key(self.host_key_path)
             client = _write_key(self.key_path)
             remote = _write_key(self.remote_key_path)
             script = root / "remote-forward.sh"
-            script.write_text(REMOTE_SCRIPT.format(state=self.remote_state, calls=self.remote_calls))
+            script.write_text(
+                REMOTE_SCRIPT.format(state=self.remote_state, calls=self.remote_calls, fail_flag=self.remote_fail_flag)
+            )
             script.chmod(0o755)
             authorized = root / "authorized_keys"
             authorized.write_text(
                 client.export_public_key().decode()
-                + f'command="{script}",no-pty ' + remote.export_public_key().decode()
+                + f'command="{script}",no-pty '
+                + remote.export_public_key().decode()
             )
             authorized.chmod(0o600)
         config = root / "sshd_config"
@@ -113,7 +119,7 @@ PrintMotd no
         return self
 
     def restart(self) -> Sshd:
-        """Kill sshd and every session it serves (all children), then start it again."""
+        """Kill sshd and every session it serves (its children), then start it again."""
         assert self.proc is not None
         subprocess.run(["pkill", "-KILL", "-P", str(self.proc.pid)], check=False)
         self.stop(sig=9)
