@@ -65,6 +65,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         super().__init__(*args, **kwargs)
         self._changed = asyncio.Event()
         self._seen_seq: set[tuple[str, int]] = set()
+        self._seen_raw: list[dict[str, Any]] = []  # external events as posted, for repeats
         self._request_pending = False
         self._exit_code: int | None = None
         self._outpost_name = ""
@@ -214,8 +215,10 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             if key in self._seen_seq:
                 return False
             self._seen_seq.add(key)
-        elif external and any(events.same_event(event, seen) for seen in self.events):
-            return False
+        elif external:
+            if any(events.same_event(event, seen) for seen in self._seen_raw):
+                return False
+            self._seen_raw.append(dict(event))
         if external and self.filter_events is not None:
             event = call_hook(self.filter_events, self, event)
             if not event:
@@ -311,6 +314,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self.start_id = uuid.uuid4().hex
         self.events = []
         self._seen_seq.clear()
+        self._seen_raw.clear()
         self._exit_code = None
         self._outpost_name = ""
         self.logs = []
