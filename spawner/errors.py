@@ -32,8 +32,16 @@ class ReplyTimeout(OutpostSpawnerError):
 
 
 class OutpostCommandFailed(OutpostSpawnerError):
-    """The bridge reported that a command failed."""
+    """The bridge reported that a command failed.
+
+    Carries the attributes upstream's tornado ``HTTPError`` had, so a configured
+    ``failed_spawn_request_hook`` reads it the same way: ``status_code`` (419 when the
+    Outpost's spawner raised), ``log_message`` (the summary) and ``reason`` (the details,
+    e.g. the Outpost's traceback)."""
 
     def __init__(self, error: ErrorInfo) -> None:
         super().__init__(error.summary)
         self.error = error
+        self.status_code = error.http_status or (419 if error.kind == "outpost_error" else 500)
+        self.log_message = error.summary
+        self.reason = error.details or error.summary

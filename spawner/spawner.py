@@ -25,6 +25,7 @@ from urllib.parse import quote, urlparse
 
 from jupyterhub.spawner import Spawner
 from jupyterhub.utils import random_port, url_path_join
+from tornado.ioloop import PeriodicCallback
 from traitlets import Any as AnyTrait
 from traitlets import Dict, Unicode, default
 
@@ -71,6 +72,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self._outpost_name = ""
         self._is_job: Any = None
         self._first_poll = True
+        self.poll_interval_ms: float | None = None
         self._recreate_task: asyncio.Future[None] | None = None
 
     # -- names -------------------------------------------------------------------------------
@@ -306,8 +308,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         except HookError as exc:
             self.log.warning("%s; keeping poll_interval", exc)
             return
-        if interval:
-            self.poll_interval = interval / 1000
+        self.poll_interval_ms = float(interval) if interval else None
 
     async def start(self) -> str:
         """Publish a start and wait for the bridge's result; returns the server's URL."""
@@ -500,9 +501,16 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
 
     # -- poll -----------------------------------------------------------------------------
     def start_polling(self) -> None:
-        if self.custom_poll_interval and not callable(self.custom_poll_interval):
-            self.poll_interval = self.custom_poll_interval / 1000
-        super().start_polling()
+        """JupyterHub's polling, at ``custom_poll_interval`` milliseconds when set (JupyterHub's
+        own ``poll_interval`` is whole seconds), with ``poll_jitter``."""
+        if self.poll_interval_ms is None and self.custom_poll_interval and not callable(self.custom_poll_interval):
+            self.poll_interval_ms = float(self.custom_poll_interval)
+        if not self.poll_interval_ms or self.poll_interval_ms <= 0:
+            super().start_polling()
+        else:
+            self.stop_polling()
+            self._poll_callback = PeriodicCallback(self.poll_and_notify, self.poll_interval_ms, jitter=self.poll_jitter)
+            self._poll_callback.start()
         if self._first_poll and self.start_id:
             # Called once when the hub starts with this server running.
             self._recreate_task = asyncio.ensure_future(self._recreate_at_start())

@@ -1,0 +1,258 @@
+"""Upstream behaviours of OutpostSpawner, each checked on a real spawner instance driving the
+real broker, bridge and dev Outpost (the dev Outpost records what each start sent).
+
+The spawner runs in the test's event loop with a stand-in user and hub (what JupyterHub
+would pass); the hub-level flows are in test_spine.py and test_hub_api.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sys
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import requests
+
+from spawner import OutpostSpawner
+from spawner.errors import OutpostCommandFailed
+
+from .services import AMQP_URL, Bridge, Outpost, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+class User:
+    def __init__(self) -> None:
+        self.name = f"p{uuid.uuid4().hex[:8]}"
+        self.id = 4242
+        self.escaped_name = self.name
+        self.url = f"/user/{self.name}/"
+
+    async def get_auth_state(self) -> None:
+        return None
+
+
+def make_spawner(outpost: Outpost, prefix: str, server: str = "", **config: Any) -> OutpostSpawner:
+    hub = SimpleNamespace(
+        api_url="http://127.0.0.1:1/hub/api", base_url="/hub/", url="http://127.0.0.1:1/hub/", public_host=""
+    )
+    spawner = OutpostSpawner(
+        user=User(),
+        hub=hub,
+        orm_spawner=SimpleNamespace(name=server, server=None, state=None),
+        amqp_url=AMQP_URL,
+        name_prefix=prefix,
+        hub_id=f"{prefix}-parity",
+        request_url=outpost.url,
+        request_headers={"Authorization": "Basic " + base64.b64encode(outpost.credentials.encode()).decode()},
+        start_timeout=60,
+        **{"custom_misc": {"cmd": SLEEPER}, **config},
+    )
+    spawner.api_token = "parity-token"
+    return spawner
+
+
+def sent(outpost: Outpost, spawner: OutpostSpawner) -> dict[str, Any]:
+    return outpost.get("/_dev/requests")[f"{spawner.service_name}/{spawner.start_id}"]
+
+
+def services(outpost: Outpost, name: str) -> list[dict[str, Any]]:
+    return [s for s in outpost.get("/services/") if s["name"] == name]
+
+
+async def test_start_sends_the_resolved_hooks_and_reports_upstream_events(
+    outpost: Outpost, bridge: Bridge, prefix: str
+) -> None:
+    calls: dict[str, Any] = {}
+
+    async def custom_env(spawner: Any, user_options: dict[str, Any], api_url: str) -> dict[str, str]:
+        return {"JUPYTERHUB_STAGE": "test", "FLAVORS_URL": f"{api_url}/outpostflavors/{user_options['system']}"}
+
+    def post_hook(spawner: Any, resp_json: dict[str, Any]) -> None:
+        calls["post"] = resp_json
+
+    def update_response(spawner: Any, service: str) -> str:
+        calls["update_start_response"] = service
+        return service
+
+    spawner = make_spawner(
+        outpost,
+        prefix,
+        "named",
+        custom_env=custom_env,
+        custom_user_options=lambda s, uo: {"image": "minimal"},
+        custom_misc=lambda s, uo: {"cmd": SLEEPER, "mem_limit": "1G"},
+        extra_labels=lambda s: {"team": s.user.name},  # the documented one-argument form
+        custom_port=lambda s, uo: 45678,
+        public_api_url="https://hub.example.org/hub/api/",
+        post_spawn_request_hook=post_hook,
+        update_start_response=update_response,
+        update_expected_path=lambda s, url: url + "lab-path/",
+        custom_poll_interval=4500,
+        environment={"NOT_SENT": "x", "JUPYTER_SENT": "y"},
+    )
+    spawner.user_options = {"system": "A"}
+    url = await spawner.start()
+
+    body = sent(outpost, spawner)
+    env = body["env"]
+    assert env["JUPYTERHUB_API_URL"] == "https://hub.example.org/hub/api"
+    assert env["JUPYTERHUB_EVENTS_URL"].startswith(
+        f"https://hub.example.org/hub/api/users/progress/events/{spawner.user.name}/named?start_id="
+    )
+    assert env["JUPYTERHUB_SETUPTUNNEL_URL"].startswith("https://hub.example.org/hub/api/users/setuptunnel/")
+    assert env["JUPYTERHUB_ACTIVITY_URL"] == f"https://hub.example.org/hub/api/users/{spawner.user.name}/activity"
+    assert env["JUPYTERHUB_USER_ID"] == "4242"
+    assert env["JUPYTERHUB_STAGE"] == "test" and env["FLAVORS_URL"].endswith("/outpostflavors/A")
+    assert env["JUPYTER_SENT"] == "y" and "NOT_SENT" not in env
+    assert body["user_options"] == {"system": "A", "image": "minimal"}  # start_id moved out by the Outpost
+    misc = body["misc"]
+    assert misc["mem_limit"] == "1G" and misc["port"] == 45678 and misc["ip"] == "0.0.0.0"
+    assert misc["extra_labels"] == {"team": spawner.user.name} and misc["services_enabled"] is True
+    assert misc["pod_name_template"] == "jupyter-{username}--{servername}"
+    assert body["async"] is False and body["certs"] == []
+
+    assert calls["post"] == {"service": calls["update_start_response"]}
+    assert url.startswith("http://") and url.endswith("lab-path/")
+    assert spawner.get_state()["custom_port"] == spawner.port
+    assert spawner.poll_interval_ms == 4500  # milliseconds, polled with JupyterHub's poll_jitter
+
+    texts = [e.get("message", "") for e in spawner.events]
+    assert texts[0] == "Sending request to Outpost service to start your service."
+    assert "Outpost communication successful." in texts
+    assert spawner.get_state()["events"] == spawner.events
+
+    assert await spawner.poll() is None
+    await spawner.stop()
+    wait_for(lambda: services(outpost, spawner.service_name) == [], 30, "service gone")
+
+
+async def test_check_allowed_refuses_before_anything_is_sent(outpost: Outpost, bridge: Bridge, prefix: str) -> None:
+    def check_allowed(spawner: Any, user_options: dict[str, Any]) -> None:
+        if not user_options.get("allowed", True):
+            raise ValueError("This is not allowed")
+
+    spawner = make_spawner(outpost, prefix, check_allowed=check_allowed)
+    spawner.user_options = {"allowed": False}
+    with pytest.raises(ValueError, match="This is not allowed"):
+        await spawner.start()
+    assert spawner.events[-1]["failed"] and "This is not allowed" in spawner.events[-1]["message"]
+    assert not any(k.startswith(f"{spawner.service_name}/") for k in outpost.get("/_dev/requests"))
+    assert await spawner.poll() == 0
+
+
+async def test_outpost_error_reaches_the_hook_the_page_and_is_cleaned_up(
+    outpost: Outpost, bridge: Bridge, prefix: str
+) -> None:
+    seen: list[Any] = []
+    spawner = make_spawner(outpost, prefix, failed_spawn_request_hook=lambda s, exc: seen.append(exc))
+    spawner.user_options = {"dev_raise": "quota exceeded"}
+    with pytest.raises(OutpostCommandFailed) as raised:
+        await spawner.start()
+    [exc] = seen
+    assert exc is raised.value and exc.status_code == 419
+    assert "quota exceeded" in exc.log_message and "Traceback" in exc.reason
+    failed = spawner.events[-1]
+    assert failed["failed"] and failed["progress"] == 100
+    assert "quota exceeded" in failed["message"] and "Traceback" in failed["html_message"]
+    assert spawner.start_id == ""  # cleaned up: JupyterHub's follow-up stop has nothing to do
+    name = spawner.service_name
+    wait_for(lambda: services(outpost, name) == [], 30, "failed start removed at the Outpost")
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected", "asks_outpost"),
+    [(True, None, True), (False, None, False), (3, 3, False), (None, None, False)],
+    ids=["true-polls", "false-keeps-running", "int-is-exit-code", "none-running"],
+)
+async def test_pre_poll_hook_meanings(
+    outpost: Outpost, bridge: Bridge, prefix: str, answer: Any, expected: int | None, asks_outpost: bool
+) -> None:
+    spawner = make_spawner(outpost, prefix, pre_poll_hook=lambda s: answer)
+    spawner.load_state({"start_id": "never-started", "outpost_name": f"ghost-{uuid.uuid4().hex[:6]}"})
+    polls_before = bridge.log().count(f"server={spawner.user.name}/")
+    status = await spawner.poll()
+    # An unknown server answers 404: with request_404_poll_keep_running False that is 0.
+    assert status == (0 if asks_outpost else expected)
+    asked = bridge.log().count(f"server={spawner.user.name}/") > polls_before
+    assert asked is asks_outpost
+    if status is not None:
+        assert spawner.get_state()["exitCode"] == status
+
+
+async def test_poll_404_and_unreachable_follow_the_two_booleans(outpost: Outpost, bridge: Bridge, prefix: str) -> None:
+    spawner = make_spawner(outpost, prefix, request_404_poll_keep_running=True)
+    spawner.load_state({"start_id": "gone", "outpost_name": "gone-server"})
+    assert await spawner.poll() is None
+    down = make_spawner(outpost, prefix, request_failed_poll_keep_running=False, poll_timeout=3)
+    down.request_url = "http://127.0.0.1:9/services/"  # nothing listens: the bridge retries until the deadline
+    down.load_state({"start_id": "x", "outpost_name": "x"})
+    assert await down.poll() == 0
+
+
+async def test_server_started_by_upstream_is_polled_and_stopped(outpost: Outpost, bridge: Bridge, prefix: str) -> None:
+    # What the upstream OutpostSpawner did: POST with the bare server name.
+    start_id = uuid.uuid4().hex
+    user, password = outpost.credentials.split(":", 1)
+    r = await asyncio.to_thread(
+        requests.post,
+        f"{outpost.url.rstrip('/')}",
+        json={"name": "gpu", "env": {}, "user_options": {"start_id": start_id}, "misc": {"cmd": SLEEPER}},
+        auth=(user, password),
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    spawner = make_spawner(outpost, prefix, "gpu", collect_logs=True)
+    spawner.load_state(
+        {
+            "start_id": start_id,
+            "port_forward_info": {},
+            "custom_port": 51234,
+            "events": [{"progress": 100, "html_message": "ready"}],
+            "exitCode": None,
+            "logs": [],
+        }
+    )
+    assert await spawner.poll() is None
+    await spawner.stop()
+    assert services(outpost, "gpu") == [] or all(s["start_id"] != start_id for s in services(outpost, "gpu"))
+    assert isinstance(spawner.logs, list)
+
+
+async def test_cancel_shows_the_cancelling_event(outpost: Outpost, bridge: Bridge, prefix: str) -> None:
+    spawner = make_spawner(outpost, prefix, cancelling_event=lambda s: {"progress": 99, "html_message": "bye"})
+    spawner.user_options = {"dev_start_delay": 20}
+    starting = asyncio.ensure_future(spawner.start())
+    await asyncio.sleep(2)
+    await spawner.stop()
+    with pytest.raises(OutpostCommandFailed):
+        await asyncio.wait_for(starting, 30)
+    assert any(e.get("html_message") == "bye" for e in spawner.events)
+
+
+async def test_async_start_and_internal_ssl_certificates(
+    outpost: Outpost, bridge: Bridge, prefix: str, tmp_path: Path
+) -> None:
+    files = {}
+    for key in ("keyfile", "certfile", "cafile", "bundle"):
+        files[key] = tmp_path / key
+        files[key].write_text(f"-----BEGIN {key}-----\n")
+    spawner = make_spawner(outpost, prefix, start_async=True, additional_cafile="-----BEGIN EXTRA-----\n")
+    spawner.internal_ssl = True
+    spawner.cert_paths = {k: str(files[k]) for k in ("keyfile", "certfile", "cafile")}
+    spawner.internal_trust_bundles = {"hub-ca": str(files["bundle"])}
+    url = await spawner.start()
+    body = sent(outpost, spawner)
+    assert body["async"] is True
+    assert body["certs"] == ["cafile", "certfile", "keyfile"]
+    assert body["certs_cafile_tail"].endswith("-----BEGIN EXTRA-----\n")
+    assert body["internal_trust_bundles"]["hub-ca"] == len("-----BEGIN bundle-----\n-----BEGIN EXTRA-----\n")
+    assert url.startswith("https://")
+    await spawner.stop()
