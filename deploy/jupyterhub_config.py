@@ -67,3 +67,13 @@ if systems:
 if os.environ.get("OUTPOST_MQ_TEST_OPTIONS"):
     # Tests only: let user_options shorten start_timeout (JupyterHub's dict form of apply_user_options).
     c.Spawner.apply_user_options = {"start_timeout": "start_timeout"}
+    # ... and JupyterHub's group_overrides, which must reach the Outpost's env.
+    c.Spawner.group_overrides = {
+        "01-gpu": {"groups": ["gpu-users"], "spawner_override": {"environment": {"JUPYTER_GROUP": "gpu"}}},
+    }
+
+# Extra trait values as JSON, {"Class": {"trait": value}}, applied last (the tunnel tests set
+# OutpostSpawner.ssh_node/ssh_port/ssh_username/ssh_key and Spawner.apply_user_options here).
+for _cls, _values in json.loads(os.environ.get("OUTPOST_MQ_EXTRA_CONFIG", "{}")).items():
+    for _trait, _value in _values.items():
+        setattr(c[_cls], _trait, _value)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from .services import AMQP_URL, Bridge, Hub, Outpost, port_open
+from .sshd import Sshd
 
 pytestmark = pytest.mark.integration
 
@@ -61,3 +62,11 @@ def hub(bridge: Bridge, outpost: Outpost, flaky_outpost: Outpost, workdir: Path,
     hub = Hub(workdir, workdir / "hub", prefix, outpost, env=env).start()
     yield hub
     hub.stop()
+
+
+@pytest.fixture(scope="session")
+def sshd(workdir: Path) -> Iterator[Sshd]:
+    """A real OpenSSH sshd on a loopback port with throwaway keys (tunnel tests)."""
+    server = Sshd(workdir / "sshd").start()
+    yield server
+    server.stop()

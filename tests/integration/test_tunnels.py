@@ -168,13 +168,6 @@ def new_name(label: str) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def sshd(workdir: Path) -> Iterator[Sshd]:
-    server = Sshd(workdir / "sshd").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def fake_k8s(workdir: Path) -> Iterator[FakeKubernetesProcess]:
     server = FakeKubernetesProcess(workdir).start()
     yield server
