@@ -7,6 +7,7 @@ Hierarchy::
     ├── TransientError                marker: a retry (until the command's deadline) may help
     ├── OutpostCallError              one HTTP call to an Outpost did not succeed
     │   ├── TransientOutpostError     connection refused/reset, timeout, 5xx (also a TransientError)
+    │   │   └── CircuitOpenError      the Outpost's circuit stayed open until the call's time ran out
     │   └── OutpostAnswerError        a final answer (4xx, 419): never retried; carries status + body
     ├── TunnelError                   an SSH forward, remote forward or Service could not be made
     │   ├── TransientTunnelError      SSH node unreachable, handshake/auth timeout, channel refused,
@@ -50,6 +51,10 @@ class TransientOutpostError(OutpostCallError, TransientError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class CircuitOpenError(TransientOutpostError):
+    """The Outpost kept failing and its circuit stayed open for the whole time the call had."""
 
 
 class OutpostAnswerError(OutpostCallError):
