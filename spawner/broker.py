@@ -103,15 +103,19 @@ class HubBroker:
             return
         assert self._channel is not None and self._commands is not None and self._registry is not None
         t = self.topology
-        queue = await self._channel.declare_queue(
-            t.outpost_queue(key), durable=True, arguments=t.outpost_queue_arguments()
-        )
-        await queue.bind(self._commands, routing_key=key)
-        announcement = Envelope(id=new_id(), hub=self.hub_id, body=OutpostAnnouncement(key=key, origin=origin))
-        await self._registry.publish(
-            aio_pika.Message(encode(announcement), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key="announce",
-        )
+        try:
+            queue = await self._channel.declare_queue(
+                t.outpost_queue(key), durable=True, arguments=t.outpost_queue_arguments(), timeout=15
+            )
+            await queue.bind(self._commands, routing_key=key, timeout=15)
+            announcement = Envelope(id=new_id(), hub=self.hub_id, body=OutpostAnnouncement(key=key, origin=origin))
+            await self._registry.publish(
+                aio_pika.Message(encode(announcement), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key="announce",
+                timeout=15,
+            )
+        except Exception as exc:
+            raise BrokerUnavailable(f"RabbitMQ did not declare the Outpost queue {key}: {exc}") from exc
         self._outposts.add(key)
 
     async def publish(self, command: Envelope, outpost: str) -> None:

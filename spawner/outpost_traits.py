@@ -84,6 +84,27 @@ class OutpostTraits(LoggingConfigurable):
     stop_deadline = Float(
         3600.0, help="Seconds the bridge keeps retrying a stop while the Outpost cannot be reached."
     ).tag(config=True)
+    broker_retry_timeout = Float(
+        30.0,
+        help="""Seconds a start keeps trying to hand its command to RabbitMQ while the broker
+        cannot be reached (the spawn page says so); then the start fails with a clear message.
+        Never longer than the start's own deadline.""",
+    ).tag(config=True)
+    poll_failure_grace_count = Integer(
+        0,
+        help="""Consecutive failed polls (Outpost error or unreachable, 404, bridge or broker not
+        answering) that still count as running; the next failure declares the server stopped.
+        0 (default) keeps upstream's behaviour: ``request_failed_poll_keep_running`` and
+        ``request_404_poll_keep_running`` decide each failure alone. When this or
+        ``poll_failure_grace_seconds`` is set, one transient error does not kill a live server
+        and a dead one is not kept forever.""",
+    ).tag(config=True)
+    poll_failure_grace_seconds = Float(
+        0.0,
+        help="""Seconds since the first of a run of failed polls during which the server still
+        counts as running; after that a failed poll declares it stopped. 0 = off (see
+        ``poll_failure_grace_count``; with both set, the server stops when both are used up).""",
+    ).tag(config=True)
     service_name_template = Unicode(
         "{username}--{servername}",
         help="""Name of the server at the Outpost (``{username}``, ``{servername}``), unique

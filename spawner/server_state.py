@@ -17,6 +17,7 @@ from schemas import CommandResult, Envelope, ProgressEvent
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
 
 EventListener = Callable[[ProgressEvent], None]
+UnclaimedHandler = Callable[[Envelope], None]
 
 
 class RepliesRouter:
@@ -25,6 +26,9 @@ class RepliesRouter:
     def __init__(self) -> None:
         self._results: dict[str, asyncio.Future[CommandResult]] = {}
         self._listeners: dict[tuple[str, str, str], EventListener] = {}
+        # Called with results nobody waits for (e.g. a start that finished while the hub
+        # was restarting): the spawner side decides whether the server must be stopped.
+        self.on_unclaimed: UnclaimedHandler | None = None
 
     def expect(self, command_id: str) -> asyncio.Future[CommandResult]:
         future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
@@ -50,6 +54,11 @@ class RepliesRouter:
                 future.set_result(body)
             else:
                 log.debug("result without a waiter: %s", envelope.describe())
+                if self.on_unclaimed is not None:
+                    try:
+                        self.on_unclaimed(envelope)
+                    except Exception:  # a bug here must not stop the reply consumer
+                        log.exception("handling an unclaimed %s failed", envelope.describe())
         elif isinstance(body, ProgressEvent) and envelope.server is not None:
             ref = envelope.server
             listener = self._listeners.get((ref.user, ref.server, ref.start_id))

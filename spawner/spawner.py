@@ -73,6 +73,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self._is_job: Any = None
         self._first_poll = True
         self.poll_interval_ms: float | None = None
+        self._poll_failures: tuple[int, float] = (0, 0.0)  # consecutive failed polls, since when
         self._recreate_task: asyncio.Future[None] | None = None
 
     # -- names -------------------------------------------------------------------------------
@@ -273,10 +274,37 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
 
     # -- commands ---------------------------------------------------------------------------
     async def _broker(self) -> HubBroker:
-        return await HubBroker.shared(self.amqp_url, self.name_prefix, self.hub_id, self.broker_heartbeat).ready()
+        broker = HubBroker.shared(self.amqp_url, self.name_prefix, self.hub_id, self.broker_heartbeat)
+        users = getattr(self.user, "settings", {}).get("users")
+        if broker.router.on_unclaimed is None and users is not None:
+            broker.router.on_unclaimed = UnclaimedStarts(users, self.log)
+        return await broker.ready()
 
-    def _envelope(self, body: Any, deadline: float) -> Envelope:
-        ref = ServerRef(user=self.user.name, server=self.name, start_id=self.start_id)
+    async def _publish(self, broker: HubBroker, envelope: Envelope, key: str, origin: str) -> None:
+        """Publish, retrying while the broker is unreachable for up to ``broker_retry_timeout``
+        (bounded by the command's deadline); a start tells the user it is waiting."""
+        give_up = min(time.monotonic() + self.broker_retry_timeout, time.monotonic() + envelope.remaining())
+        delay, told = 0.5, False
+        while True:
+            try:
+                await broker.ready()
+                await broker.ensure_outpost(key, origin)
+                await broker.publish(envelope, key)
+                return
+            except BrokerUnavailable as exc:
+                if time.monotonic() + delay >= give_up:
+                    raise
+                if self._request_pending and not told:
+                    told = True
+                    self.add_event(
+                        {"progress": 10, "message": f"Message broker unreachable, retrying: {exc}", "failed": False}
+                    )
+                self.log.warning("%s: %s; retrying in %.1f s", self._log_name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _envelope(self, body: Any, deadline: float, start_id: str | None = None) -> Envelope:
+        ref = ServerRef(user=self.user.name, server=self.name, start_id=self.start_id if start_id is None else start_id)
         return Envelope(id=new_id(), hub=self.hub_id, server=ref, deadline=deadline, body=body)
 
     async def _send(self, body: Any, key: str, origin: str, deadline: float, wait: float) -> CommandResult:
@@ -284,8 +312,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         envelope = self._envelope(body, deadline)
         result = broker.router.expect(envelope.id)
         try:
-            await broker.ensure_outpost(key, origin)
-            await broker.publish(envelope, key)
+            await self._publish(broker, envelope, key, origin)
             self.log.debug("published %s", envelope.describe())
             return await asyncio.wait_for(asyncio.shield(result), wait)
         except TimeoutError as exc:
@@ -562,6 +589,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         except (BrokerUnavailable, ReplyTimeout, HookError) as exc:
             return self._poll_failed(str(exc), self.request_failed_poll_keep_running)
         if result.ok:
+            self._poll_failures = (0, 0.0)
             if self.collect_logs_polling and result.logs:
                 self.logs = list(result.logs)
             return result.status
@@ -571,8 +599,22 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         return self._poll_failed(error.summary if error else "failed", keep)
 
     def _poll_failed(self, reason: str, keep: bool) -> int | None:
+        if self.poll_failure_grace_count or self.poll_failure_grace_seconds:
+            keep = self._within_poll_grace()
+        else:
+            self._poll_failures = (0, 0.0)
         self.log.warning("poll of %s: %s; %s", self._log_name, reason, "keep running" if keep else "stopped")
         return None if keep else 0
+
+    def _within_poll_grace(self) -> bool:
+        """Count this failure against the grace budget; True while some budget is left."""
+        count, since = self._poll_failures
+        now = time.monotonic()
+        count, since = count + 1, since or now
+        self._poll_failures = (count, since)
+        by_count = count <= self.poll_failure_grace_count
+        by_time = now - since <= self.poll_failure_grace_seconds
+        return by_count or by_time
 
     # -- stop -----------------------------------------------------------------------------
     async def _plan_stop(self) -> Any:
@@ -606,6 +648,18 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
                 except HookError as exc:
                     self.log.warning("%s", exc)
 
+    async def stop_unclaimed(self, start_id: str) -> None:
+        """Stop a start this hub no longer waits for (it finished while the hub restarted):
+        nothing may stay orphaned at the Outpost. Hand the stop to the bridge durably."""
+        try:
+            command, target = await self._plan_stop()
+            broker = await self._broker()
+            envelope = self._envelope(command, time.time() + self.stop_deadline, start_id=start_id)
+            await self._publish(broker, envelope, target.key, target.origin)
+            self.log.info("stopping start_id=%s of %s: this hub no longer knows it", start_id, self._log_name)
+        except OutpostSpawnerError as exc:
+            self.log.error("could not stop the unclaimed start %s of %s: %s", start_id, self._log_name, exc)
+
     async def stop(self, now: bool = False) -> None:
         """Publish a stop (it also cancels a start still pending) and wait for it, bounded.
         The bridge removes the server's forwards and Service with it."""
@@ -634,6 +688,38 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             self.log.warning("stop of %s not confirmed (%s); the bridge keeps trying", self._log_name, exc)
         await self._run_custom_removals()
         self.port_forward_info = {}
+
+
+class UnclaimedStarts:
+    """Handles start results that arrive for no waiting spawner: after a hub restart the
+    durable reply queue still delivers them. A start the hub's spawner does not know (a
+    different or no ``start_id``) is stopped, so nothing stays orphaned at the Outpost."""
+
+    def __init__(self, users: Any, log: Any) -> None:
+        self.users = users
+        self.log = log
+        self.tasks: set[asyncio.Future[None]] = set()
+
+    def __call__(self, envelope: Envelope) -> None:
+        body, ref = envelope.body, envelope.server
+        if not isinstance(body, CommandResult) or body.command != "start" or not body.ok or ref is None:
+            return
+        try:
+            user = self.users[ref.user]
+        except KeyError:
+            self.log.warning("a start of unknown user %s finished; the bridge's reconciliation removes it", ref.user)
+            return
+        if ref.server not in user.orm_user.orm_spawners:
+            self.log.warning("a start of unknown server %s finished; the bridge's reconciliation removes it", ref)
+            return
+        spawner = user.spawners[ref.server]
+        if not hasattr(spawner, "stop_unclaimed"):
+            return
+        if spawner.start_id == ref.start_id and (spawner.active or spawner._request_pending):
+            return  # a repeated result of the server the hub runs
+        task = asyncio.ensure_future(spawner.stop_unclaimed(ref.start_id))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
 def _pem(value: str) -> str:

@@ -189,3 +189,27 @@ def test_filter_events_and_repeats() -> None:
     assert spawner.add_event({"message": "n"}, key=("http", 1), external=True)
     assert not spawner.add_event({"message": "other text, same seq"}, key=("http", 1), external=True)
     assert [e["html_message"] for e in spawner.events] == ["filtered", "filtered"]
+
+
+def test_poll_failures_follow_the_booleans_without_a_grace_budget() -> None:
+    spawner = make_spawner(request_failed_poll_keep_running=True)
+    assert [spawner._poll_failed("down", keep=True) for _ in range(5)] == [None] * 5
+    assert spawner._poll_failed("404", keep=False) == 0
+
+
+def test_poll_grace_budget_by_count_overrides_both_ways() -> None:
+    spawner = make_spawner(poll_failure_grace_count=2)
+    # One transient error does not kill a live server ...
+    assert spawner._poll_failed("down", keep=False) is None
+    assert spawner._poll_failed("down", keep=False) is None
+    # ... and a dead one is not kept forever, even with keep_running.
+    assert spawner._poll_failed("down", keep=True) == 0
+    spawner._poll_failures = (0, 0.0)  # a successful poll resets the run
+    assert spawner._poll_failed("down", keep=False) is None
+
+
+def test_poll_grace_budget_by_time() -> None:
+    spawner = make_spawner(poll_failure_grace_seconds=3600)
+    assert all(spawner._poll_failed("down", keep=False) is None for _ in range(10))
+    spawner._poll_failures = (1, 1.0)  # the run of failures began long ago (monotonic clock)
+    assert spawner._poll_failed("down", keep=True) == 0

@@ -1,0 +1,80 @@
+"""The hub crashes (SIGKILL) with one server running and one start pending at the Outpost.
+
+The running server keeps running and stays reachable through the restarted hub; the pending
+start finishes while the hub is down, its result waits in the hub's durable queue, and the
+restarted hub, which no longer knows that start, stops it at the Outpost: nothing orphaned.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from .services import Bridge, Hub, Outpost, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def new_user(hub: Hub) -> str:
+    name = f"r{uuid.uuid4().hex[:8]}"
+    assert hub.api("POST", f"/users/{name}").status_code == 201
+    return name
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_hub_crash_keeps_running_servers_and_orphans_nothing(
+    outpost: Outpost, bridge: Bridge, workdir: Path, prefix: str
+) -> None:
+    logs = workdir / "crash-hub"
+    logs.mkdir()
+    hub = Hub(logs, logs / "state", prefix, outpost).start()
+    try:
+        running, pending = new_user(hub), new_user(hub)
+        hub.api("POST", hub.server_path(running), json={})
+        assert hub.progress(running)[-1].get("ready")
+        running_start = hub.server_model(running)["state"]["start_id"]  # type: ignore[index]
+        pid = outpost.get("/_dev/stats")["pids"][f"{running}/{running_start}"]
+
+        assert hub.api("POST", hub.server_path(pending), json={"dev_start_delay": 6}).status_code == 202
+        key = wait_for(
+            lambda: next((k for k in outpost.get("/_dev/stats")["starts"] if k.startswith(f"{pending}/")), None),
+            30,
+            "the pending start at the Outpost",
+        )
+        hub.stop(signal.SIGKILL)
+        # The start completes at the Outpost while no hub is there to hear it.
+        wait_for(lambda: key in outpost.get("/_dev/stats")["pids"], 30, "the orphan's process")
+
+        hub.start()
+        model = hub.server_model(running)
+        assert model and model["ready"], model
+        assert pid_alive(pid)
+        status = requests.get(
+            f"{hub.url}/user/{running}/api/status", headers={"Authorization": f"token {hub.token}"}, timeout=30
+        )
+        assert status.status_code == 200, status.text
+
+        assert hub.server_model(pending) is None
+        orphan_start = key.split("/", 1)[1]
+        wait_for(
+            lambda: all(s["start_id"] != orphan_start for s in outpost.get("/services/")),
+            60,
+            "the orphaned start stopped at the Outpost",
+        )
+        assert f"stopping start_id={orphan_start}" in hub.log()
+        assert hub.api("DELETE", hub.server_path(running)).status_code in (202, 204)
+        wait_for(lambda: hub.server_model(running) is None, 60, "stopped")
+    finally:
+        hub.stop()
