@@ -9,6 +9,7 @@ out cancels that start (which then reports ``cancelled``) before the stop runs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -155,7 +156,7 @@ class CommandConsumer:
         slot.tail = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda t, key=envelope.server.slot: self._forget_slot(key, t))
+        task.add_done_callback(functools.partial(self._forget_slot, envelope.server.slot))
 
     def _check(self, envelope: Envelope) -> None:
         if not isinstance(envelope.body, StartCommand | PollCommand | StopCommand | TunnelCommand):
