@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -211,5 +212,5 @@ def test_poll_grace_budget_by_count_overrides_both_ways() -> None:
 def test_poll_grace_budget_by_time() -> None:
     spawner = make_spawner(poll_failure_grace_seconds=3600)
     assert all(spawner._poll_failed("down", keep=False) is None for _ in range(10))
-    spawner._poll_failures = (1, 1.0)  # the run of failures began long ago (monotonic clock)
+    spawner._poll_failures = (1, time.monotonic() - 7200)  # the run of failures began two hours ago
     assert spawner._poll_failed("down", keep=True) == 0
