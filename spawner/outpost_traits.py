@@ -90,6 +90,12 @@ class OutpostTraits(LoggingConfigurable):
         cannot be reached (the spawn page says so); then the start fails with a clear message.
         Never longer than the start's own deadline.""",
     ).tag(config=True)
+    poll_status_max_age = Float(
+        10.0,
+        help="""Seconds a status the Outpost reported stays fresh: a poll within that time is
+        answered from memory, without a round trip (JupyterHub polls on page loads and API
+        calls too, not only every ``poll_interval``). 0 = always ask the Outpost.""",
+    ).tag(config=True)
     poll_failure_grace_count = Integer(
         0,
         help="""Consecutive failed polls (Outpost error or unreachable, 404, bridge or broker not

@@ -74,6 +74,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self._first_poll = True
         self.poll_interval_ms: float | None = None
         self._poll_failures: tuple[int, float] = (0, 0.0)  # consecutive failed polls, since when
+        self._running_seen = 0.0  # monotonic time the Outpost last reported "running"
         self._recreate_task: asyncio.Future[None] | None = None
 
     # -- names -------------------------------------------------------------------------------
@@ -343,6 +344,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self.events = []
         self._seen_seq.clear()
         self._seen_raw.clear()
+        self._running_seen = 0.0
         self._exit_code = None
         self._outpost_name = ""
         self.logs = []
@@ -568,7 +570,9 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
                 decision = await resolve(self, "pre_poll_hook", expect=(bool, int, type(None)))
             except HookError as exc:
                 self.log.warning("%s; polling the Outpost", exc)
-        if decision is True:
+        if decision is True and self._fresh_status():
+            status = None
+        elif decision is True:
             status = await self._poll_outpost()
         elif decision is False:
             status = None
@@ -590,6 +594,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             return self._poll_failed(str(exc), self.request_failed_poll_keep_running)
         if result.ok:
             self._poll_failures = (0, 0.0)
+            self._running_seen = time.monotonic() if result.status is None else 0.0
             if self.collect_logs_polling and result.logs:
                 self.logs = list(result.logs)
             return result.status
@@ -598,7 +603,13 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         keep = self.request_404_poll_keep_running if not_found else self.request_failed_poll_keep_running
         return self._poll_failed(error.summary if error else "failed", keep)
 
+    def _fresh_status(self) -> bool:
+        """The Outpost reported the server running less than ``poll_status_max_age`` ago."""
+        age = time.monotonic() - self._running_seen
+        return bool(self._running_seen) and age < self.poll_status_max_age
+
     def _poll_failed(self, reason: str, keep: bool) -> int | None:
+        self._running_seen = 0.0
         if self.poll_failure_grace_count or self.poll_failure_grace_seconds:
             keep = self._within_poll_grace()
         else:
@@ -665,6 +676,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         The bridge removes the server's forwards and Service with it."""
         if not self.start_id:
             return
+        self._running_seen = 0.0
         if self._request_pending:
             try:
                 self.add_event(dict(await resolve(self, "cancelling_event", expect=dict)))

@@ -256,3 +256,20 @@ async def test_async_start_and_internal_ssl_certificates(
     assert body["internal_trust_bundles"]["hub-ca"] == len("-----BEGIN bundle-----\n-----BEGIN EXTRA-----\n")
     assert url.startswith("https://")
     await spawner.stop()
+
+
+async def test_a_fresh_running_status_is_answered_from_memory(outpost: Outpost, bridge: Bridge, prefix: str) -> None:
+    spawner = make_spawner(outpost, prefix)
+    await spawner.start()
+
+    def polls() -> int:
+        mine = f"server={spawner.user.name}/ "
+        return sum(1 for line in bridge.log().splitlines() if "carrying out type=poll" in line and mine in line)
+
+    before = polls()
+    assert [await spawner.poll() for _ in range(3)] == [None, None, None]
+    assert polls() - before == 1  # one round trip; the next two polls read memory
+    spawner.poll_status_max_age = 0
+    assert await spawner.poll() is None
+    assert polls() - before == 2
+    await spawner.stop()
