@@ -95,6 +95,15 @@ class CircuitBreaker:
     def is_open(self, origin: str) -> bool:
         return self.state(origin) != "closed"
 
+    def ready(self, origin: str) -> bool:
+        """Whether a call to ``origin`` would go out now (closed, or due for a probe)."""
+        circuit = self._circuits.get(origin)
+        if circuit is None or circuit.opened == 0:
+            return True
+        now = self._clock()
+        probe_free = circuit.probe_since is None or now - circuit.probe_since >= self._probe_lease
+        return now >= circuit.open_until and probe_free
+
     async def admit(self, origin: str, time_left: float) -> None:
         """Return when a call to ``origin`` may go out; raise :class:`CircuitOpenError` when
         ``time_left`` seconds pass first."""

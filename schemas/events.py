@@ -47,6 +47,9 @@ class CommandResult(RedactedRepr, msgspec.Struct, frozen=True, kw_only=True, tag
     status: int | None = None
     logs: list[str] = []
     error: ErrorInfo | None = None
+    # stop: the Outpost could not be reached; the bridge keeps the stop on disk and carries
+    # it out when the Outpost answers again (``ok`` is true: the hub may forget the server).
+    deferred: bool = False
 
 
 class ProgressEvent(msgspec.Struct, frozen=True, kw_only=True, tag="event"):

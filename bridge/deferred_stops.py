@@ -1,0 +1,170 @@
+"""Stops accepted while their Outpost is down: answered at once, kept on disk, carried out later.
+
+A stop whose Outpost's circuit is open, or whose DELETE keeps failing transiently for
+``direct_seconds``, is recorded in the :class:`~bridge.stop_store.StopStore` and answered
+``ok`` with ``deferred=True``: the hub can forget the server at once instead of waiting up to
+its ``stop_deadline`` (an hour by default) while the user cannot start a new one. A
+background task tries the recorded stops every ``interval`` seconds, when the Outpost's
+circuit lets a call through; a 2xx or 404 answer ends the record (404: already gone). A
+record older than ``max_age`` is dropped with a warning and the ``given_up`` metric: the
+orphan reconciler (:mod:`bridge.reconcile`) still stops the service if it reappears.
+Records survive a bridge restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from urllib.parse import quote
+
+import msgspec
+
+from schemas import CommandResult, Envelope, StopCommand, decode, encode, outpost_key
+from schemas.topology import url_origin
+
+from .circuit import CircuitBreaker
+from .errors import OutpostAnswerError, TransientError
+from .metrics import BridgeMetrics
+from .outpost import OutpostClient
+from .stop_store import PendingStop, StopStore
+
+log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
+
+ATTEMPT_SECONDS = 20.0
+
+
+class DeferredStops:
+    """Decides when a stop is deferred, records it, and carries recorded stops out (``start``/``stop``)."""
+
+    def __init__(
+        self,
+        store: StopStore,
+        client: OutpostClient,
+        breaker: CircuitBreaker,
+        *,
+        direct_seconds: float = 10.0,
+        max_age: float = 86400.0,
+        interval: float = 5.0,
+        metrics: BridgeMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._breaker = breaker
+        self._direct_seconds = direct_seconds
+        self._max_age = max_age
+        self._interval = interval
+        self._metrics = metrics
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # -- in the pipeline -------------------------------------------------------------------
+
+    def direct(self, command: Envelope) -> Envelope:
+        """The stop with the deadline of its direct attempt: at once when the circuit is
+        open, else at most ``direct_seconds``; after it the stop is deferred."""
+        assert isinstance(command.body, StopCommand)
+        budget = 0.2 if self._breaker.is_open(url_origin(command.body.target.url)) else self._direct_seconds
+        deadline = min(command.deadline or float("inf"), self._clock() + budget)
+        return msgspec.structs.replace(command, deadline=deadline)
+
+    def defer(self, command: Envelope, reason: str) -> CommandResult:
+        """Record the stop durably; the result tells the hub it will be carried out."""
+        stop = command.body
+        assert isinstance(stop, StopCommand) and command.server is not None
+        self._store.add(outpost_key(stop.target.url), stop.name, command.server.start_id, encode(command))
+        self._count("recorded")
+        log.warning("Outpost unreachable (%s): stop recorded, will be carried out later %s", reason, command.describe())
+        self._wake.set()
+        return CommandResult(
+            command="stop",
+            ok=True,
+            deferred=True,
+            logs=["Outpost unreachable: the stop was recorded and will be carried out when the Outpost answers."],
+        )
+
+    # -- background ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._publish_gauge()
+            self._task = asyncio.create_task(self._loop(), name="deferred-stops")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            task, self._task = self._task, None
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("carrying out deferred stops failed; trying again later")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            except TimeoutError:
+                pass
+
+    async def run_once(self) -> int:
+        """Try every due stop once; returns how many were carried out."""
+        due = []
+        for stop in self._store.pending():
+            if self._clock() - stop.recorded > self._max_age:
+                self._store.remove(stop)
+                self._count("given_up")
+                log.warning(
+                    "gave up a deferred stop after %.0f s (%d attempts, last error: %s): outpost=%s server=%s"
+                    " start_id=%s",
+                    self._clock() - stop.recorded,
+                    stop.attempts,
+                    stop.last_error,
+                    stop.outpost,
+                    stop.name,
+                    stop.start_id,
+                )
+            else:
+                due.append(stop)
+        done = sum(await asyncio.gather(*(self._try(stop) for stop in due)))
+        self._publish_gauge()
+        return done
+
+    async def _try(self, pending: PendingStop) -> bool:
+        command = decode(pending.command)
+        stop = command.body
+        assert isinstance(stop, StopCommand)
+        if not self._breaker.ready(url_origin(stop.target.url)):
+            return False
+        url = f"{stop.target.url}/{quote(stop.name, safe='')}/{quote(pending.start_id or '0', safe='')}"
+        headers = {**stop.target.headers, **({"execution-type": "async"} if stop.execution_async else {})}
+        try:
+            await self._client.call("DELETE", url, headers=headers, options=stop.target.http, time_left=ATTEMPT_SECONDS)
+        except OutpostAnswerError as exc:
+            if exc.status != 404:
+                self._store.remove(pending)
+                self._count("given_up")
+                log.warning("deferred stop refused by the Outpost (%s) %s", exc, command.describe())
+                return False
+        except TransientError as exc:
+            self._store.tried(pending, str(exc))
+            return False
+        self._store.remove(pending)
+        self._count("carried_out")
+        log.info("deferred stop carried out %s", command.describe())
+        return True
+
+    def _count(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.deferred_stop_outcomes.labels(outcome=outcome).inc()
+        self._publish_gauge()
+
+    def _publish_gauge(self) -> None:
+        if self._metrics is not None:
+            self._metrics.deferred_stops.set(self._store.count())

@@ -1,0 +1,48 @@
+"""Tells the components that learn from answered commands (metrics, the ownership ledger) what happened.
+
+The consumer calls :meth:`Outcomes.answered` once per command, with the command and the
+reply it is about to publish, and :meth:`Outcomes.dead_lettered` per poison message. A
+listener that raises is logged and never breaks command handling.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from schemas import CommandResult, Envelope
+
+log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
+
+Listener = Callable[[Envelope, CommandResult], None]
+
+
+class Outcomes:
+    """A list of listeners for answered commands and dead-lettered messages."""
+
+    def __init__(self) -> None:
+        self._answered: list[Listener] = []
+        self._dead: list[Callable[[str], None]] = []
+
+    def on_answered(self, listener: Listener) -> None:
+        self._answered.append(listener)
+
+    def on_dead_lettered(self, listener: Callable[[str], None]) -> None:
+        self._dead.append(listener)
+
+    def answered(self, command: Envelope, answer: Envelope) -> None:
+        if not isinstance(answer.body, CommandResult):
+            return
+        for listener in self._answered:
+            try:
+                listener(command, answer.body)
+            except Exception:
+                log.exception("outcome listener %r failed %s", listener, command.describe())
+
+    def dead_lettered(self, reason: str) -> None:
+        kind = reason.split(":", 1)[0] if ":" in reason else "invalid"
+        for listener in self._dead:
+            try:
+                listener(kind)
+            except Exception:
+                log.exception("dead-letter listener %r failed", listener)
