@@ -39,6 +39,7 @@ from schemas import (
 from schemas.base import new_id
 from schemas.topology import url_origin
 
+from .deferred_stops import DeferredStops
 from .errors import (
     OutpostAnswerError,
     ServiceApiError,
@@ -54,6 +55,7 @@ from .retry import Backoff, DeadlinePassed, retry_until
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
 Emit = Callable[[ProgressEvent], Awaitable[None]]
+_REACHED = object()  # a retried start found its earlier POST at the Outpost
 
 
 def reply(command: Envelope, body: CommandResult | ProgressEvent) -> Envelope:
@@ -127,10 +129,12 @@ class Pipeline:
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
         reach: Reachability | None = None,
+        deferred_stops: DeferredStops | None = None,
     ) -> None:
         self._client = client
         self._journal = journal
         self._reach = reach
+        self._deferred_stops = deferred_stops
         self._backoff = backoff or Backoff()
         self._clock = clock
 
@@ -203,7 +207,15 @@ class Pipeline:
             headers["execution-type"] = "async"
         options = start.http or start.target.http
 
+        posts = 0
+
         async def post(time_left: float) -> Any:
+            nonlocal posts
+            if posts and await self._reached(command, start, time_left):
+                # The last POST failed after it may have reached the Outpost (connection
+                # cut, timeout): never POST a second start for the same (name, start_id).
+                return _REACHED
+            posts += 1
             _, body = await self._client.call(
                 "POST",
                 start.target.url,
@@ -228,6 +240,12 @@ class Pipeline:
         except (DeadlinePassed, OutpostAnswerError) as exc:
             await self._undo_start(command, start)
             return self._finish(key, command, _error_result("start", exc))
+        if answer is _REACHED:
+            log.warning("start reached the Outpost but its answer was lost %s", command.describe())
+            found = self._already_started(start)
+            if not found.ok:
+                await self._undo_start(command, start)
+            return self._finish(key, command, found)
         service = str((answer.get("service", "") if isinstance(answer, dict) else "") or "")
         await emit(
             ProgressEvent(
@@ -321,6 +339,20 @@ class Pipeline:
             ),
         )
 
+    async def _reached(self, command: Envelope, start: StartCommand, time_left: float) -> bool:
+        """One GET: does the Outpost know this start? Transient failures propagate (retried)."""
+        assert command.server is not None
+        url = f"{start.target.url}/{quote(start.name, safe='')}/{quote(command.server.start_id or '0', safe='')}"
+        try:
+            await self._client.call(
+                "GET", url, headers=dict(start.target.headers), options=start.target.http, time_left=time_left
+            )
+        except OutpostAnswerError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
     async def _exists(self, command: Envelope, start: StartCommand) -> bool:
         try:
             await self._call(command, "GET", start.target, start.name, start.target.http)
@@ -359,13 +391,18 @@ class Pipeline:
 
     async def _stop_at_outpost(self, command: Envelope, stop: StopCommand) -> CommandResult:
         headers = {"execution-type": "async"} if stop.execution_async else {}
+        # With deferred stops, a stop whose Outpost is down is recorded and answered at once
+        # (bridge.deferred_stops) instead of holding the hub for its whole deadline.
+        direct = command if self._deferred_stops is None else self._deferred_stops.direct(command)
         try:
-            body = await self._call(command, "DELETE", stop.target, stop.name, stop.target.http, extra_headers=headers)
+            body = await self._call(direct, "DELETE", stop.target, stop.name, stop.target.http, extra_headers=headers)
         except OutpostAnswerError as exc:
             if exc.status == 404:  # already gone: that is what a stop wants
                 return CommandResult(command="stop", ok=True)
             return _error_result("stop", exc)
         except DeadlinePassed as exc:
+            if self._deferred_stops is not None:
+                return self._deferred_stops.defer(command, str(exc.last))
             return _error_result("stop", exc)
         logs = body.get("logs") if isinstance(body, dict) else None
         return CommandResult(command="stop", ok=True, logs=[str(x) for x in logs] if isinstance(logs, list) else [])
