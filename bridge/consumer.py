@@ -31,6 +31,8 @@ from schemas import (
 )
 
 from .broker import BridgeBroker
+from .circuit import wait_notices
+from .outcomes import Outcomes
 from .pipeline import Pipeline, reply, run_cancellable
 from .reachability import Reachability
 
@@ -54,9 +56,11 @@ class CommandConsumer:
         *,
         hub_ids: frozenset[str] = frozenset(),
         reach: Reachability | None = None,
+        outcomes: Outcomes | None = None,
     ) -> None:
         self._broker = broker
         self._reach = reach
+        self._outcomes = outcomes or Outcomes()
         self._pipeline = pipeline
         self._hub_ids = hub_ids
         self._slots: dict[str, _Slot] = {}
@@ -140,6 +144,7 @@ class CommandConsumer:
             log.warning("dead-lettering message %s: %s", message.message_id, exc)
             await self._broker.dead_letter(message, str(exc))
             await message.ack()
+            self._outcomes.dead_lettered(str(exc))
             return
         assert envelope.server is not None
         slot = self._slots.setdefault(envelope.server.slot, _Slot())
@@ -182,6 +187,7 @@ class CommandConsumer:
             await asyncio.wait({previous})  # order per server; its outcome is its own business
         try:
             answer = await self._carry_out(envelope, message, cancel)
+            self._outcomes.answered(envelope, answer)
             await self._broker.publish_reply(answer)
             await message.ack()
         except asyncio.CancelledError:
@@ -204,6 +210,10 @@ class CommandConsumer:
         async def emit(event: ProgressEvent) -> None:
             await self._broker.publish_reply(reply(envelope, event))
 
+        async def notice(text: str) -> None:
+            await emit(ProgressEvent(source="bridge", message=text))
+
+        wait_notices.set(notice)  # this task's context: an open circuit tells this user
         work = self._pipeline.run(envelope, redelivered=bool(message.redelivered), emit=emit)
         if cancel is None:
             return await work
