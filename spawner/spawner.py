@@ -18,7 +18,7 @@ import html
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote, urlparse
@@ -242,7 +242,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             shown["progress"] = event.progress
         self.add_event(shown, key=(event.source, event.seq) if event.seq else None, external=True)
 
-    async def _generate_progress(self) -> AsyncIterator[dict[str, Any]]:
+    async def _generate_progress(self) -> AsyncGenerator[dict[str, Any], None]:
         """JupyterHub's wrapper, with the 0% event only when ``show_first_default_event``."""
         if not self._spawn_pending:
             self.log.warning("Spawn not pending, can't generate progress for %s", self._log_name)
@@ -258,7 +258,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             async for event in stream:
                 yield event
 
-    async def progress(self) -> AsyncIterator[dict[str, Any]]:
+    async def progress(self) -> AsyncGenerator[dict[str, Any], None]:
         """Stream this start's events (hub, bridge and Outpost) as they arrive, until a
         failed one."""
         seen = 0
