@@ -29,10 +29,10 @@ from .consumer import CommandConsumer
 from .errors import ConfigurationError
 from .journal import StartJournal
 from .k8s_services import ServiceManager
-from .outpost import OutpostClient
 from .pipeline import Pipeline
 from .reachability import Reachability
 from .remote_forward import RemoteForwardRunner
+from .resilience import Resilience, ResilienceTraits
 from .retry import Backoff
 from .ssh_connections import SshPool
 from .tunnel_store import TunnelStore
@@ -41,7 +41,7 @@ from .tunnels import TunnelManager
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
-class OutpostBridge(Application):
+class OutpostBridge(Application, ResilienceTraits):
     """Consumes JupyterHub commands from RabbitMQ and carries them out at Outposts."""
 
     name = "outpost-bridge"
@@ -266,7 +266,8 @@ class OutpostBridge(Application):
         )
         backoff = Backoff(initial=self.retry_initial, maximum=self.retry_maximum)
         services = ServiceManager(selector=self.service_selector, kubeconfig=self.kubeconfig, backoff=backoff)
-        client = OutpostClient(limit_per_host=self.http_limit_per_host)
+        resilience = Resilience(self, journal_path=self.journal_path, limit_per_host=self.http_limit_per_host)
+        client = resilience.client  # an OutpostClient behind per-Outpost circuits
         broker = BridgeBroker(
             self.amqp_url,
             Topology(self.name_prefix),
@@ -280,6 +281,7 @@ class OutpostBridge(Application):
             if self.k8s_enabled:
                 await services.start()
             await client.start()
+            await resilience.start()
             await broker.connect()
             remote = RemoteForwardRunner(
                 pool, tunnels.settings, command_timeout=self.remote_forward_timeout, backoff=backoff
@@ -287,8 +289,10 @@ class OutpostBridge(Application):
             reach = Reachability(
                 tunnels, remote, services if self.k8s_enabled else None, public_host=self.tunnel_public_host
             )
-            pipeline = Pipeline(client, journal, backoff=backoff, reach=reach)
-            consumer = CommandConsumer(broker, pipeline, hub_ids=frozenset(self.hub_ids), reach=reach)
+            pipeline = Pipeline(client, journal, backoff=backoff, reach=reach, deferred_stops=resilience.deferred_stops)
+            consumer = CommandConsumer(
+                broker, pipeline, hub_ids=frozenset(self.hub_ids), reach=reach, outcomes=resilience.outcomes
+            )
             await broker.consume_control(consumer.on_control)
             await broker.follow_registry(consumer.on_registry)
             self.log.info("outpost-bridge ready")
@@ -304,6 +308,7 @@ class OutpostBridge(Application):
             await tunnels.close()
             await pool.close()
             await services.close()
+            await resilience.stop()
             await client.close()
             store.close()
             journal.close()

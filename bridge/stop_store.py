@@ -36,6 +36,7 @@ class StopStore:
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self._path, os.O_CREAT | os.O_RDWR, 0o600)
             os.close(fd)
+            os.chmod(self._path, 0o600)  # the journal may have created it with the umask
         self._db = sqlite3.connect(self._path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

@@ -1,0 +1,145 @@
+"""The bridge's outage mechanisms, built from its settings and started/stopped as one.
+
+:class:`ResilienceTraits` holds the settings (mixed into ``OutpostBridge``, so they are
+``c.OutpostBridge.*`` like every other option); :class:`Resilience` owns what they build:
+the per-Outpost circuit breaker and the HTTP client guarded by it, deferred stops, the
+server ledger and orphan reconciler, and the metrics (with their endpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from traitlets import Bool, Float, HasTraits, Integer, Unicode
+
+from schemas import CommandResult, Envelope
+
+from .circuit import CircuitBreaker, GuardedOutpostClient
+from .deferred_stops import DeferredStops
+from .ledger import ServerLedger
+from .metrics import BridgeMetrics, MetricsServer
+from .outcomes import Outcomes
+from .reconcile import Reconciler
+from .retry import Backoff
+from .stop_store import StopStore
+
+log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
+
+
+class ResilienceTraits(HasTraits):
+    """Settings of the outage mechanisms (see docs/reliability.md)."""
+
+    circuit_threshold = Integer(
+        5,
+        help="""Consecutive transient failures (connection errors, timeouts, 5xx) after which an
+        Outpost's circuit opens: calls then wait for one probe at a time instead of each
+        retrying. It never fails a command before its deadline.""",
+    ).tag(config=True)
+    circuit_cooldown_max = Float(
+        10.0,
+        help="""Longest wait (seconds) between probes of an Outpost whose circuit is open; the
+        wait starts at 1 s and doubles per failed probe. Also bounds how long after an
+        Outpost's return waiting commands proceed.""",
+    ).tag(config=True)
+    defer_stops = Bool(
+        True,
+        help="""Answer a stop whose Outpost is down at once (``ok``, ``deferred``) and carry it
+        out when the Outpost answers again; the stop is kept on disk next to the journal.
+        False: the stop is retried until its deadline and the hub waits.""",
+    ).tag(config=True)
+    stop_direct_seconds = Float(
+        10.0,
+        help="""Seconds a stop is tried directly before it is deferred (at once while the
+        Outpost's circuit is open).""",
+    ).tag(config=True)
+    deferred_stop_max_age = Float(
+        86400.0,
+        help="""Seconds a deferred stop is kept; older ones are dropped with a warning and the
+        ``outpost_bridge_deferred_stops_total{outcome="given_up"}`` metric. Example:
+        ``c.OutpostBridge.deferred_stop_max_age = 7 * 86400``.""",
+    ).tag(config=True)
+    deferred_stop_interval = Float(5.0, help="Seconds between attempts to carry out deferred stops.").tag(config=True)
+    reconcile_interval = Float(
+        300.0,
+        help="""Seconds between orphan reconciliation passes (also one pass at start-up); 0
+        turns reconciliation off.""",
+    ).tag(config=True)
+    reconcile_grace = Float(
+        600.0,
+        help="Seconds an orphaned service must be seen before it is stopped.",
+    ).tag(config=True)
+    reconcile_dry_run = Bool(
+        False,
+        help="""Only log and count orphans (``outpost_bridge_orphans_total{action="dry_run"}``),
+        never stop them. Use it first to see what reconciliation would do.""",
+    ).tag(config=True)
+    metrics_port = Integer(0, help="Port of the Prometheus endpoint ``GET /metrics``; 0 = no endpoint.").tag(
+        config=True
+    )
+    metrics_host = Unicode("127.0.0.1", help="Address the metrics endpoint listens on.").tag(config=True)
+
+
+class Resilience:
+    """Owns the circuit breaker, guarded client, deferred stops, ledger, reconciler and metrics."""
+
+    def __init__(self, settings: ResilienceTraits, *, journal_path: str, limit_per_host: int) -> None:
+        self.metrics = BridgeMetrics()
+        self.breaker = CircuitBreaker(
+            threshold=settings.circuit_threshold,
+            cooldown=Backoff(initial=1.0, maximum=settings.circuit_cooldown_max, jitter=0.2),
+            on_change=self.metrics.circuit_changed,
+        )
+        self.client = GuardedOutpostClient(self.breaker, limit_per_host=limit_per_host)
+        self._stop_store = StopStore(journal_path)
+        self.deferred_stops: DeferredStops | None = None
+        if settings.defer_stops:
+            self.deferred_stops = DeferredStops(
+                self._stop_store,
+                self.client,
+                self.breaker,
+                direct_seconds=settings.stop_direct_seconds,
+                max_age=settings.deferred_stop_max_age,
+                interval=settings.deferred_stop_interval,
+                metrics=self.metrics,
+            )
+        self._ledger = ServerLedger(journal_path)
+        self.reconciler = Reconciler(
+            self._ledger,
+            self.client,
+            breaker=self.breaker,
+            interval=settings.reconcile_interval,
+            grace=settings.reconcile_grace,
+            dry_run=settings.reconcile_dry_run,
+            metrics=self.metrics,
+        )
+        self.outcomes = Outcomes()
+        self.outcomes.on_answered(self._ledger.answered)
+        self.outcomes.on_answered(self._count)
+        self.outcomes.on_dead_lettered(lambda kind: self.metrics.dead_letters.labels(kind=kind).inc())
+        self._server = (
+            MetricsServer(self.metrics, host=settings.metrics_host, port=settings.metrics_port)
+            if settings.metrics_port
+            else None
+        )
+
+    def _count(self, command: Envelope, result: CommandResult) -> None:
+        outcome = "deferred" if result.deferred else "ok" if result.ok else (result.error.kind if result.error else "")
+        self.metrics.commands.labels(command=result.command, outcome=outcome or "failed").inc()
+
+    async def start(self) -> None:
+        """Start after the HTTP client: metrics endpoint, deferred stops, reconciler."""
+        if self._server is not None:
+            await self._server.start()
+        if self.deferred_stops is not None:
+            await self.deferred_stops.start()
+        await self.reconciler.start()
+
+    async def stop(self) -> None:
+        """Stop the background tasks and close the stores; safe to call more than once."""
+        await self.reconciler.stop()
+        if self.deferred_stops is not None:
+            await self.deferred_stops.stop()
+        if self._server is not None:
+            await self._server.stop()
+        self._ledger.close()
+        self._stop_store.close()
