@@ -25,12 +25,15 @@ SSHD = "/usr/sbin/sshd"
 
 REMOTE_SCRIPT = """#!/bin/sh
 # Fake remote-forward node: state in {state}; every call is appended to {calls};
-# while {fail_flag} exists, start fails with exit status 3.
+# while {fail_flag} exists, start fails with exit status 3; while {slow_flag} exists, start
+# starts the forward but answers only after 10 s.
 echo "$SSH_ORIGINAL_COMMAND" >> {calls}
 case "$SSH_ORIGINAL_COMMAND" in
   start)
     if [ -e {fail_flag} ]; then echo "no port free on the node" >&2; exit 3; fi
-    touch {state}; exit 217 ;;
+    touch {state}
+    if [ -e {slow_flag} ]; then sleep 10; fi
+    exit 217 ;;
   stop) rm -f {state}; exit 0 ;;
   status) if [ -e {state} ]; then exit 217; else exit 1; fi ;;
   *) echo "unknown command" >&2; exit 64 ;;
@@ -73,13 +76,19 @@ class Sshd(Process):
         self.remote_state = root / "remote-forward.state"
         self.remote_calls = root / "remote-forward.calls"
         self.remote_fail_flag = root / "start-fails"
+        self.remote_slow_flag = root / "start-slow"
         if not self.host_key_path.exists():
             self.host_key = _write_key(self.host_key_path)
             client = _write_key(self.key_path)
             remote = _write_key(self.remote_key_path)
             script = root / "remote-forward.sh"
             script.write_text(
-                REMOTE_SCRIPT.format(state=self.remote_state, calls=self.remote_calls, fail_flag=self.remote_fail_flag)
+                REMOTE_SCRIPT.format(
+                    state=self.remote_state,
+                    calls=self.remote_calls,
+                    fail_flag=self.remote_fail_flag,
+                    slow_flag=self.remote_slow_flag,
+                )
             )
             script.chmod(0o755)
             authorized = root / "authorized_keys"

@@ -9,12 +9,14 @@ Commands are published the way the spawner publishes them (``HubBroker``); the s
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncssh
 import pytest
 import pytest_asyncio
 import requests
@@ -144,10 +146,20 @@ def get(address: str, timeout: float = 10) -> str:
     return r.text
 
 
+def get_eventually(address: str, what: str = "the server through the forward", timeout: float = 30) -> str:
+    """GET once the server listens: like the hub, wait for a freshly started server to come up."""
+    return str(wait_for(lambda: get(address, timeout=3), timeout, what))
+
+
 def local(address: str) -> str:
     """The loopback address of a result's ``address`` (tunnel_public_host is 127.0.0.1 here)."""
     assert address.startswith("127.0.0.1:"), address
     return address
+
+
+def append_line(path: Path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
 
 
 def restart(bridge: Bridge) -> None:
@@ -190,6 +202,7 @@ def tunnel_bridge(
         "c.OutpostBridge.tunnel_bind_host = '127.0.0.1'\n"
         "c.OutpostBridge.tunnel_public_host = '127.0.0.1'\n"
         "c.OutpostBridge.ssh_keepalive_interval = 2\n"
+        "c.OutpostBridge.remote_forward_timeout = 2\n"
         "c.OutpostBridge.k8s_enabled = True\n"
         f"c.OutpostBridge.kubeconfig = {str(fake_k8s.kubeconfig)!r}\n"
         f"c.OutpostBridge.service_selector = {SELECTOR!r}\n"
@@ -225,7 +238,7 @@ async def test_forward_during_startup_carries_the_traffic(hub: TunnelHub, sshd: 
     assert result.service == f"127.0.0.1:{port}"
     assert result.address == f"127.0.0.1:{tunnel.local_port}"
     before = sshd.forwarded_to(port)
-    assert get(local(result.address)) == f"hello from {name}"
+    assert get_eventually(local(result.address)) == f"hello from {name}"
     # sshd opened a direct-tcpip channel to the server for that request: it crossed the forward.
     wait_for(lambda: sshd.forwarded_to(port) > before, 10, "sshd log of the forwarded connection")
 
@@ -255,7 +268,7 @@ async def test_delayed_forward_reserves_the_port_then_tunnel_command_builds_it(
     answer = await hub.send(TunnelCommand(name=name, service=f"127.0.0.1:{port}", tunnel=tunnel), name, start_id)
     assert answer.ok, answer.error
     assert answer.address == result.address  # the hub's address stays valid
-    assert get(result.address) == f"hello from {name}"
+    assert get_eventually(result.address) == f"hello from {name}"
     assert sshd.forwarded_to(port) >= 1
     again = await hub.send(TunnelCommand(name=name, service=f"127.0.0.1:{port}", tunnel=tunnel), name, start_id)
     assert again.ok and again.address == result.address  # an idempotent ensure
@@ -281,7 +294,7 @@ async def test_sshd_restart_forwards_come_back_without_the_hub(
     tunnel = TunnelSpec(ssh=endpoint(sshd), during_startup=True)
     result = await hub.start(name, start_id, port, tunnel=tunnel)
     assert result.ok, result.error
-    assert get(result.address) == f"hello from {name}"
+    assert get_eventually(result.address) == f"hello from {name}"
     lost = tunnel_bridge.log().count("lost; reconnecting")
     sshd.restart()
     wait_for(lambda: tunnel_bridge.log().count("lost; reconnecting") > lost, 20, "the bridge noticing the drop")
@@ -297,6 +310,7 @@ async def test_recreate_forward_reconnects_the_node(hub: TunnelHub, sshd: Sshd, 
     tunnel = TunnelSpec(ssh=endpoint(sshd), during_startup=True)
     result = await hub.start(name, start_id, port, tunnel=tunnel)
     assert result.ok, result.error
+    get_eventually(result.address)
     connects = tunnel_bridge.log().count(f"SSH connection to {sshd.user}@127.0.0.1:{sshd.port} up")
     answer = await hub.broadcast(RecreateForwardCommand(host="127.0.0.1"))
     assert answer.ok and answer.command == "recreate_forward", answer.error
@@ -317,6 +331,7 @@ async def test_bridge_restart_restores_every_tunnel(hub: TunnelHub, sshd: Sshd, 
         tunnel = TunnelSpec(ssh=endpoint(sshd), during_startup=True)
         result = await hub.start(name, start_id, port, tunnel=tunnel)
         assert result.ok, result.error
+        get_eventually(result.address)
         servers.append((name, start_id, tunnel, result.address))
     # and a delayed one that got its address later
     name, start_id = new_name("rc")
@@ -325,13 +340,15 @@ async def test_bridge_restart_restores_every_tunnel(hub: TunnelHub, sshd: Sshd, 
     result = await hub.start(name, start_id, port, tunnel=tunnel, execution_async=True)
     wait_for(lambda: port_open(port), 30, "the delayed server")
     assert (await hub.send(TunnelCommand(name=name, service=f"127.0.0.1:{port}", tunnel=tunnel), name, start_id)).ok
+    get_eventually(result.address)
     servers.append((name, start_id, tunnel, result.address))
 
     tunnel_bridge.stop()
     for *_, address in servers:
         assert not port_open(int(address.rsplit(":", 1)[1]))
     restart(tunnel_bridge)
-    assert "restored 3 forward(s)" in tunnel_bridge.log()
+    restored = re.findall(r"restored (\d+) forward\(s\)", tunnel_bridge.log())
+    assert restored and int(restored[-1]) >= len(servers), restored
     for name, _, _, address in servers:
         assert get(address) == f"hello from {name}"  # reachable as soon as the bridge is ready
     for name, start_id, tunnel, _ in servers:
@@ -418,7 +435,7 @@ async def test_service_create_replace_and_delete(hub: TunnelHub, sshd: Sshd, fak
     # the test's own POST, then the bridge: 409 AlreadyExists -> DELETE -> POST 201
     assert calls == [("POST", 201), ("POST", 409), ("DELETE", 200), ("POST", 201)], calls
     # The forward behind the Service works (the Service's port is the forward's port).
-    assert get(f"127.0.0.1:{svc_port}") == f"hello from {name}"
+    assert get_eventually(f"127.0.0.1:{svc_port}") == f"hello from {name}"
 
     assert (await hub.stop(name, start_id, tunnel=tunnel)).ok
     assert fake_k8s.api("GET", f"{base}/{svc_name}").status_code == 404
@@ -430,3 +447,46 @@ async def test_service_create_replace_and_delete(hub: TunnelHub, sshd: Sshd, fak
         if r["method"] == "DELETE" and r["path"] == f"{base}/{svc_name}"
     ]
     assert deletes == [200, 200, 404], deletes
+
+
+async def test_remote_forward_start_timeout_is_settled_by_status(hub: TunnelHub, sshd: Sshd) -> None:
+    name, start_id = new_name("rfs")
+    remote = RemoteForwardSpec(ssh=SshEndpoint(**{**sshd.endpoint(), "key": str(sshd.remote_key_path)}))  # type: ignore[arg-type]
+    sshd.remote_slow_flag.touch()
+    try:
+        result = await hub.start(name, start_id, free_port(), remote_forward=remote)
+    finally:
+        sshd.remote_slow_flag.unlink()
+    assert result.ok, result.error
+    assert sshd.remote_calls.read_text().split()[-2:] == ["start", "status"]
+    assert (await hub.stop(name, start_id, remote_forward=remote)).ok
+
+
+async def test_changed_host_key_is_refused(hub: TunnelHub, workdir: Path) -> None:
+    other = Sshd(workdir / "sshd-changed-key").start()
+    try:
+        # The known-hosts file already knows this node with another key (say, before a reinstall).
+        stale = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().split()[:2]
+        append_line(workdir / "known_hosts", f"[127.0.0.1]:{other.port} {' '.join(stale)}")
+        name, start_id = new_name("hk")
+        tunnel = TunnelSpec(ssh=endpoint(other), during_startup=True)
+        result = await hub.start(name, start_id, free_port(), tunnel=tunnel)
+        assert not result.ok and result.error is not None
+        assert result.error.kind == "invalid", result.error
+        assert "host key" in result.error.summary and f"127.0.0.1:{other.port}" in result.error.summary
+        assert (await hub.stop(name, start_id, tunnel=tunnel)).ok
+    finally:
+        other.stop()
+
+
+async def test_service_api_unavailable_is_retried(hub: TunnelHub, sshd: Sshd, fake_k8s: FakeKubernetesProcess) -> None:
+    name, start_id = new_name("s503")
+    fake_k8s.api("POST", "/_fake/fail", params={"count": "2"})
+    service = ServiceSpec(name=f"jupyter-{name}", namespace="jhub")
+    tunnel = TunnelSpec(ssh=endpoint(sshd), during_startup=True, service=service)
+    result = await hub.start(name, start_id, free_port(), tunnel=tunnel)
+    assert result.ok, result.error
+    assert result.address.startswith(f"jupyter-{name}.jhub.svc:")
+    statuses = [r["status"] for r in fake_k8s.api("GET", "/_fake/requests").json()][-3:]
+    assert statuses == [503, 503, 201], statuses
+    assert (await hub.stop(name, start_id, tunnel=tunnel)).ok
