@@ -68,6 +68,7 @@ if os.environ.get("OUTPOST_MQ_TEST_OPTIONS"):
     # Tests only: let user_options shorten start_timeout (JupyterHub's dict form of apply_user_options).
     c.Spawner.apply_user_options = {"start_timeout": "start_timeout"}
     # ... and JupyterHub's group_overrides, which must reach the Outpost's env.
+    c.Spawner.progress_ready_hook = lambda spawner, event: {**event, "html_message": f"ready for {spawner.user.name}"}
     c.Spawner.group_overrides = {
         "01-gpu": {"groups": ["gpu-users"], "spawner_override": {"environment": {"JUPYTER_GROUP": "gpu"}}},
     }

@@ -5,8 +5,8 @@ development Outpost answers ``GET /_dev/stats`` (Basic auth) with
 ``{"starts": {"<name>/<start_id>": <POSTs received, duplicates included>},
 "pids": {"<name>/<start_id>": <pid>}}`` for the calling hub, so tests can check that a
 start was not repeated and that a process is gone, and ``GET /_dev/requests`` with the last
-start body per ``"<name>/<start_id>"`` (tokens redacted), so tests can check what the hub
-sent. Fault injection is described in
+start body per ``"<name>/<start_id>"`` (tokens redacted) and whether each stop
+(``"stop:<name>/<start_id>"``) was async, so tests can check what the hub sent. Fault injection is described in
 :mod:`deploy.dev_outpost.services`.
 """
 
@@ -209,6 +209,8 @@ async def delete_service(request: web.Request) -> web.Response:
     record = find_record(request)
     if record is None:
         return not_found()
+    key = f"{request[HUB]}/stop:{request.match_info.get('name', '')}/{request.match_info.get('start_id', '0')}"
+    request.app[REQUESTS][key] = {"async": is_async(request)}
     registry = request.app[REGISTRY]
     if is_async(request):
         registry.begin_stop(record)

@@ -74,6 +74,8 @@ def test_group_overrides_reach_the_outpost(hub: Hub, outpost: Outpost) -> None:
     hub.api("POST", hub.server_path(user), json={})
     events = hub.progress(user)
     assert events[-1].get("ready"), events
+    assert events[-1]["html_message"] == f"ready for {user}"  # progress_ready_hook
+    assert events[0] == {"progress": 0, "message": "Server requested"}  # show_first_default_event
     start_id = hub.server_model(user)["state"]["start_id"]  # type: ignore[index]
     body = outpost.get("/_dev/requests")[f"{user}/{start_id}"]
     assert body["env"]["JUPYTER_GROUP"] == "gpu"

@@ -273,3 +273,69 @@ async def test_a_fresh_running_status_is_answered_from_memory(outpost: Outpost, 
     assert await spawner.poll() is None
     assert polls() - before == 2
     await spawner.stop()
+
+
+TALKER = [sys.executable, "-c", "print('hello from the server', flush=True); import time; time.sleep(600)"]
+
+
+async def test_logs_stop_hooks_and_async_stop(outpost: Outpost, bridge: Bridge, prefix: str) -> None:
+    stopped: list[str] = []
+    spawner = make_spawner(
+        outpost,
+        prefix,
+        custom_misc={"cmd": TALKER},
+        collect_logs=True,
+        collect_logs_polling=True,
+        poll_status_max_age=0,
+        pre_stop_hook=lambda s: stopped.append(s.start_id),
+        stop_async=lambda s: True,
+    )
+    await spawner.start()
+    start_id = spawner.start_id
+    for _ in range(50):  # the server prints once it runs; collect_logs_polling picks it up
+        assert await spawner.poll() is None
+        if any("hello from the server" in line for line in spawner.logs):
+            break
+        await asyncio.sleep(0.2)
+    assert any("hello from the server" in line for line in spawner.logs), spawner.logs
+    assert spawner.get_state()["logs"] == spawner.logs
+    await spawner.stop()
+    assert stopped == [start_id]
+    assert outpost.get("/_dev/requests")[f"stop:{spawner.service_name}/{start_id}"] == {"async": True}
+
+
+async def test_misc_defaults_can_be_disabled(outpost: Outpost, bridge: Bridge, prefix: str) -> None:
+    spawner = make_spawner(outpost, prefix, custom_misc_disable_default=True)
+    await spawner.start()
+    assert sent(outpost, spawner)["misc"] == {"cmd": SLEEPER}
+    await spawner.stop()
+
+
+async def test_request_kwargs_are_carried_out_by_the_bridge(outpost: Outpost, bridge: Bridge, prefix: str) -> None:
+    user, password = outpost.credentials.split(":", 1)
+    # No Authorization header: tornado's auth_username/auth_password must do it (else 401).
+    spawner = make_spawner(outpost, prefix, http_client_defaults={"auth_username": user, "auth_password": password})
+    spawner.request_headers = {}
+    await spawner.start()
+    assert await spawner.poll() is None
+    await spawner.stop()
+
+    wrong = make_spawner(outpost, prefix, request_kwargs={"request_timeout": 5, "streaming_callback": print})
+    with pytest.raises(Exception, match="streaming_callback"):
+        await wrong.start()
+    unknown = make_spawner(outpost, prefix, request_kwargs={"request_timeout": 5, "bogus_option": 1})
+    with pytest.raises(Exception, match="bogus_option"):
+        await unknown.start()
+
+
+async def test_random_port_and_polling_in_milliseconds(outpost: Outpost, bridge: Bridge, prefix: str) -> None:
+    spawner = make_spawner(outpost, prefix, custom_poll_interval=1500, poll_jitter=0.2)
+    await spawner.start()
+    assert 1024 < spawner.port < 65536 and sent(outpost, spawner)["misc"]["port"] == spawner.port
+    spawner.start_polling()
+    try:
+        callback = spawner._poll_callback
+        assert callback is not None and callback.callback_time == 1500 and callback.jitter == 0.2
+    finally:
+        spawner.stop_polling()
+    await spawner.stop()

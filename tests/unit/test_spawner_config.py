@@ -214,3 +214,25 @@ def test_poll_grace_budget_by_time() -> None:
     assert all(spawner._poll_failed("down", keep=False) is None for _ in range(10))
     spawner._poll_failures = (1, time.monotonic() - 7200)  # the run of failures began two hours ago
     assert spawner._poll_failed("down", keep=True) == 0
+
+
+def test_first_default_event_can_be_hidden() -> None:
+    async def stream(spawner: OutpostSpawner) -> list[dict[str, Any]]:
+        spawner._spawn_pending = True
+        spawner.start_id = "s1"
+        spawner.add_event({"failed": True, "progress": 100, "message": "boom"})
+        return [event async for event in spawner._generate_progress()]
+
+    shown = asyncio.run(stream(make_spawner()))
+    assert shown[0] == {"progress": 0, "message": "Server requested"} and shown[-1]["message"] == "boom"
+    hidden = asyncio.run(stream(make_spawner(show_first_default_event=lambda s: False)))
+    assert [e["message"] for e in hidden] == ["boom"]
+
+
+def test_stop_removes_the_remote_forward_upstream_never_removed() -> None:
+    spawner = make_spawner(
+        request_url="http://outpost:8080/services/", ssh_create_remote_forward=True, ssh_remote_node="login"
+    )
+    spawner.start_id = "s1"
+    command, _ = asyncio.run(spawner._plan_stop())
+    assert command.remote_forward is not None and command.remote_forward.ssh.host == "login"
