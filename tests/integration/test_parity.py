@@ -339,3 +339,65 @@ async def test_random_port_and_polling_in_milliseconds(outpost: Outpost, bridge:
     finally:
         spawner.stop_polling()
     await spawner.stop()
+
+
+async def test_custom_forward_and_svc_hooks_replace_the_bridge(outpost: Outpost, bridge: Bridge, prefix: str) -> None:
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def forward(spawner: Any, port_forward_info: dict[str, Any]) -> None:
+        calls.append(("forward", dict(port_forward_info)))
+
+    def svc(spawner: Any, port_forward_info: dict[str, Any]) -> tuple[str, int]:
+        calls.append(("svc", dict(port_forward_info)))
+        return "forwarder.example.org", 8443
+
+    def record(name: str) -> Any:
+        return lambda spawner, info: calls.append((name, dict(info)))
+
+    spawner = make_spawner(
+        outpost,
+        prefix,
+        ssh_during_startup=True,
+        ssh_custom_forward=forward,
+        ssh_custom_svc=svc,
+        ssh_custom_forward_remove=record("forward_remove"),
+        ssh_custom_svc_remove=record("svc_remove"),
+        ssh_create_remote_forward=lambda s, remote: True,
+        ssh_custom_forward_remote=record("remote"),
+        ssh_custom_forward_remote_remove=record("remote_remove"),
+    )
+    url = await spawner.start()
+    service = spawner.port_forward_info["service"]  # the Outpost's answer, "host:port"
+    assert url == "http://forwarder.example.org:8443" and spawner.port == 8443
+    assert [name for name, _ in calls] == ["remote", "forward", "svc"]
+    assert calls[1][1] == {"service": service} and ":" in service
+    calls.clear()
+    await spawner.stop()
+    assert sorted(name for name, _ in calls) == ["forward_remove", "remote_remove", "svc_remove"]
+
+
+async def test_recreate_at_start_and_delayed_setup_with_custom_forward(
+    outpost: Outpost, bridge: Bridge, prefix: str
+) -> None:
+    calls: list[dict[str, Any]] = []
+    spawner = make_spawner(
+        outpost,
+        prefix,
+        ssh_recreate_at_start=True,
+        ssh_custom_forward=lambda s, info: calls.append(dict(info)),
+    )
+    # A hub restart: the state says the server runs behind a forward to node1:8888.
+    spawner.load_state({"start_id": "s-old", "outpost_name": "x", "port_forward_info": {"service": "node1:8888"}})
+    spawner.start_polling()
+    spawner.stop_polling()
+    assert spawner._recreate_task is not None
+    await spawner._recreate_task
+    assert calls == [{"service": "node1:8888"}]
+
+    # The delayed case: an async start gives no address; the server reports it later.
+    delayed = make_spawner(outpost, prefix, start_async=True, ssh_custom_forward=lambda s, info: calls.append(info))
+    url = await delayed.start()
+    assert url == f"http://{delayed.svc_name}:{delayed.port}"
+    await delayed.setup_tunnel({"service": "node2:9999", "ssh_node": "gw"})
+    assert calls[-1] == {"service": "node2:9999", "ssh_node": "gw"}
+    await delayed.stop()
