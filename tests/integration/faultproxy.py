@@ -10,6 +10,8 @@ never stalls the traffic it relays. The mode applies to new *and* open connectio
                 (a cable pulled somewhere in between);
 - ``reset``     abort every connection with a TCP RST, refuse new ones the same way (down);
 - ``status``    answer each request with ``HTTP/1.1 <status>`` and close (a failing server);
+- ``blackhole_existing()`` drops the open connections' traffic silently, relaying new ones
+                (a NAT/firewall that forgot the connection).
 - ``cut``       relay requests, but once the server starts answering a request that began
                 with one of ``cut_methods``, abort the client connection: the server got the
                 request, its answer is lost (the ambiguous failure).
@@ -130,6 +132,17 @@ class FaultProxy:
                     self.stats.reset += 1
 
             self._call(abort_all())
+
+    def blackhole_existing(self) -> int:
+        """Silently kill the open connections only (a NAT or firewall forgot them): their
+        traffic is dropped both ways without FIN or RST; new connections are relayed."""
+
+        async def kill() -> int:
+            for link in self._links:
+                link.dead = True
+            return len(self._links)
+
+        return self._call(kill())
 
     @property
     def url(self) -> str:
