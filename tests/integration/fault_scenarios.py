@@ -28,9 +28,9 @@ import requests
 from schemas import CommandResult
 
 from .faultproxy import FaultProxy, Mode
-from .hubclient import CountingHub, poll_body, start_body
+from .hubclient import CountingHub, poll_body, start_body, stop_body
 from .rabbitnode import RabbitNode
-from .services import AMQP_URL, Bridge, Outpost
+from .services import AMQP_URL, Bridge, Outpost, free_port
 
 CREDENTIALS = "faulthub:outpost-secret"
 
@@ -302,5 +302,208 @@ async def outpost_outage(workdir: Path, mode: Mode, n: int = 50, outage: float =
             f" in the outage answered 'unreachable'; healthy Outpost poll p50"
             f" {tally.extra['healthy_p50_before']:.3f} s before, {tally.extra['healthy_p50_during']:.3f} s during"
             f" (max {tally.extra['healthy_max_during']:.3f} s)"
+        )
+    return tally
+
+
+# -- 2. Ambiguous failures: the Outpost got the start, its answer was lost ----------------
+
+
+async def ambiguous_start(workdir: Path, n: int = 20) -> Tally:
+    """Every POST's answer is cut after the Outpost received it; half the starts are sync,
+    half async. Each (name, start_id) must reach the Outpost exactly once."""
+    tally = Tally(f"Ambiguous failure: answer of {n} starts lost")
+    async with stack(workdir, "ambiguous") as st:
+        outpost = await st.outpost()
+        proxy = st.proxy(outpost.port)
+        url = url_of(proxy.port)
+        await st.bridge()
+        hub = await st.hub()
+        proxy.set("cut", methods=("POST",))
+        users = [new_id("a") for _ in range(n)]
+        starts = await send_all(
+            hub,
+            [
+                (start_body(url, CREDENTIALS, u, "1", execution_async=i % 2 == 1), u, "1", 60)
+                for i, u in enumerate(users)
+            ],
+            url,
+        )
+        await settle(hub, starts, 90)
+        proxy.set("pass")
+        counts = await asyncio.to_thread(post_counts, outpost)
+        keys = [f"{u}/1" for u in users]
+        tally.attempted = n
+        count_outcomes(tally, starts)
+        tally.duplicated = duplicated_posts(counts, keys)
+        tally.lost += missing_posts(counts, keys)
+        lost_answer = [s for s in starts if s.result is not None and not s.result.ok]
+        # What the hub does with a failed start: a clean-up stop.
+        stops = await send_all(hub, [(stop_body(url, CREDENTIALS, s.user), s.user, "1", 30) for s in lost_answer], url)
+        await settle(hub, stops, 60)
+        remaining = await asyncio.to_thread(listed, outpost)
+        tally.lost += sum(1 for s in lost_answer if s.user in remaining)
+        tally.extra = {"cut": proxy.stats.cut, "sync_failed": len(lost_answer), "async_ok": n - len(lost_answer)}
+        tally.note(
+            f"{proxy.stats.cut} answers cut; async starts ok ({n - len(lost_answer)}); sync starts failed with"
+            f" 'answer was lost' ({len(lost_answer)}) and were cleaned up by the hub's stop"
+        )
+    return tally
+
+
+# -- 3. Orphans: services no hub owns are stopped by reconciliation -------------------------
+
+
+async def orphans(workdir: Path, n: int = 6, *, dry_run: bool = False) -> Tally:
+    """Starts whose answers were lost leave servers at the Outpost that the hub never
+    learned about and never stops; the bridge's reconciler stops them (or, dry, counts them)."""
+    tally = Tally(f"Orphans: {n} servers nobody owns" + (" (dry run)" if dry_run else ""))
+    async with stack(workdir, "orphans") as st:
+        outpost = await st.outpost()
+        proxy = st.proxy(outpost.port)
+        url = url_of(proxy.port)
+        metrics_port = free_port()
+        await st.bridge(
+            f"--OutpostBridge.metrics_port={metrics_port}",
+            "--OutpostBridge.reconcile_interval=1",
+            "--OutpostBridge.reconcile_grace=2",
+            f"--OutpostBridge.reconcile_dry_run={dry_run}",
+        )
+        hub = await st.hub()
+        keeper = new_id("k")  # a server the hub owns: must survive
+        [kept] = await send_all(hub, [(start_body(url, CREDENTIALS, keeper, "1"), keeper, "1", 60)], url)
+        await settle(hub, [kept], 60)
+        proxy.set("cut", methods=("POST",))
+        users = [new_id("orph") for _ in range(n)]
+        starts = await send_all(hub, [(start_body(url, CREDENTIALS, u, "1"), u, "1", 60) for u in users], url)
+        await settle(hub, starts, 90)
+        proxy.set("pass")
+        ended = time.monotonic()
+        tally.attempted = n
+        if dry_run:
+            took = await wait_until(
+                lambda: metric(metrics_port, "outpost_bridge_orphans_total", action="dry_run") >= n, 60
+            )
+            remaining = await asyncio.to_thread(listed, outpost)
+            tally.lost = sum(1 for u in users if u not in remaining)  # dry run must not stop anything
+        else:
+            took = await wait_until(lambda: not (set(users) & listed(outpost)), 60)
+            remaining = await asyncio.to_thread(listed, outpost)
+            tally.lost = sum(1 for u in users if u in remaining)
+        tally.recover_seconds = took
+        tally.lost += 0 if keeper in remaining else 1
+        stopped = await asyncio.to_thread(metric, metrics_port, "outpost_bridge_orphans_total", action="stopped")
+        would = await asyncio.to_thread(metric, metrics_port, "outpost_bridge_orphans_total", action="dry_run")
+        tally.extra = {"stopped": stopped, "dry_run": would, "keeper_running": keeper in remaining}
+        tally.note(
+            f"metrics: stopped={stopped:.0f} dry_run={would:.0f}; the owned server kept running: {keeper in remaining};"
+            f" time from the lost answers to the last orphan handled ({time.monotonic() - ended:.1f} s incl. grace 2 s)"
+        )
+    return tally
+
+
+# -- 4. Bridge SIGKILL amid starts and stops --------------------------------------------------
+
+
+async def bridge_killed(workdir: Path, n: int = 100) -> Tally:
+    """``n/2`` starts of new servers (half sync, half async) and ``n/2`` stops of running ones
+    in flight when the bridge is killed with SIGKILL and restarted: each completes once, none
+    is lost. A sync start whose POST was out when the bridge died cannot get its answer back
+    (only the POST's answer carries the server's address): it fails clearly and the hub
+    cleans it up; an async start is confirmed from the Outpost's record."""
+    tally = Tally(f"Bridge SIGKILL amid {n} starts and stops")
+    half = n // 2
+    async with stack(workdir, "kill") as st:
+        outpost = await st.outpost()
+        url = outpost.url
+        bridge = await st.bridge("--OutpostBridge.prefetch=200")
+        hub = await st.hub()
+        old = [new_id("old") for _ in range(half)]
+        ready = await send_all(hub, [(start_body(url, CREDENTIALS, u, "1"), u, "1", 90) for u in old], url)
+        await settle(hub, ready, 90)
+        assert all(s.result is not None and s.result.ok for s in ready)
+        new = [new_id("new") for _ in range(half)]
+        starts, stops = await asyncio.gather(
+            send_all(
+                hub,
+                [
+                    (start_body(url, CREDENTIALS, u, "1", delay=1.5, execution_async=i % 2 == 1), u, "1", 120)
+                    for i, u in enumerate(new)
+                ],
+                url,
+            ),
+            send_all(hub, [(stop_body(url, CREDENTIALS, u), u, "1", 120) for u in old], url),
+        )
+        await asyncio.sleep(0.8)  # POSTs at the Outpost, answers pending, stops under way
+        answered_before = sum(1 for s in [*starts, *stops] if s.future.done())
+        await asyncio.to_thread(bridge.stop, signal.SIGKILL)
+        killed = time.monotonic()
+        await asyncio.to_thread(bridge.start)
+        await settle(hub, [*starts, *stops], 120)
+        counts = await asyncio.to_thread(post_counts, outpost)
+        tally.attempted = 2 * half
+        count_outcomes(tally, [*starts, *stops])
+        tally.duplicated = duplicated_posts(counts, [f"{u}/1" for u in [*old, *new]])
+        tally.lost += missing_posts(counts, [f"{u}/1" for u in new])
+        remaining = await asyncio.to_thread(listed, outpost)
+        tally.lost += sum(1 for u in old if u in remaining)  # a stop acknowledged but not done
+        started = [s for s in starts if s.result is not None and s.result.ok]
+        tally.lost += sum(1 for s in started if s.user not in remaining)
+        failed = [s for s in starts if s.result is not None and not s.result.ok]
+        cleanup = await send_all(hub, [(stop_body(url, CREDENTIALS, s.user), s.user, "1", 30) for s in failed], url)
+        await settle(hub, cleanup, 60)
+        last = max((hub.result_times.get(s.id, killed) for s in [*starts, *stops]), default=killed)
+        tally.recover_seconds = max(0.0, last - killed)
+        repeated = sum(max(0, len(hub.results[s.id]) - 1) for s in [*starts, *stops])
+        tally.extra = {"answered_before_kill": answered_before, "repeated_results": repeated}
+        tally.note(
+            f"{answered_before} answered before the kill; {len(started)}/{half} starts ok, {len(failed)} failed"
+            f" 'answer was lost' (cleaned up); {repeated} results repeated after redelivery (same correlation id,"
+            " ignored by the hub)"
+        )
+    return tally
+
+
+# -- 5. Stop while the Outpost is down -----------------------------------------------------
+
+
+async def stop_while_down(workdir: Path, n: int = 10) -> Tally:
+    """Stops sent while the Outpost is down are answered at once (deferred), survive a bridge
+    SIGKILL, and are carried out when the Outpost returns."""
+    tally = Tally(f"Stop while the Outpost is down: {n} stops, bridge SIGKILLed meanwhile")
+    async with stack(workdir, "stopdown") as st:
+        outpost = await st.outpost()
+        proxy = st.proxy(outpost.port)
+        url = url_of(proxy.port)
+        metrics_port = free_port()
+        bridge = await st.bridge(f"--OutpostBridge.metrics_port={metrics_port}")
+        hub = await st.hub()
+        users = [new_id("sd") for _ in range(n)]
+        ready = await send_all(hub, [(start_body(url, CREDENTIALS, u, "1"), u, "1", 60) for u in users], url)
+        await settle(hub, ready, 60)
+        assert all(s.result is not None and s.result.ok for s in ready)
+        proxy.set("reset")
+        began = time.monotonic()
+        stops = await send_all(hub, [(stop_body(url, CREDENTIALS, u), u, "1", 3600) for u in users], url)
+        await settle(hub, stops, 60)
+        answered = max((hub.result_times.get(s.id, began) for s in stops), default=began) - began
+        deferred = sum(1 for s in stops if s.result is not None and s.result.ok and s.result.deferred)
+        await asyncio.to_thread(bridge.stop, signal.SIGKILL)
+        await asyncio.to_thread(bridge.start)
+        proxy.set("pass")
+        back = time.monotonic()
+        took = await wait_until(lambda: not (set(users) & listed(outpost)), 60)
+        remaining = await asyncio.to_thread(listed, outpost)
+        carried = await asyncio.to_thread(
+            metric, metrics_port, "outpost_bridge_deferred_stops_total", outcome="carried_out"
+        )
+        tally.attempted = n
+        count_outcomes(tally, stops)
+        tally.lost += sum(1 for u in users if u in remaining)
+        tally.recover_seconds = took if took is not None else time.monotonic() - back
+        tally.extra = {"deferred": deferred, "answered_within": answered, "carried_out": carried}
+        tally.note(
+            f"{deferred}/{n} answered ok+deferred within {answered:.1f} s of the outage; after a SIGKILL and"
+            f" restart of the bridge {carried:.0f} carried out once the Outpost answered"
         )
     return tally
