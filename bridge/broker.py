@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,6 +29,7 @@ from schemas.topology import DEAD_LETTER_REASON_HEADER, with_heartbeat
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
 OnMessage = Callable[[AbstractIncomingMessage], Awaitable[None]]
+PUBLISH_RETRY_SECONDS = 30.0
 
 
 class BridgeBroker:
@@ -152,7 +154,11 @@ class BridgeBroker:
             content_type="application/msgpack",
             type=kind,
         )
-        for attempt in (1, 2, 3):
+        # A broker restart takes several seconds: keep retrying for PUBLISH_RETRY_SECONDS.
+        end = time.monotonic() + PUBLISH_RETRY_SECONDS
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 await exchange.publish(message, routing_key=routing_key, timeout=30)
                 return
@@ -164,7 +170,7 @@ class BridgeBroker:
             ) as exc:
                 # aio-pika raises for a publish in flight during a reconnect: retry it with
                 # the same message id once the connection is back (consumers dedupe by id).
-                if attempt == 3:
+                if time.monotonic() >= end:
                     raise
                 log.warning("publish of %s failed (%s); retrying after reconnect", message_id, exc)
-                await asyncio.sleep(attempt)
+                await asyncio.sleep(min(attempt * 0.5, 2.0))

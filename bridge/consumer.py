@@ -208,7 +208,14 @@ class CommandConsumer:
         log.info("carrying out %s redelivered=%s", envelope.describe(), message.redelivered)
 
         async def emit(event: ProgressEvent) -> None:
-            await self._broker.publish_reply(reply(envelope, event))
+            # A progress event is a courtesy: one that cannot be published (broker restarting)
+            # must not abort the command; the result itself is published before the ack.
+            try:
+                await self._broker.publish_reply(reply(envelope, event))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("progress event not delivered (%s) %s", exc, envelope.describe())
 
         async def notice(text: str) -> None:
             await emit(ProgressEvent(source="bridge", message=text))
