@@ -1,9 +1,9 @@
 """The bridge's RabbitMQ connection: topology, confirmed publishing, dead-lettering, queues.
 
 One robust connection (aio-pika reconnects and re-declares what it declared, then resumes
-consumers). Publishing always waits for the broker's confirm and retries once across a
-reconnect with the same message id, so a result is either durable or the command stays
-unacked and comes back.
+consumers). Publishing always waits for the broker's confirm and is retried across a
+reconnect (for up to ``PUBLISH_RETRY_SECONDS``) with the same message id, so a result is
+either durable or the command stays unacked and comes back.
 """
 
 from __future__ import annotations
