@@ -96,16 +96,21 @@ class SshNode:
             await asyncio.wait({task})
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.close()
-            await asyncio.wait_for(conn.wait_closed(), 5)
+            await self._close(conn)
 
     async def reconnect(self) -> None:
         """Drop the current connection and connect again at once (node restarted)."""
         self._wake.set()
         conn = self._conn
         if conn is not None:
-            conn.close()
+            await self._close(conn)
+
+    async def _close(self, conn: asyncssh.SSHClientConnection) -> None:
+        conn.close()
+        try:
             await asyncio.wait_for(conn.wait_closed(), 5)
+        except TimeoutError:
+            log.warning("SSH connection to %s did not close within 5 s; abandoned", self.settings.label)
 
     async def connection(self, timeout: float) -> asyncssh.SSHClientConnection:
         """The live connection, waiting up to ``timeout`` seconds for the supervisor to make it.

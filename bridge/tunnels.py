@@ -18,7 +18,9 @@ import asyncio
 import errno
 import logging
 import socket
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import asyncssh
 
@@ -71,6 +73,7 @@ class _ClientSide(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         transport.pause_reading()
+        self._forward.clients.add(self)
         self._forward.spawn(self._open())
 
     async def _open(self) -> None:
@@ -103,6 +106,7 @@ class _ClientSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._forward.clients.discard(self)
         if self._channel is not None:
             self._channel.close()
 
@@ -154,6 +158,7 @@ class Forward:
         self._server = server
         self._target: _Target | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.clients: set[_ClientSide] = set()
         self._channel_timeout = channel_timeout
 
     @property
@@ -163,8 +168,8 @@ class Forward:
     def point(self, target: _Target | None) -> None:
         self._target = target
 
-    def spawn(self, work: object) -> None:
-        task = asyncio.ensure_future(work)  # type: ignore[call-overload]
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -191,7 +196,11 @@ class Forward:
         return channel
 
     async def close(self) -> None:
+        """Stop listening and cut every client connection (Python >= 3.12's
+        ``Server.wait_closed`` waits for them)."""
         self._server.close()
+        for client in list(self.clients):
+            client.close()
         tasks = set(self._tasks)
         for task in tasks:
             task.cancel()
