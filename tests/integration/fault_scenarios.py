@@ -507,3 +507,75 @@ async def stop_while_down(workdir: Path, n: int = 10) -> Tally:
             f" restart of the bridge {carried:.0f} carried out once the Outpost answered"
         )
     return tally
+
+
+# -- 6. Broker restart under load (a second RabbitMQ node) --------------------------------------
+
+
+async def broker_restart(workdir: Path, n: int = 30) -> Tally:
+    """``n`` starts in flight (and queued) when the broker node is stopped and started
+    again: bridge and hub reconnect on their own, every command completes, and the node
+    has as many consumers as before."""
+    tally = Tally(f"Broker restart amid {n} starts")
+    async with stack(workdir, "broker") as st:
+        node = await st.node()
+        amqp = f"{node.url}?reconnect_interval=1"
+        outpost, second = await st.outpost(), await st.outpost()
+        url = outpost.url
+        await st.bridge("--heartbeat=5", "--OutpostBridge.prefetch=10", amqp_url=amqp)
+        hub = await st.hub(amqp_url=amqp)
+        warm = new_id("w")
+        [first] = await send_all(hub, [(start_body(url, CREDENTIALS, warm, "1"), warm, "1", 60)], url)
+        await settle(hub, [first], 60)
+        consumers_before = await asyncio.to_thread(node.consumers)
+        users = [new_id("b") for _ in range(n)]
+        starts = await send_all(
+            hub,
+            [
+                (start_body(url, CREDENTIALS, u, "1", delay=1.0, execution_async=i % 2 == 1), u, "1", 180)
+                for i, u in enumerate(users)
+            ],
+            url,
+        )
+        await asyncio.sleep(0.5)
+        answered_before = sum(1 for s in starts if s.future.done())
+        await asyncio.to_thread(node.stop)
+        down = time.monotonic()
+        await asyncio.to_thread(node.start)
+        up = time.monotonic()
+        await settle(hub, starts, 150)
+        restored = await wait_until(lambda: node.consumers() == consumers_before, 60)
+        consumers_after = await asyncio.to_thread(node.consumers)
+        consumer_queues = await asyncio.to_thread(node.consumer_queues)
+        # Commands published after the restart reach resumed consumers, also for an Outpost
+        # first announced after it (the registry stream consumer resumed too).
+        later = [new_id("c") for _ in range(3)]
+        after = await send_all(hub, [(poll_body(url, CREDENTIALS, u), u, "0", 30) for u in later], url)
+        after += await send_all(hub, [(poll_body(second.url, CREDENTIALS, u), u, "0", 30) for u in later], second.url)
+        await settle(hub, after, 60)
+        counts = await asyncio.to_thread(post_counts, outpost)
+        keys = [f"{u}/1" for u in users]
+        tally.attempted = n + len(after)
+        count_outcomes(tally, [*starts, *after])
+        tally.duplicated = duplicated_posts(counts, keys)
+        tally.lost += missing_posts(counts, keys)
+        tally.failed_clearly -= sum(1 for s in after if s.result is not None and clear_failure(s.result))  # 404s
+        last = max((hub.result_times.get(s.id, up) for s in starts), default=up)
+        tally.recover_seconds = max(0.0, last - up)
+        ok = sum(1 for s in starts if s.result is not None and s.result.ok)
+        tally.extra = {
+            "consumers_before": consumers_before,
+            "consumers_after": consumers_after,
+            "consumer_queues": consumer_queues,
+            "consumers_restored": restored is not None,
+            "starts_ok": ok,
+            "answered_before": answered_before,
+            "down_seconds": up - down,
+            "hub_publish_retries": hub.publish_retries,
+        }
+        tally.note(
+            f"broker down {up - down:.1f} s (stop + start); {answered_before} answered before; {ok}/{n} starts ok;"
+            f" {len(after)} commands published after the restart (half to a newly announced Outpost) answered;"
+            f" consumers {consumers_before} before, {consumers_after} after (rabbitmqctl list_consumers)"
+        )
+    return tally

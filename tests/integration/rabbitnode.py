@@ -82,10 +82,13 @@ class RabbitNode:
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    def consumers(self) -> int:
-        """How many consumers the node has registered (``rabbitmqctl list_consumers``)."""
+    def consumer_queues(self) -> list[str]:
+        """The queue of every consumer the node has registered (``rabbitmqctl list_consumers``)."""
         out = self.ctl("list_consumers", "--quiet", "--no-table-headers", "queue_name")
-        return len([line for line in out.splitlines() if line.strip()])
+        return sorted(line.strip() for line in out.splitlines() if line.strip())
+
+    def consumers(self) -> int:
+        return len(self.consumer_queues())
 
     def stop(self) -> None:
         if self._proc is None or self._proc.poll() is not None:

@@ -24,3 +24,38 @@ async def test_outpost_outage_loses_and_duplicates_nothing(rabbitmq: str, workdi
     assert tally.extra["starts_ok"] == 12, tally
     if mode in ("reset", "status"):
         assert tally.extra["starts_warned"] > 0, tally
+
+
+async def test_ambiguous_failure_starts_each_server_exactly_once(rabbitmq: str, workdir: Path) -> None:
+    tally = await fs.ambiguous_start(workdir, n=10)
+    assert (tally.lost, tally.duplicated) == (0, 0), tally
+    assert tally.extra["cut"] >= 10, tally  # every start's answer was really lost once
+    assert tally.extra["async_ok"] == 5 and tally.failed_clearly == 5, tally
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+async def test_orphans_are_stopped_after_the_grace_period(rabbitmq: str, workdir: Path, dry_run: bool) -> None:
+    tally = await fs.orphans(workdir, n=4, dry_run=dry_run)
+    assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
+    assert tally.extra["keeper_running"], tally
+    assert (tally.extra["stopped"], tally.extra["dry_run"]) == ((0, 4) if dry_run else (4, 0)), tally
+
+
+async def test_bridge_sigkill_amid_starts_and_stops(rabbitmq: str, workdir: Path) -> None:
+    tally = await fs.bridge_killed(workdir, n=30)
+    assert (tally.lost, tally.duplicated) == (0, 0), tally
+    # Only sync starts whose POST was out when the bridge died may fail, and only clearly.
+    assert tally.failed_clearly <= 8, tally
+
+
+async def test_stop_while_the_outpost_is_down_is_carried_out_later(rabbitmq: str, workdir: Path) -> None:
+    tally = await fs.stop_while_down(workdir, n=6)
+    assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
+    assert tally.extra["deferred"] == 6 and tally.extra["carried_out"] == 6, tally
+
+
+async def test_broker_restart_under_load(rabbitmq: str, workdir: Path) -> None:
+    tally = await fs.broker_restart(workdir, n=12)
+    assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
+    assert tally.extra["consumers_restored"], tally
+    assert tally.extra["consumers_after"] == tally.extra["consumers_before"], tally
