@@ -170,7 +170,7 @@ class Pipeline:
             except (DeadlinePassed, OutpostAnswerError) as exc:
                 return self._finish(key, command, _error_result("start", exc))
             if exists:
-                return self._finish(key, command, self._already_started(start))
+                return self._finish(key, command, await self._found_started(command, start))
 
         try:
             # Bad SSH options fail before anything is started anywhere.
@@ -242,7 +242,7 @@ class Pipeline:
             return self._finish(key, command, _error_result("start", exc))
         if answer is _REACHED:
             log.warning("start reached the Outpost but its answer was lost %s", command.describe())
-            found = self._already_started(start)
+            found = await self._found_started(command, start)
             if not found.ok:
                 await self._undo_start(command, start)
             return self._finish(key, command, found)
@@ -268,6 +268,21 @@ class Pipeline:
             if address:
                 await emit(ProgressEvent(source="bridge", progress=35, message=f"Bridge: forward ready at {address}."))
         return self._finish(key, command, CommandResult(command="start", ok=True, service=service, address=address))
+
+    async def _found_started(self, command: Envelope, start: StartCommand) -> CommandResult:
+        """The result for a start found at the Outpost after its answer was lost; an async
+        start with a tunnel gets its port reserved (delayed case) like a fresh one."""
+        found = self._already_started(start)
+        if not found.ok or start.tunnel is None:
+            return found
+        try:
+            address = await self._reachability().after_start(
+                forward_key(command, start.name), start.tunnel, "", command.deadline
+            )
+        except TUNNEL_FAILURES as exc:
+            await self._undo_start(command, start)
+            return _tunnel_error("start", exc)
+        return msgspec.structs.replace(found, address=address)
 
     def _reachability_check(self, start: StartCommand) -> None:
         for endpoint in (
