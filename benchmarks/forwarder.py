@@ -18,7 +18,7 @@ from schemas import SshEndpoint, TunnelSpec
 async def main(args: argparse.Namespace) -> None:
     pool = SshPool(known_hosts=args.known_hosts)
     store = TunnelStore(tempfile.mktemp(suffix=".sqlite"))
-    manager = TunnelManager(pool, store, bind_host="127.0.0.1", ciphers=(args.cipher,))
+    manager = TunnelManager(pool, store, bind_host="127.0.0.1", backlog=args.backlog, ciphers=(args.cipher,))
     spec = TunnelSpec(ssh=SshEndpoint(**json.loads(args.sshd)), during_startup=True)
     ports = []
     for i in range(args.count):
@@ -37,4 +37,5 @@ if __name__ == "__main__":
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--cipher", default="aes128-gcm@openssh.com")
     parser.add_argument("--known-hosts", required=True)
+    parser.add_argument("--backlog", type=int, default=4096)
     asyncio.run(main(parser.parse_args()))

@@ -58,7 +58,9 @@ def start_target(size: int = 1 << 30) -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
-def start_forwarder(sshd: Sshd, target_port: int, count: int, cipher: str) -> tuple[subprocess.Popen[str], list[int]]:
+def start_forwarder(
+    sshd: Sshd, target_port: int, count: int, cipher: str, backlog: int = 4096
+) -> tuple[subprocess.Popen[str], list[int]]:
     """A process running the bridge's TunnelManager with ``count`` forwards to the target."""
     args = [
         sys.executable,
@@ -74,6 +76,8 @@ def start_forwarder(sshd: Sshd, target_port: int, count: int, cipher: str) -> tu
         cipher,
         "--known-hosts",
         str(sshd.root / "bench_known_hosts"),
+        "--backlog",
+        str(backlog),
     ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stdout is not None

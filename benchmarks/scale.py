@@ -1,7 +1,7 @@
 """How many forwards one bridge keeps open on one SSH connection, its memory, and a burst of
 simultaneous client connections through one forward.
 
-    .venv/bin/python -m benchmarks.scale [--forwards 2000] [--burst 500]
+    .venv/bin/python -m benchmarks.scale [--forwards 2000] [--burst 500] [--backlog 4096]
 
 Prints: time to open the forwards, the forwarder's RSS idle and with one open connection
 through every forward (all echoing), and for the burst: completed/failed, total time and
@@ -34,12 +34,12 @@ async def echo_once(port: int, keep: list[asyncio.StreamWriter] | None = None) -
     return elapsed
 
 
-async def run(forwards: int, burst: int) -> None:
+async def run(forwards: int, burst: int, backlog: int) -> None:
     sshd = start_sshd()
     target, target_port = start_target()
     try:
         began = now()
-        bridge, ports = start_forwarder(sshd, target_port, forwards, "aes128-gcm@openssh.com")
+        bridge, ports = start_forwarder(sshd, target_port, forwards, "aes128-gcm@openssh.com", backlog)
         opened = now() - began
         try:
             print(f"forwards open on one SSH connection: {len(ports)} in {opened:.1f} s")
@@ -62,7 +62,7 @@ async def run(forwards: int, burst: int) -> None:
             failed = [r for r in results if isinstance(r, BaseException)]
             q = statistics.quantiles(times, n=100) if len(times) > 1 else [0.0] * 99
             print(
-                f"burst of {burst} simultaneous connections through one forward: {len(times)} ok,"
+                f"burst of {burst} simultaneous connections through one forward (backlog {backlog}): {len(times)} ok,"
                 f" {len(failed)} failed in {total:.2f} s; latency p50 {q[49] * 1000:.0f} ms,"
                 f" p99 {q[98] * 1000:.0f} ms, max {times[-1] * 1000:.0f} ms"
             )
@@ -81,8 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--forwards", type=int, default=2000)
     parser.add_argument("--burst", type=int, default=500)
+    parser.add_argument("--backlog", type=int, default=4096, help="listen backlog of each forward")
     args = parser.parse_args()
-    asyncio.run(run(args.forwards, args.burst))
+    asyncio.run(run(args.forwards, args.burst, args.backlog))
 
 
 if __name__ == "__main__":
