@@ -59,3 +59,14 @@ async def test_broker_restart_under_load(rabbitmq: str, workdir: Path) -> None:
     assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
     assert tally.extra["consumers_restored"], tally
     assert tally.extra["consumers_after"] == tally.extra["consumers_before"], tally
+
+
+async def test_poison_and_10000_fuzzed_messages_are_dead_lettered_with_reasons(rabbitmq: str, workdir: Path) -> None:
+    tally = await fs.poison_and_fuzz(workdir, fuzz=10_000, real=5)
+    assert (tally.lost, tally.duplicated) == (0, 0), tally
+    reasons = tally.extra["poison_reasons"]
+    for kind in ("undecodable", "invalid", "unsupported_version", "too_large"):
+        assert reasons[kind].startswith(kind), reasons
+    assert "hub id 'intruder' is not served" in reasons["invalid hub id"], reasons
+    assert tally.extra["dead_lettered"] == tally.extra["expected_dead"] and tally.extra["starts_ok"] == 5, tally
+    assert tally.extra["bridge_alive"], tally
