@@ -203,6 +203,7 @@ def tunnel_bridge(
         "c.OutpostBridge.tunnel_public_host = '127.0.0.1'\n"
         "c.OutpostBridge.ssh_keepalive_interval = 2\n"
         "c.OutpostBridge.remote_forward_timeout = 2\n"
+        "c.OutpostBridge.tunnel_restore_timeout = 3\n"
         "c.OutpostBridge.k8s_enabled = True\n"
         f"c.OutpostBridge.kubeconfig = {str(fake_k8s.kubeconfig)!r}\n"
         f"c.OutpostBridge.service_selector = {SELECTOR!r}\n"
@@ -353,6 +354,25 @@ async def test_bridge_restart_restores_every_tunnel(hub: TunnelHub, sshd: Sshd, 
         assert get(address) == f"hello from {name}"  # reachable as soon as the bridge is ready
     for name, start_id, tunnel, _ in servers:
         assert (await hub.stop(name, start_id, tunnel=tunnel)).ok
+
+
+async def test_bridge_restart_while_the_ssh_node_is_down(hub: TunnelHub, sshd: Sshd, tunnel_bridge: Bridge) -> None:
+    name, start_id = new_name("rdn")
+    tunnel = TunnelSpec(ssh=endpoint(sshd), during_startup=True)
+    result = await hub.start(name, start_id, free_port(), tunnel=tunnel)
+    assert result.ok, result.error
+    get_eventually(result.address)
+    tunnel_bridge.stop()
+    sshd.stop()
+    try:
+        restart(tunnel_bridge)  # ready after tunnel_restore_timeout (3 s), node still down
+        assert "not reachable yet at start-up" in tunnel_bridge.log()
+        assert port_open(int(result.address.rsplit(":", 1)[1]))  # the port is held meanwhile
+    finally:
+        sshd.start()
+    # The node is back: the restored forward works without any command.
+    assert get_eventually(result.address, "the forward after the node came back", 60) == f"hello from {name}"
+    assert (await hub.stop(name, start_id, tunnel=tunnel)).ok
 
 
 async def test_remote_forward_start_and_stop(hub: TunnelHub, sshd: Sshd) -> None:
