@@ -81,6 +81,13 @@ class HubBroker:
         queue = await consume_channel.declare_queue(
             t.hub_queue(self.hub_id), durable=True, arguments=t.hub_queue_arguments()
         )
+        declared = queue.declaration_result
+        if declared is not None and declared.consumer_count:
+            # Results would be shared out between the processes: each would miss some.
+            log.error(
+                "another process already consumes %s: give every hub its own OutpostSpawner.hub_id",
+                t.hub_queue(self.hub_id),
+            )
         await queue.bind(replies, routing_key=self.hub_id)
         await queue.consume(self._on_reply, no_ack=False)
         log.info("connected to RabbitMQ; consuming %s", t.hub_queue(self.hub_id))

@@ -39,7 +39,7 @@ def test_hub_crash_keeps_running_servers_and_orphans_nothing(
 ) -> None:
     logs = workdir / "crash-hub"
     logs.mkdir()
-    hub = Hub(logs, logs / "state", prefix, outpost).start()
+    hub = Hub(logs, logs / "state", prefix, outpost, env={"OUTPOST_MQ_HUB_ID": f"{prefix}-crash"}).start()
     try:
         running, pending = new_user(hub), new_user(hub)
         hub.api("POST", hub.server_path(running), json={})

@@ -34,7 +34,7 @@ def test_servers_started_by_upstream_survive_the_switch(
 ) -> None:
     logs = workdir / "legacy-hub"
     logs.mkdir()
-    hub = Hub(logs, logs / "state", prefix, outpost).start()
+    hub = Hub(logs, logs / "state", prefix, outpost, env={"OUTPOST_MQ_HUB_ID": f"{prefix}-legacy"}).start()
     user = f"legacy{uuid.uuid4().hex[:6]}"
     assert hub.api("POST", f"/users/{user}").status_code == 201
     hub.stop()
@@ -70,7 +70,7 @@ def test_servers_started_by_upstream_survive_the_switch(
     db.commit()
     db.close()
 
-    hub = Hub(logs, logs / "state", prefix, outpost).start()
+    hub = Hub(logs, logs / "state", prefix, outpost, env={"OUTPOST_MQ_HUB_ID": f"{prefix}-legacy"}).start()
     try:
         model = hub.server_model(user, "gpu")
         assert model and model["ready"], (model, hub.log()[-3000:])
