@@ -26,6 +26,8 @@ from aio_pika.abc import (
 from schemas import Envelope, Topology, encode
 from schemas.topology import DEAD_LETTER_REASON_HEADER, with_heartbeat
 
+from .liveness import declare_dead_after, with_reconnect_interval
+
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
 OnMessage = Callable[[AbstractIncomingMessage], Awaitable[None]]
@@ -36,7 +38,8 @@ class BridgeBroker:
     """Owns the connection, the publish channel and one channel per consumed queue."""
 
     def __init__(self, url: str, topology: Topology, *, heartbeat: int = 15, prefetch: int = 50) -> None:
-        self._url = with_heartbeat(url, heartbeat)
+        self._url = with_reconnect_interval(with_heartbeat(url, heartbeat))
+        declare_dead_after(heartbeat)  # a silent link is noticed within ~2 heartbeats
         self.topology = topology
         self._prefetch = prefetch
         self._connection: AbstractRobustConnection | None = None

@@ -105,7 +105,8 @@ async def wait_until(predicate: Callable[[], Any], timeout: float, interval: flo
 class Stack:
     """The processes and clients of one scenario; everything is stopped on exit."""
 
-    def __init__(self, workdir: Path, name: str) -> None:
+    def __init__(self, workdir: Path, name: str, amqp_url: str = AMQP_URL) -> None:
+        self.amqp_url = amqp_url
         self.prefix = f"{name}-{uuid.uuid4().hex[:6]}"
         self.dir = workdir / self.prefix
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,8 @@ class Stack:
         self._nodes.append(node)
         return await asyncio.to_thread(node.start)
 
-    def bridge_process(self, *extra: str, amqp_url: str = AMQP_URL, name: str = "bridge") -> Bridge:
+    def bridge_process(self, *extra: str, amqp_url: str = "", name: str = "bridge") -> Bridge:
+        amqp_url = amqp_url or self.amqp_url
         bridge = Bridge(self.dir, self.prefix, self.dir / f"{name}.sqlite")
         options = [
             f"--amqp-url={amqp_url}",
@@ -148,11 +150,11 @@ class Stack:
         self._bridges.append(bridge)
         return bridge
 
-    async def bridge(self, *extra: str, amqp_url: str = AMQP_URL, name: str = "bridge") -> Bridge:
+    async def bridge(self, *extra: str, amqp_url: str = "", name: str = "bridge") -> Bridge:
         return await asyncio.to_thread(self.bridge_process(*extra, amqp_url=amqp_url, name=name).start)
 
-    async def hub(self, amqp_url: str = AMQP_URL, heartbeat: int = 5) -> CountingHub:
-        hub = CountingHub(amqp_url, self.prefix, self.hub_id, heartbeat=heartbeat)
+    async def hub(self, amqp_url: str = "", heartbeat: int = 5) -> CountingHub:
+        hub = CountingHub(amqp_url or self.amqp_url, self.prefix, self.hub_id, heartbeat=heartbeat)
         self._hubs.append(hub)
         return await hub.connect()
 
@@ -171,8 +173,8 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def stack(workdir: Path, name: str) -> AsyncIterator[Stack]:
-    st = Stack(workdir, name)
+async def stack(workdir: Path, name: str, amqp_url: str = AMQP_URL) -> AsyncIterator[Stack]:
+    st = Stack(workdir, name, amqp_url)
     try:
         yield st
     finally:
@@ -238,12 +240,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
 
 
-async def outpost_outage(workdir: Path, mode: Mode, n: int = 50, outage: float = 5.0) -> Tally:
+async def outpost_outage(
+    workdir: Path, mode: Mode, n: int = 50, outage: float = 5.0, *, amqp_url: str = AMQP_URL
+) -> Tally:
     """``n`` starts and ``n`` polls to an Outpost that fails (``mode``) for ``outage`` seconds,
     while a second, healthy Outpost is polled; every start must complete once it returns."""
     label = {"reset": "down", "status": "5xx", "freeze": "frozen", "delay": "slow"}.get(mode, mode)
     tally = Tally(f"Outpost {label} {outage:.0f} s during {n} starts + {n} polls")
-    async with stack(workdir, f"outage-{label}") as st:
+    async with stack(workdir, f"outage-{label}", amqp_url) as st:
         sick, healthy = await st.outpost(), await st.outpost()
         proxy = st.proxy(sick.port)
         sick_url = url_of(proxy.port)
@@ -328,11 +332,11 @@ async def outpost_outage(workdir: Path, mode: Mode, n: int = 50, outage: float =
 # -- 2. Ambiguous failures: the Outpost got the start, its answer was lost ----------------
 
 
-async def ambiguous_start(workdir: Path, n: int = 20) -> Tally:
+async def ambiguous_start(workdir: Path, n: int = 20, *, amqp_url: str = AMQP_URL) -> Tally:
     """Every POST's answer is cut after the Outpost received it; half the starts are sync,
     half async. Each (name, start_id) must reach the Outpost exactly once."""
     tally = Tally(f"Ambiguous failure: answer of {n} starts lost")
-    async with stack(workdir, "ambiguous") as st:
+    async with stack(workdir, "ambiguous", amqp_url) as st:
         outpost = await st.outpost()
         proxy = st.proxy(outpost.port)
         url = url_of(proxy.port)
@@ -373,11 +377,11 @@ async def ambiguous_start(workdir: Path, n: int = 20) -> Tally:
 # -- 3. Orphans: services no hub owns are stopped by reconciliation -------------------------
 
 
-async def orphans(workdir: Path, n: int = 6, *, dry_run: bool = False) -> Tally:
+async def orphans(workdir: Path, n: int = 6, *, dry_run: bool = False, amqp_url: str = AMQP_URL) -> Tally:
     """Starts whose answers were lost leave servers at the Outpost that the hub never
     learned about and never stops; the bridge's reconciler stops them (or, dry, counts them)."""
     tally = Tally(f"Orphans: {n} servers nobody owns" + (" (dry run)" if dry_run else ""))
-    async with stack(workdir, "orphans") as st:
+    async with stack(workdir, "orphans", amqp_url) as st:
         outpost = await st.outpost()
         proxy = st.proxy(outpost.port)
         url = url_of(proxy.port)
@@ -424,7 +428,7 @@ async def orphans(workdir: Path, n: int = 6, *, dry_run: bool = False) -> Tally:
 # -- 4. Bridge SIGKILL amid starts and stops --------------------------------------------------
 
 
-async def bridge_killed(workdir: Path, n: int = 100) -> Tally:
+async def bridge_killed(workdir: Path, n: int = 100, *, amqp_url: str = AMQP_URL) -> Tally:
     """``n/2`` starts of new servers (half sync, half async) and ``n/2`` stops of running ones
     in flight when the bridge is killed with SIGKILL and restarted: each completes once, none
     is lost. A sync start whose POST was out when the bridge died cannot get its answer back
@@ -432,7 +436,7 @@ async def bridge_killed(workdir: Path, n: int = 100) -> Tally:
     cleans it up; an async start is confirmed from the Outpost's record."""
     tally = Tally(f"Bridge SIGKILL amid {n} starts and stops")
     half = n // 2
-    async with stack(workdir, "kill") as st:
+    async with stack(workdir, "kill", amqp_url) as st:
         outpost = await st.outpost()
         url = outpost.url
         bridge = await st.bridge("--OutpostBridge.prefetch=200")
@@ -486,11 +490,11 @@ async def bridge_killed(workdir: Path, n: int = 100) -> Tally:
 # -- 5. Stop while the Outpost is down -----------------------------------------------------
 
 
-async def stop_while_down(workdir: Path, n: int = 10) -> Tally:
+async def stop_while_down(workdir: Path, n: int = 10, *, amqp_url: str = AMQP_URL) -> Tally:
     """Stops sent while the Outpost is down are answered at once (deferred), survive a bridge
     SIGKILL, and are carried out when the Outpost returns."""
     tally = Tally(f"Stop while the Outpost is down: {n} stops, bridge SIGKILLed meanwhile")
-    async with stack(workdir, "stopdown") as st:
+    async with stack(workdir, "stopdown", amqp_url) as st:
         outpost = await st.outpost()
         proxy = st.proxy(outpost.port)
         url = url_of(proxy.port)
@@ -742,12 +746,14 @@ async def dead_letters(amqp_url: str, queue: str, arguments: dict[str, Any], wan
     return got
 
 
-async def poison_and_fuzz(workdir: Path, fuzz: int = 10_000, real: int = 5, batch: int = 500) -> Tally:
+async def poison_and_fuzz(
+    workdir: Path, fuzz: int = 10_000, real: int = 5, batch: int = 500, *, amqp_url: str = AMQP_URL
+) -> Tally:
     """Five kinds of poison and ``fuzz`` generated messages at a live bridge that serves one
     hub id, while ``real`` starts keep succeeding: each bad message is dead-lettered once
     with its reason, the bridge keeps running, valid generated polls are answered."""
     tally = Tally(f"Poison messages (5 kinds) + {fuzz} fuzzed, {real} real starts meanwhile")
-    async with stack(workdir, "poison") as st:
+    async with stack(workdir, "poison", amqp_url) as st:
         outpost = await st.outpost()
         url = outpost.url
         bridge = await st.bridge(f"--OutpostBridge.hub_ids={st.hub_id}", "--OutpostBridge.prefetch=200")
@@ -773,7 +779,7 @@ async def poison_and_fuzz(workdir: Path, fuzz: int = 10_000, real: int = 5, batc
         published = time.monotonic() - began
         await settle(hub, starts, 120)
         t = st_topology(st)
-        letters = await dead_letters(AMQP_URL, t.dead_letter_queue, t.dead_letter_arguments(), expected_dead, 120)
+        letters = await dead_letters(st.amqp_url, t.dead_letter_queue, t.dead_letter_arguments(), expected_dead, 120)
         drained = time.monotonic() - began
         reasons = {m.message_id: str((m.headers or {}).get(DEAD_LETTER_REASON_HEADER, "")) for m in letters}
         # Valid generated polls get answered (results for their command ids).
@@ -816,3 +822,50 @@ async def poison_and_fuzz(workdir: Path, fuzz: int = 10_000, real: int = 5, batc
 
 def st_topology(st: Stack) -> Topology:
     return Topology(st.prefix)
+
+
+# -- 8. Silent network loss between a side and the broker ----------------------------------------
+
+
+async def silent_loss(
+    workdir: Path, side: str = "bridge", heartbeat: int = 4, k: int = 10, *, amqp_url: str = AMQP_URL
+) -> Tally:
+    """The open AMQP connections of ``side`` ("bridge" or "hub") are silently dropped (no FIN,
+    no RST; new connections work, as after a NAT/firewall forgot them). Heartbeats must
+    notice; every command sent meanwhile is answered after the reconnect."""
+    tally = Tally(f"Silent loss {side}<->broker (heartbeat {heartbeat} s), {k} commands meanwhile")
+    async with stack(workdir, f"silent-{side}", amqp_url) as st:
+        outpost = await st.outpost()
+        url = outpost.url
+        broker_port = int(amqp_url.rsplit(":", 1)[1].split("/")[0])
+        bridge_proxy, hub_proxy = st.proxy(broker_port), st.proxy(broker_port)
+        via = {
+            "bridge": f"amqp://guest:guest@127.0.0.1:{bridge_proxy.port}/?reconnect_interval=1",
+            "hub": f"amqp://guest:guest@127.0.0.1:{hub_proxy.port}/?reconnect_interval=1",
+        }
+        await st.bridge(f"--heartbeat={heartbeat}", amqp_url=via["bridge"])
+        hub = await st.hub(amqp_url=via["hub"], heartbeat=heartbeat)
+        warm = new_id("w")
+        [first] = await send_all(hub, [(poll_body(url, CREDENTIALS, warm), warm, "0", 30)], url)
+        await settle(hub, [first], 30)
+        proxy = bridge_proxy if side == "bridge" else hub_proxy
+        killed = proxy.blackhole_existing()
+        began = time.monotonic()
+        users = [new_id("s") for _ in range(k)]
+        sent: list[Sent] = []
+        for u in users:
+            sent += await send_all(hub, [(poll_body(url, CREDENTIALS, u), u, "0", 120)], url)
+            await asyncio.sleep(0.2)
+        await settle(hub, sent, 120)
+        tally.attempted = k
+        count_outcomes(tally, sent)
+        tally.failed_clearly -= sum(1 for s in sent if s.result is not None and clear_failure(s.result))  # 404s
+        first_answer = hub.result_times.get(sent[0].id)
+        tally.recover_seconds = None if first_answer is None else first_answer - began
+        tally.extra = {"connections_dropped": killed, "heartbeat": heartbeat, "publish_retries": hub.publish_retries}
+        tally.note(
+            f"{killed} connection(s) silently dropped; the first command sent after it answered after"
+            f" {tally.recover_seconds or 0:.1f} s = {(tally.recover_seconds or 0) / heartbeat:.1f} x heartbeat;"
+            f" {hub.publish_retries} publishes retried (same message id)"
+        )
+    return tally

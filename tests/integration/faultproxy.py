@@ -176,6 +176,10 @@ class FaultProxy:
                 asyncio.create_task(self._pump(up_reader, writer, link, upstream=False)),
             ]
             await asyncio.wait(link.tasks, return_when=asyncio.FIRST_COMPLETED)
+            if link.dead:
+                # A dead link tells the client nothing, not even that the server closed:
+                # it stays open until the client gives up on it.
+                await asyncio.wait(link.tasks[:1])
             # One side finished: let the other drain briefly, then close both.
             _, pending = await asyncio.wait(link.tasks, timeout=5)
             for task in pending:

@@ -8,61 +8,74 @@ benchmarks.reliability`` runs the same scenarios larger), never assertions here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from . import fault_scenarios as fs
+from .rabbitnode import RabbitNode
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 
+@pytest.fixture(scope="module")
+def fault_broker(workdir: Path) -> Iterator[str]:
+    """A RabbitMQ node of its own: the faults injected here (floods, silent links) never
+    reach the broker the rest of the suite shares."""
+    node = RabbitNode(workdir / "fault-broker").start()
+    yield node.url
+    node.stop()
+
+
 @pytest.mark.parametrize("mode", ["reset", "status", "freeze", "delay"])
-async def test_outpost_outage_loses_and_duplicates_nothing(rabbitmq: str, workdir: Path, mode: fs.Mode) -> None:
-    tally = await fs.outpost_outage(workdir, mode, n=12, outage=4)
+async def test_outpost_outage_loses_and_duplicates_nothing(fault_broker: str, workdir: Path, mode: fs.Mode) -> None:
+    tally = await fs.outpost_outage(workdir, mode, n=12, outage=4, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated) == (0, 0), tally
     assert tally.extra["starts_ok"] == 12, tally
     if mode in ("reset", "status"):
         assert tally.extra["starts_warned"] > 0, tally
 
 
-async def test_ambiguous_failure_starts_each_server_exactly_once(rabbitmq: str, workdir: Path) -> None:
-    tally = await fs.ambiguous_start(workdir, n=10)
+async def test_ambiguous_failure_starts_each_server_exactly_once(fault_broker: str, workdir: Path) -> None:
+    tally = await fs.ambiguous_start(workdir, n=10, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated) == (0, 0), tally
     assert tally.extra["cut"] >= 10, tally  # every start's answer was really lost once
     assert tally.extra["async_ok"] == 5 and tally.failed_clearly == 5, tally
 
 
 @pytest.mark.parametrize("dry_run", [False, True])
-async def test_orphans_are_stopped_after_the_grace_period(rabbitmq: str, workdir: Path, dry_run: bool) -> None:
-    tally = await fs.orphans(workdir, n=4, dry_run=dry_run)
+async def test_orphans_are_stopped_after_the_grace_period(fault_broker: str, workdir: Path, dry_run: bool) -> None:
+    tally = await fs.orphans(workdir, n=4, dry_run=dry_run, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
     assert tally.extra["keeper_running"], tally
     assert (tally.extra["stopped"], tally.extra["dry_run"]) == ((0, 4) if dry_run else (4, 0)), tally
 
 
-async def test_bridge_sigkill_amid_starts_and_stops(rabbitmq: str, workdir: Path) -> None:
-    tally = await fs.bridge_killed(workdir, n=30)
+async def test_bridge_sigkill_amid_starts_and_stops(fault_broker: str, workdir: Path) -> None:
+    tally = await fs.bridge_killed(workdir, n=30, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated) == (0, 0), tally
     # Only sync starts whose POST was out when the bridge died may fail, and only clearly.
     assert tally.failed_clearly <= 8, tally
 
 
-async def test_stop_while_the_outpost_is_down_is_carried_out_later(rabbitmq: str, workdir: Path) -> None:
-    tally = await fs.stop_while_down(workdir, n=6)
+async def test_stop_while_the_outpost_is_down_is_carried_out_later(fault_broker: str, workdir: Path) -> None:
+    tally = await fs.stop_while_down(workdir, n=6, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
     assert tally.extra["deferred"] == 6 and tally.extra["carried_out"] == 6, tally
 
 
-async def test_broker_restart_under_load(rabbitmq: str, workdir: Path) -> None:
+async def test_broker_restart_under_load(fault_broker: str, workdir: Path) -> None:
     tally = await fs.broker_restart(workdir, n=12)
     assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
     assert tally.extra["consumers_restored"], tally
     assert tally.extra["consumers_after"] == tally.extra["consumers_before"], tally
 
 
-async def test_poison_and_10000_fuzzed_messages_are_dead_lettered_with_reasons(rabbitmq: str, workdir: Path) -> None:
-    tally = await fs.poison_and_fuzz(workdir, fuzz=10_000, real=5)
+async def test_poison_and_10000_fuzzed_messages_are_dead_lettered_with_reasons(
+    fault_broker: str, workdir: Path
+) -> None:
+    tally = await fs.poison_and_fuzz(workdir, fuzz=10_000, real=5, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated) == (0, 0), tally
     reasons = tally.extra["poison_reasons"]
     for kind in ("undecodable", "invalid", "unsupported_version", "too_large"):
