@@ -83,3 +83,10 @@ async def test_poison_and_10000_fuzzed_messages_are_dead_lettered_with_reasons(
     assert "hub id 'intruder' is not served" in reasons["invalid hub id"], reasons
     assert tally.extra["dead_lettered"] == tally.extra["expected_dead"] and tally.extra["starts_ok"] == 5, tally
     assert tally.extra["bridge_alive"], tally
+
+
+@pytest.mark.parametrize("side", ["bridge", "hub"])
+async def test_silent_network_loss_is_noticed_by_heartbeats(fault_broker: str, workdir: Path, side: str) -> None:
+    tally = await fs.silent_loss(workdir, side=side, heartbeat=4, k=8, amqp_url=fault_broker)
+    assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
+    assert tally.extra["connections_dropped"] >= 1, tally
