@@ -260,6 +260,8 @@ class TunnelManager:
         settings = self.settings(spec.ssh) if spec.ssh is not None else None
         async with self._lock:
             forward = self._forwards.get(key)
+            if forward is not None and target_address is None:
+                return forward  # a reservation never undoes a forward that already leads somewhere
             if forward is None:
                 forward = await self._listen(key, spec.local_port)
                 self._forwards[key] = forward

@@ -211,9 +211,11 @@ def tunnel_bridge(
     bridge = Bridge(workdir, tunnel_prefix, workdir / f"{tunnel_prefix}.sqlite", [f"--config={config}"])
     bridge.name = tunnel_prefix
     bridge.log_path = workdir / f"{tunnel_prefix}-bridge.log"
-    bridge.start()
-    yield bridge
-    bridge.stop()
+    try:
+        bridge.start()
+        yield bridge
+    finally:
+        bridge.stop()  # also when it never became ready: no orphaned bridge
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")

@@ -38,9 +38,11 @@ def e2e_bridge(rabbitmq: str, workdir: Path, e2e_prefix: str) -> Iterator[Bridge
     bridge = Bridge(workdir, e2e_prefix, workdir / f"{e2e_prefix}.sqlite", [f"--config={config}"])
     bridge.name = e2e_prefix
     bridge.log_path = workdir / f"{e2e_prefix}-bridge.log"
-    bridge.start()
-    yield bridge
-    bridge.stop()
+    try:
+        bridge.start()
+        yield bridge
+    finally:
+        bridge.stop()  # also when it never became ready: no orphaned bridge
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +70,11 @@ def tunnel_hub(e2e_bridge: Bridge, outpost: Outpost, sshd: Sshd, workdir: Path, 
     hub = Hub(workdir, workdir / f"hub-{e2e_prefix}", e2e_prefix, outpost, env=env)
     hub.name = f"jupyterhub-{e2e_prefix}"
     hub.log_path = workdir / f"{hub.name}.log"
-    hub.start()
-    yield hub
-    hub.stop()
+    try:
+        hub.start()
+        yield hub
+    finally:
+        hub.stop()
 
 
 def new_user(hub: Hub) -> str:
