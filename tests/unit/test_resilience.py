@@ -237,3 +237,57 @@ def test_deferred_flag_round_trips_and_defaults_false() -> None:
     result = CommandResult(command="stop", ok=True)
     envelope = Envelope(id="x", hub="hub", body=result)
     assert decode(encode(envelope)).body.deferred is False  # type: ignore[union-attr]
+
+
+class ListingClient:
+    """An Outpost's GET /services/ listing and a record of DELETEs."""
+
+    def __init__(self, services: list[dict[str, Any]]) -> None:
+        self.services = services
+        self.deleted: list[str] = []
+
+    async def call(self, method: str, url: str, **kwargs: Any) -> tuple[int, Any]:
+        if method == "GET":
+            return 200, self.services
+        self.deleted.append(url)
+        return 200, {}
+
+
+@aio
+async def test_reconciler_stops_only_ended_services_after_the_grace(tmp_path: Path) -> None:
+    from bridge.reconcile import Reconciler
+
+    ledger = ServerLedger(tmp_path / "j.sqlite")
+    ledger.record(TARGET, "ann", "s1", "ended")
+    ledger.record(TARGET, "bob", "s1", "running")
+    client = ListingClient(
+        [
+            {"name": "ann", "start_id": "s1"},  # orphan
+            {"name": "bob", "start_id": "s1"},  # owned
+            {"name": "eve", "start_id": "x"},  # unknown: never touched
+        ]
+    )
+    clock = Clock()
+    metrics = BridgeMetrics()
+    reconciler = Reconciler(ledger, client, grace=60, metrics=metrics, clock=clock)  # type: ignore[arg-type]
+    assert await reconciler.run_once() == [] and client.deleted == []
+    clock.now += 61
+    [stopped] = await reconciler.run_once()
+    assert stopped[1:] == ("ann", "s1") and client.deleted == [f"{ORIGIN}/services/ann/s1"]
+    assert metrics.orphans.labels(action="stopped")._value.get() == 1
+    assert metrics.unknown_services.labels(outpost=stopped[0])._value.get() == 1
+
+
+@aio
+async def test_reconciler_dry_run_counts_once_and_stops_nothing(tmp_path: Path) -> None:
+    from bridge.reconcile import Reconciler
+
+    ledger = ServerLedger(tmp_path / "j.sqlite")
+    ledger.record(TARGET, "ann", "s1", "ended")
+    client = ListingClient([{"name": "ann", "start_id": "s1"}])
+    clock = Clock()
+    metrics = BridgeMetrics()
+    reconciler = Reconciler(ledger, client, grace=0, dry_run=True, metrics=metrics, clock=clock)  # type: ignore[arg-type]
+    await reconciler.run_once()
+    await reconciler.run_once()
+    assert client.deleted == [] and metrics.orphans.labels(action="dry_run")._value.get() == 1
