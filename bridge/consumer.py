@@ -88,6 +88,7 @@ class CommandConsumer:
             await message.ack()
             return
         await self.ensure_outpost(envelope.body.key)
+        self._outcomes.announced(envelope.body.key)  # a hub (re)started using this Outpost
         await message.ack()
 
     async def ensure_outpost(self, key: str) -> None:

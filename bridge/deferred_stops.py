@@ -101,13 +101,13 @@ class DeferredStops:
 
     async def _loop(self) -> None:
         while True:
+            self._wake.clear()  # a wake-up during the pass below triggers the next one
             try:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("carrying out deferred stops failed; trying again later")
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             except TimeoutError:

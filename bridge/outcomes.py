@@ -1,8 +1,9 @@
 """Tells the components that learn from answered commands (metrics, the ownership ledger) what happened.
 
 The consumer calls :meth:`Outcomes.answered` once per command, with the command and the
-reply it is about to publish, and :meth:`Outcomes.dead_lettered` per poison message. A
-listener that raises is logged and never breaks command handling.
+reply it is about to publish, :meth:`Outcomes.dead_lettered` per poison message and
+:meth:`Outcomes.announced` per Outpost announcement read from the registry (a hub started
+using that Outpost). A listener that raises is logged and never breaks command handling.
 """
 
 from __future__ import annotations
@@ -23,12 +24,24 @@ class Outcomes:
     def __init__(self) -> None:
         self._answered: list[Listener] = []
         self._dead: list[Callable[[str], None]] = []
+        self._announced: list[Callable[[str], None]] = []
 
     def on_answered(self, listener: Listener) -> None:
         self._answered.append(listener)
 
     def on_dead_lettered(self, listener: Callable[[str], None]) -> None:
         self._dead.append(listener)
+
+    def on_announced(self, listener: Callable[[str], None]) -> None:
+        self._announced.append(listener)
+
+    def announced(self, outpost: str) -> None:
+        """A hub announced an Outpost queue (it does so once per hub process and Outpost)."""
+        for listener in self._announced:
+            try:
+                listener(outpost)
+            except Exception:
+                log.exception("announcement listener %r failed", listener)
 
     def answered(self, command: Envelope, answer: Envelope) -> None:
         if not isinstance(answer.body, CommandResult):

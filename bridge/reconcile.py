@@ -1,6 +1,7 @@
 """Finds services that Outposts still run although no hub owns them, and stops them.
 
-On start and every ``interval`` seconds the reconciler lists each known Outpost's services
+On start, when a hub announces an Outpost (a hub process's first command to it) and every
+``interval`` seconds, the reconciler lists each known Outpost's services
 (``GET {request_url}/``, once per distinct URL + credentials in the
 :class:`~bridge.ledger.ServerLedger`) and compares them with the ledger:
 
@@ -85,13 +86,13 @@ class Reconciler:
 
     async def _loop(self) -> None:
         while True:
+            self._wake.clear()  # a wake-up during the pass below triggers the next one
             try:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("orphan reconciliation failed; trying again later")
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             except TimeoutError:

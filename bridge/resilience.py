@@ -116,6 +116,8 @@ class Resilience:
         self.outcomes.on_answered(self._ledger.answered)
         self.outcomes.on_answered(self._count)
         self.outcomes.on_dead_lettered(lambda kind: self.metrics.dead_letters.labels(kind=kind).inc())
+        # A hub announcing an Outpost (its first command there since it started): reconcile soon.
+        self.outcomes.on_announced(lambda outpost: self.reconciler.wake())
         self._server = (
             MetricsServer(self.metrics, host=settings.metrics_host, port=settings.metrics_port)
             if settings.metrics_port
