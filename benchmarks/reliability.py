@@ -7,7 +7,8 @@ benchmark starts a node of its own on free ports)::
     .venv/bin/python -m benchmarks.reliability --quick    # test-sized, for a smoke run
     .venv/bin/python -m benchmarks.reliability --only outage --no-write
 
-The scenarios are those of the test suite (:mod:`tests.integration.fault_scenarios`): real
+The scenarios are those of the test suite (``tests/integration/fault_scenarios.py`` and
+``fault_messages.py``): real
 dev Outposts, real bridge processes, real RabbitMQ nodes, faults injected with signals and
 a TCP fault proxy. Only the block between the ``reliability-table`` markers of
 ``docs/reliability.md`` is replaced.
@@ -24,7 +25,9 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from tests.integration import fault_messages as fm
 from tests.integration import fault_scenarios as fs
+from tests.integration.fault_harness import Tally
 from tests.integration.rabbitnode import RabbitNode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +46,7 @@ RELIES_ON = {
     "silent": "AMQP heartbeats (both ends); unacked requeued on connection close",
 }
 
-Scenario = tuple[str, str, Callable[[Path, str], Awaitable[fs.Tally]]]
+Scenario = tuple[str, str, Callable[[Path, str], Awaitable[Tally]]]
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -61,12 +64,12 @@ def scenarios(quick: bool) -> list[Scenario]:
         ("kill", "", lambda d, u: fs.bridge_killed(d, n=30 if quick else 100, amqp_url=u)),
         ("broker", "", lambda d, u: fs.broker_restart(d, n=12 if quick else 50)),
         ("stopdown", "", lambda d, u: fs.stop_while_down(d, n=6 if quick else 30, amqp_url=u)),
-        ("poison", "", lambda d, u: fs.poison_and_fuzz(d, fuzz=10_000, real=5 if quick else 10, amqp_url=u)),
+        ("poison", "", lambda d, u: fm.poison_and_fuzz(d, fuzz=10_000, real=5 if quick else 10, amqp_url=u)),
         *(
             (
                 "silent",
                 side,
-                lambda d, u, s=side: fs.silent_loss(d, side=s, heartbeat=heartbeat, k=8 if quick else 20, amqp_url=u),
+                lambda d, u, s=side: fm.silent_loss(d, side=s, heartbeat=heartbeat, k=8 if quick else 20, amqp_url=u),
             )
             for side in ("bridge", "hub")
         ),
@@ -77,7 +80,7 @@ def seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f} s"
 
 
-def table(rows: list[tuple[str, fs.Tally]]) -> str:
+def table(rows: list[tuple[str, Tally]]) -> str:
     lines = [
         "| scenario | operations attempted | lost | duplicated | failed with a clear error | time to recover |"
         " relies on (RabbitMQ) | notes |",
@@ -92,7 +95,7 @@ def table(rows: list[tuple[str, fs.Tally]]) -> str:
     return "\n".join(lines)
 
 
-def write(rows: list[tuple[str, fs.Tally]], took: float, quick: bool) -> None:
+def write(rows: list[tuple[str, Tally]], took: float, quick: bool) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     block = (
         f"{BEGIN}\n_Produced by `.venv/bin/python -m benchmarks.reliability"
@@ -109,7 +112,7 @@ async def main(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="reliability-"))
     print(f"logs in {workdir}", flush=True)
     node = await asyncio.to_thread(RabbitNode(workdir / "broker").start)
-    rows: list[tuple[str, fs.Tally]] = []
+    rows: list[tuple[str, Tally]] = []
     began = time.monotonic()
     try:
         for key, variant, run in scenarios(args.quick):

@@ -1,6 +1,6 @@
 """Fault injection (issue 5): real Outposts, bridges and RabbitMQ nodes, cut and killed.
 
-Each test runs one scenario of :mod:`tests.integration.fault_scenarios` at a modest size
+Each test runs one scenario of :mod:`.fault_scenarios` or :mod:`.fault_messages` at a modest size
 and asserts its counts: nothing lost, nothing duplicated, every failure a clear one. The
 timings they measure are figures for ``docs/reliability.md`` (``python -m
 benchmarks.reliability`` runs the same scenarios larger), never assertions here.
@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from . import fault_messages as fm
 from . import fault_scenarios as fs
+from .faultproxy import Mode
 from .rabbitnode import RabbitNode
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -29,7 +31,7 @@ def fault_broker(workdir: Path) -> Iterator[str]:
 
 
 @pytest.mark.parametrize("mode", ["reset", "status", "freeze", "delay"])
-async def test_outpost_outage_loses_and_duplicates_nothing(fault_broker: str, workdir: Path, mode: fs.Mode) -> None:
+async def test_outpost_outage_loses_and_duplicates_nothing(fault_broker: str, workdir: Path, mode: Mode) -> None:
     tally = await fs.outpost_outage(workdir, mode, n=12, outage=4, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated) == (0, 0), tally
     assert tally.extra["starts_ok"] == 12, tally
@@ -75,7 +77,7 @@ async def test_broker_restart_under_load(fault_broker: str, workdir: Path) -> No
 async def test_poison_and_10000_fuzzed_messages_are_dead_lettered_with_reasons(
     fault_broker: str, workdir: Path
 ) -> None:
-    tally = await fs.poison_and_fuzz(workdir, fuzz=10_000, real=5, amqp_url=fault_broker)
+    tally = await fm.poison_and_fuzz(workdir, fuzz=10_000, real=5, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated) == (0, 0), tally
     reasons = tally.extra["poison_reasons"]
     for kind in ("undecodable", "invalid", "unsupported_version", "too_large"):
@@ -87,6 +89,6 @@ async def test_poison_and_10000_fuzzed_messages_are_dead_lettered_with_reasons(
 
 @pytest.mark.parametrize("side", ["bridge", "hub"])
 async def test_silent_network_loss_is_noticed_by_heartbeats(fault_broker: str, workdir: Path, side: str) -> None:
-    tally = await fs.silent_loss(workdir, side=side, heartbeat=4, k=8, amqp_url=fault_broker)
+    tally = await fm.silent_loss(workdir, side=side, heartbeat=4, k=8, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
     assert tally.extra["connections_dropped"] >= 1, tally
