@@ -41,6 +41,7 @@ RELIES_ON = {
     "orphans": "(bridge-side ledger; no broker guarantee)",
     "kill": "unacked messages redelivered on consumer death; publisher confirms",
     "stopdown": "publisher confirm of the ok result before the ack",
+    "hubrestart": "durable per-hub quorum queue; persistent results and events",
     "broker": "durable quorum queues + persistent messages survive a restart; confirms",
     "poison": "dead-letter exchange; x-delivery-limit (quorum)",
     "silent": "AMQP heartbeats (both ends); unacked requeued on connection close",
@@ -64,6 +65,7 @@ def scenarios(quick: bool) -> list[Scenario]:
         ("kill", "", lambda d, u: fs.bridge_killed(d, n=30 if quick else 100, amqp_url=u)),
         ("broker", "", lambda d, u: fs.broker_restart(d, n=12 if quick else 50)),
         ("stopdown", "", lambda d, u: fs.stop_while_down(d, n=6 if quick else 30, amqp_url=u)),
+        ("hubrestart", "", lambda d, u: fs.hub_restart(d, n=10 if quick else 50, amqp_url=u)),
         ("poison", "", lambda d, u: fm.poison_and_fuzz(d, fuzz=10_000, real=5 if quick else 10, amqp_url=u)),
         *(
             (

@@ -330,6 +330,60 @@ async def stop_while_down(workdir: Path, n: int = 10, *, amqp_url: str = AMQP_UR
     return tally
 
 
+# -- 5b. Hub restart with starts pending -------------------------------------------------------
+
+
+async def hub_restart(workdir: Path, n: int = 20, *, amqp_url: str = AMQP_URL) -> Tally:
+    """The hub goes away right after publishing ``n`` starts; the bridge carries them out
+    meanwhile. The restarted hub (same hub id) receives every result and event from its
+    durable queue; the servers keep running; the starts it no longer knows it stops (what
+    the spawner does with unclaimed results; emulated here by the counting hub)."""
+    tally = Tally(f"Hub restart with {n} starts pending")
+    async with stack(workdir, "hubrestart", amqp_url) as st:
+        outpost = await st.outpost()
+        url = outpost.url
+        await st.bridge()
+        hub = await st.hub()
+        users = [new_id("hr") for _ in range(n)]
+        sent = await send_all(
+            hub,
+            [
+                (start_body(url, CREDENTIALS, u, "1", delay=1.0, execution_async=i % 2 == 1), u, "1", 120)
+                for i, u in enumerate(users)
+            ],
+            url,
+        )
+        await hub.close()  # the hub process is gone; its durable reply queue stays
+        await asyncio.sleep(3)  # the bridge answers into the queue meanwhile
+        again = await st.hub()  # the restarted hub: same hub id
+        took = await wait_until(lambda: all(again.results.get(s.id) for s in sent), 60)
+        results = {s.id: again.results[s.id][0] for s in sent if again.results.get(s.id)}
+        running = await asyncio.to_thread(listed, outpost)
+        counts = await asyncio.to_thread(post_counts, outpost)
+        tally.attempted = n
+        tally.lost = n - len(results)
+        tally.lost += sum(1 for s in sent if s.id in results and results[s.id].ok and s.user not in running)
+        tally.failed_clearly = sum(1 for r in results.values() if clear_failure(r))
+        tally.lost += sum(1 for r in results.values() if not r.ok and not clear_failure(r))
+        tally.duplicated = duplicated_posts(counts, [f"{u}/1" for u in users])
+        tally.recover_seconds = took
+        events = sum(len(again.events[f"{u}/1"]) for u in users)
+        # The restarted hub does not know these starts: it stops them (nothing orphaned).
+        stops = await send_all(again, [(stop_body(url, CREDENTIALS, u), u, "1", 60) for u in users], url)
+        await settle(again, stops, 60)
+        left = await asyncio.to_thread(listed, outpost)
+        tally.lost += sum(1 for u in users if u in left)
+        count_outcomes(tally, stops)
+        tally.attempted += n
+        ok = sum(1 for r in results.values() if r.ok)
+        tally.extra = {"results": len(results), "ok": ok, "events": events, "running_after_restart": ok}
+        tally.note(
+            f"{len(results)}/{n} results and {events} progress events waited in the hub's durable queue; {ok} servers"
+            f" kept running, then stopped by the restarted hub ({n} stops, all done)"
+        )
+    return tally
+
+
 # -- 6. Broker restart under load (a second RabbitMQ node) --------------------------------------
 
 

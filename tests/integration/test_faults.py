@@ -92,3 +92,9 @@ async def test_silent_network_loss_is_noticed_by_heartbeats(fault_broker: str, w
     tally = await fm.silent_loss(workdir, side=side, heartbeat=4, k=8, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
     assert tally.extra["connections_dropped"] >= 1, tally
+
+
+async def test_hub_restart_with_starts_pending_loses_nothing(fault_broker: str, workdir: Path) -> None:
+    tally = await fs.hub_restart(workdir, n=10, amqp_url=fault_broker)
+    assert (tally.lost, tally.duplicated) == (0, 0), tally
+    assert tally.extra["results"] == 10 and tally.extra["events"] > 0, tally
