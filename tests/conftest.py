@@ -16,18 +16,20 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
 
-_VHOST_KEY = pytest.StashKey[str]()
+# Set up when this file is imported: pytest loads it before the conftest files below it,
+# which import ``tests.integration.services`` and read ``AMQP_URL`` there.
+_VHOST: str | None = None
 
 
 def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120, check=False)
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def _create_vhost() -> str | None:
     base = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     parts = urlsplit(base)
     if parts.hostname not in ("127.0.0.1", "localhost") or not shutil.which("rabbitmqctl"):
-        return  # not our local broker: use the URL as given
+        return None  # not our local broker: use the URL as given
     vhost = f"outpost-mq-test-{uuid.uuid4().hex[:8]}"
     user = unquote(parts.username or "guest")
     try:
@@ -36,16 +38,19 @@ def pytest_configure(config: pytest.Config) -> None:
             granted = _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
     except (OSError, subprocess.TimeoutExpired) as exc:
         print(f"warning: no test vhost ({exc}); using {parts.path or '/'}")
-        return
+        return None
     if granted.returncode != 0:
         print(f"warning: no test vhost ({granted.stderr.strip()[:200]}); using {parts.path or '/'}")
-        return
-    config.stash[_VHOST_KEY] = vhost
+        return None
     os.environ["AMQP_URL"] = urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+    return vhost
+
+
+_VHOST = _create_vhost()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    vhost = config.stash.get(_VHOST_KEY, None)
+    vhost = _VHOST
     if vhost is not None:
         try:
             _rabbitmqctl("delete_vhost", vhost)
