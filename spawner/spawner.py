@@ -164,6 +164,11 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         scope = f"?start_id={self.start_id}" if self.start_id else ""
         env["JUPYTERHUB_EVENTS_URL"] = url_path_join(api, "users/progress/events", user) + server + scope
         env["JUPYTERHUB_SETUPTUNNEL_URL"] = url_path_join(api, "users/setuptunnel", user) + server + scope
+        # As upstream: the remote server listens on all interfaces of its host (the hub or the
+        # bridge reaches it from outside), at the port chosen here.
+        scheme = "https" if self.internal_ssl else "http"
+        prefix = env.get("JUPYTERHUB_SERVICE_PREFIX") or url_path_join(self.user.url, quote(self.name, safe="")) + "/"
+        env["JUPYTERHUB_SERVICE_URL"] = f"{scheme}://0.0.0.0:{self.port}{prefix}"
         return env
 
     async def default_misc(self) -> dict[str, Any]:

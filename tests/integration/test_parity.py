@@ -112,6 +112,7 @@ async def test_start_sends_the_resolved_hooks_and_reports_upstream_events(
     assert env["JUPYTERHUB_USER_ID"] == "4242"
     assert env["JUPYTERHUB_STAGE"] == "test" and env["FLAVORS_URL"].endswith("/outpostflavors/A")
     assert env["JUPYTER_SENT"] == "y" and "NOT_SENT" not in env
+    assert env["JUPYTERHUB_SERVICE_URL"].startswith("http://0.0.0.0:45678/user/")
     assert body["user_options"] == {"system": "A", "image": "minimal"}  # start_id moved out by the Outpost
     misc = body["misc"]
     assert misc["mem_limit"] == "1G" and misc["port"] == 45678 and misc["ip"] == "0.0.0.0"
