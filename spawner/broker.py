@@ -60,6 +60,13 @@ class HubBroker:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
         except Exception as exc:
             raise BrokerUnavailable(f"cannot reach RabbitMQ: {exc or type(exc).__name__}") from exc
+        if self._connection is not None and not self._connection.connected.is_set():
+            # The robust connection is reconnecting: wait for it, within the same bound.
+            try:
+                await asyncio.wait_for(self._connection.connected.wait(), timeout)
+            except TimeoutError:
+                lost = f"lost the connection to RabbitMQ; reconnecting (waited {timeout:.0f} s)"
+                raise BrokerUnavailable(lost) from None
         return self
 
     async def _connect(self) -> None:

@@ -279,21 +279,25 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             await changed.wait()
 
     # -- commands ---------------------------------------------------------------------------
-    async def _broker(self) -> HubBroker:
+    async def _broker(self, timeout: float = 15) -> HubBroker:
         broker = HubBroker.shared(self.amqp_url, self.name_prefix, self.hub_id, self.broker_heartbeat)
         users = getattr(self.user, "settings", {}).get("users")
         if broker.router.on_unclaimed is None and users is not None:
             broker.router.on_unclaimed = UnclaimedStarts(users, self.log)
-        return await broker.ready()
+        return await broker.ready(timeout)
 
-    async def _publish(self, broker: HubBroker, envelope: Envelope, key: str, origin: str) -> None:
-        """Publish, retrying while the broker is unreachable for up to ``broker_retry_timeout``
-        (bounded by the command's deadline); a start tells the user it is waiting."""
-        give_up = min(time.monotonic() + self.broker_retry_timeout, time.monotonic() + envelope.remaining())
+    async def _publish(
+        self, broker: HubBroker, envelope: Envelope, key: str, origin: str, *, patient: bool = True
+    ) -> None:
+        """Publish; a patient publish (start, stop) retries while the broker is unreachable for
+        up to ``broker_retry_timeout`` (bounded by the command's deadline) and a start tells the
+        user it is waiting. Polls are not patient: their failure has a meaning of its own."""
+        budget = self.broker_retry_timeout if patient else 0.0
+        give_up = min(time.monotonic() + budget, time.monotonic() + envelope.remaining())
         delay, told = 0.5, False
         while True:
             try:
-                await broker.ready()
+                await broker.ready(5)
                 await broker.ensure_outpost(key, origin)
                 await broker.publish(envelope, key)
                 return
@@ -313,12 +317,14 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         ref = ServerRef(user=self.user.name, server=self.name, start_id=self.start_id if start_id is None else start_id)
         return Envelope(id=new_id(), hub=self.hub_id, server=ref, deadline=deadline, body=body)
 
-    async def _send(self, body: Any, key: str, origin: str, deadline: float, wait: float) -> CommandResult:
-        broker = await self._broker()
+    async def _send(
+        self, body: Any, key: str, origin: str, deadline: float, wait: float, *, patient: bool = True
+    ) -> CommandResult:
+        broker = await self._broker(15 if patient else 5)
         envelope = self._envelope(body, deadline)
         result = broker.router.expect(envelope.id)
         try:
-            await self._publish(broker, envelope, key, origin)
+            await self._publish(broker, envelope, key, origin, patient=patient)
             self.log.debug("published %s", envelope.describe())
             return await asyncio.wait_for(asyncio.shield(result), wait)
         except TimeoutError as exc:
@@ -519,9 +525,9 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         server counts as stopped, so JupyterHub's follow-up poll and stop need no round trip."""
         try:
             command, target = await self._plan_stop()
-            broker = await self._broker()
-            await broker.ensure_outpost(target.key, target.origin)
-            await broker.publish(self._envelope(command, time.time() + self.stop_deadline), target.key)
+            broker = await self._broker(5)
+            envelope = self._envelope(command, time.time() + self.stop_deadline)
+            await self._publish(broker, envelope, target.key, target.origin, patient=False)
         except (BrokerUnavailable, HookError) as exc:
             self.log.warning("could not hand the clean-up stop of %s to the bridge: %s", self._log_name, exc)
         await self._run_custom_removals()
@@ -593,7 +599,12 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         try:
             command, target = await plan_poll(self)
             result = await self._send(
-                command, target.key, target.origin, time.time() + self.poll_timeout, self.poll_timeout + 5
+                command,
+                target.key,
+                target.origin,
+                time.time() + self.poll_timeout,
+                self.poll_timeout + 5,
+                patient=False,
             )
         except (BrokerUnavailable, ReplyTimeout, HookError) as exc:
             return self._poll_failed(str(exc), self.request_failed_poll_keep_running)

@@ -116,12 +116,14 @@ class Outpost(Process):
 
 
 class Bridge(Process):
-    def __init__(self, log_dir: Path, prefix: str, journal: Path, extra: list[str] | None = None) -> None:
+    def __init__(
+        self, log_dir: Path, prefix: str, journal: Path, extra: list[str] | None = None, amqp_url: str = AMQP_URL
+    ) -> None:
         super().__init__(
             "bridge",
             [
                 str(BIN / "outpost-bridge"),
-                f"--amqp-url={AMQP_URL}",
+                f"--amqp-url={amqp_url}",
                 f"--name-prefix={prefix}",
                 f"--journal={journal}",
                 "--OutpostBridge.retry_maximum=2",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import sys
+import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ import pytest
 import requests
 
 from spawner import OutpostSpawner
-from spawner.errors import OutpostCommandFailed
+from spawner.errors import BrokerUnavailable, OutpostCommandFailed
 
 from .services import AMQP_URL, Bridge, Outpost, wait_for
 
@@ -47,13 +48,12 @@ def make_spawner(outpost: Outpost, prefix: str, server: str = "", **config: Any)
         user=User(),
         hub=hub,
         orm_spawner=SimpleNamespace(name=server, server=None, state=None),
-        amqp_url=AMQP_URL,
         name_prefix=prefix,
         hub_id=f"{prefix}-parity",
         request_url=outpost.url,
         request_headers={"Authorization": "Basic " + base64.b64encode(outpost.credentials.encode()).decode()},
         start_timeout=60,
-        **{"custom_misc": {"cmd": SLEEPER}, **config},
+        **{"custom_misc": {"cmd": SLEEPER}, "amqp_url": AMQP_URL, **config},
     )
     spawner.api_token = "parity-token"
     return spawner
@@ -402,3 +402,56 @@ async def test_recreate_at_start_and_delayed_setup_with_custom_forward(
     await delayed.setup_tunnel({"service": "node2:9999", "ssh_node": "gw"})
     assert calls[-1] == {"service": "node2:9999", "ssh_node": "gw"}
     await delayed.stop()
+
+
+async def test_broker_down_polls_keep_their_meaning_and_starts_fail_clearly(outpost: Outpost, prefix: str) -> None:
+    from .services import free_port
+
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/"  # nothing listens there
+    spawner = make_spawner(outpost, prefix, amqp_url=dead, broker_retry_timeout=2)
+    spawner.load_state({"start_id": "s1", "outpost_name": "n"})
+    assert await spawner.poll() is None  # request_failed_poll_keep_running (default True)
+    spawner.request_failed_poll_keep_running = False
+    assert await spawner.poll() == 0
+
+    fresh = make_spawner(outpost, prefix, amqp_url=dead, broker_retry_timeout=2)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="cannot reach RabbitMQ"):
+        await fresh.start()
+    assert time.monotonic() - started < 30  # bounded, far below start_timeout
+    assert fresh.events[-1]["failed"] and "RabbitMQ" in fresh.events[-1]["message"]
+
+
+async def test_hub_side_rides_out_a_broker_restart(outpost: Outpost, tmp_path: Path) -> None:
+    from .rabbitnode import RabbitNode
+
+    node = await asyncio.to_thread(lambda: RabbitNode(tmp_path / "rabbit").start())
+    prefix = f"hubrestart-{uuid.uuid4().hex[:6]}"
+    bridge = await asyncio.to_thread(
+        lambda: Bridge(tmp_path, prefix, tmp_path / "journal.sqlite", amqp_url=node.url).start()
+    )
+    try:
+        spawner = make_spawner(outpost, prefix, amqp_url=node.url, poll_status_max_age=0)
+        await spawner.start()
+        assert await spawner.poll() is None
+
+        await asyncio.to_thread(node.stop)
+        # Down: polls answer at once with request_failed_poll_keep_running's meaning.
+        assert await spawner.poll() is None
+        spawner.request_failed_poll_keep_running = False
+        assert await spawner.poll() == 0
+        spawner.request_failed_poll_keep_running = True
+
+        await asyncio.to_thread(node.start)
+        # Back: the same connection recovers on its own and commands flow again.
+        for _ in range(60):
+            if await spawner.poll() is None and not spawner._poll_failures[0]:
+                break
+            await asyncio.sleep(1)
+        assert spawner._poll_failures == (0, 0.0), "polls did not reach the Outpost after the broker came back"
+        name, start_id = spawner.service_name, spawner.start_id
+        await spawner.stop()
+        assert all(s["start_id"] != start_id for s in services(outpost, name))
+    finally:
+        await asyncio.to_thread(bridge.stop)
+        await asyncio.to_thread(node.stop)
