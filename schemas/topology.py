@@ -14,6 +14,9 @@ Layout (``P`` is the configurable name prefix)::
     P.dead       fanout exchange -> P.dead-letters: poison messages, with a reason header
     P.control    fanout exchange -> one exclusive queue per bridge: commands every bridge
                                    carries out (``recreate_forward`` after an SSH node restart)
+    P.audit      fanout exchange -> P.audit (stream, size- and age-capped): a secret-free copy
+                                   of every command, and every result and event (the stream is
+                                   also bound to P.replies), for ``outpost-mq-replay``
 """
 
 from __future__ import annotations
@@ -89,6 +92,17 @@ class Topology:
     def control_exchange(self) -> str:
         return f"{self.prefix}.control"
 
+    @property
+    def audit_exchange(self) -> str:
+        return f"{self.prefix}.audit"
+
+    @property
+    def audit_stream(self) -> str:
+        return f"{self.prefix}.audit"
+
+    def debug_queue(self, name: str) -> str:
+        return f"{self.prefix}.debug.{name}"
+
     def outpost_queue(self, key: str) -> str:
         return f"{self.prefix}.outpost.{key}"
 
@@ -117,6 +131,15 @@ class Topology:
             "x-max-length-bytes": 64 * 1024 * 1024,
             "x-stream-max-segment-size-bytes": 4 * 1024 * 1024,
             "x-max-age": "30D",
+        }
+
+    def audit_arguments(self) -> dict[str, Any]:
+        # Retention is per segment: small segments so the caps bite (see registry_arguments).
+        return {
+            "x-queue-type": "stream",
+            "x-max-length-bytes": 1024 * 1024 * 1024,
+            "x-stream-max-segment-size-bytes": 16 * 1024 * 1024,
+            "x-max-age": "7D",
         }
 
     def dead_letter_arguments(self) -> dict[str, Any]:

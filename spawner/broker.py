@@ -13,9 +13,10 @@ import logging
 from typing import ClassVar
 
 import aio_pika
+import msgspec
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from schemas import DecodeError, Envelope, OutpostAnnouncement, Topology, decode, encode
+from schemas import DecodeError, Envelope, OutpostAnnouncement, Topology, decode, encode, redacted
 from schemas.base import new_id
 from schemas.topology import with_heartbeat
 
@@ -40,6 +41,7 @@ class HubBroker:
         self._commands: aio_pika.abc.AbstractExchange | None = None
         self._registry: aio_pika.abc.AbstractExchange | None = None
         self._control: aio_pika.abc.AbstractExchange | None = None
+        self._audit: aio_pika.abc.AbstractExchange | None = None
         self._outposts: set[str] = set()
         self._ready: asyncio.Task[None] | None = None
 
@@ -80,6 +82,12 @@ class HubBroker:
         await dead_queue.bind(dead)
         self._control = await channel.declare_exchange(t.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
         replies = await channel.declare_exchange(t.reply_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        # The replay stream: secret-free copies of this hub's commands (published below) and,
+        # through a binding, every result and event addressed to this hub.
+        self._audit = await channel.declare_exchange(t.audit_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        audit = await channel.declare_queue(t.audit_stream, durable=True, arguments=t.audit_arguments())
+        await audit.bind(self._audit)
+        await audit.bind(replies, routing_key=self.hub_id)
         self._registry = await channel.declare_exchange(t.registry_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
         registry = await channel.declare_queue(t.registry_stream, durable=True, arguments=t.registry_arguments())
         await registry.bind(self._registry, routing_key="announce")
@@ -133,9 +141,29 @@ class HubBroker:
         self._outposts.add(key)
 
     async def publish(self, command: Envelope, outpost: str) -> None:
-        """Publish a command to an Outpost's queue; returns once the broker confirmed it."""
+        """Publish a command to an Outpost's queue; returns once the broker confirmed it.
+        A secret-free copy goes to the replay stream (its failure never fails the command)."""
         assert self._commands is not None
         await self._publish(self._commands, command, outpost, mandatory=True)
+        await self._record(command)
+
+    async def _record(self, command: Envelope) -> None:
+        if self._audit is None:
+            return
+        try:
+            copy = msgspec.convert(redacted(command), Envelope)
+            await self._audit.publish(
+                aio_pika.Message(
+                    encode(copy),
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=command.id,
+                    type=command.type,
+                ),
+                routing_key="",
+                timeout=5,
+            )
+        except Exception as exc:  # the replay copy is best effort; the command went out
+            log.warning("no replay copy of %s: %s", command.describe(), exc)
 
     async def broadcast(self, command: Envelope) -> None:
         """Publish a command every running bridge carries out (``P.control``). Not mandatory:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import subprocess
 import sys
 import time
 import uuid
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import aio_pika
 import pytest
 import requests
 
@@ -455,3 +457,38 @@ async def test_hub_side_rides_out_a_broker_restart(outpost: Outpost, tmp_path: P
     finally:
         await asyncio.to_thread(bridge.stop)
         await asyncio.to_thread(node.stop)
+
+
+async def test_timeline_is_replayable_and_secret_free(outpost: Outpost, bridge: Bridge, prefix: str) -> None:
+    from bridge.replay import read_timeline, redrive
+
+    spawner = make_spawner(outpost, prefix, "replayed", poll_status_max_age=0)
+    await spawner.start()
+    assert await spawner.poll() is None
+    await spawner.stop()
+    server = f"{spawner.user.name}/replayed"
+
+    timeline = await read_timeline(AMQP_URL, prefix, server=server)
+    kinds = [r.envelope.type for r in timeline]
+    assert kinds.index("start") < kinds.index("poll") < kinds.index("stop"), kinds
+    results = [r.envelope.body for r in timeline if r.envelope.type == "result"]
+    assert [(b.command, b.ok) for b in results] == [("start", True), ("poll", True), ("stop", True)]  # type: ignore[union-attr]
+    assert "event" in kinds  # the bridge's progress events are recorded too
+    raw = b"".join(r.raw for r in timeline)
+    secret = outpost.credentials.split(":", 1)[1].encode()
+    assert b"parity-token" not in raw and secret not in raw
+    assert base64.b64encode(outpost.credentials.encode()) not in raw
+
+    cli = [str(Path(sys.executable).with_name("outpost-mq-replay")), "--amqp-url", AMQP_URL, "--name-prefix", prefix]
+    shown = await asyncio.to_thread(subprocess.run, [*cli, "--server", server], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "type=start" in shown.stdout and " stop ok" in shown.stdout, shown.stdout
+
+    start = next(r for r in timeline if r.envelope.type == "start")
+    queue = await redrive(AMQP_URL, prefix, [start], "incident")
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        message = await (await channel.get_queue(queue)).get(timeout=10)
+        assert message is not None and message.body == start.raw
+        await message.ack()
