@@ -66,7 +66,10 @@ class RabbitNode:
 
     def start(self, timeout: float = 60) -> RabbitNode:
         log = open(self.base / "server.log", "ab")
-        self._proc = subprocess.Popen([_tool("rabbitmq-server")], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        # cwd: the node writes crash dumps (erl_crash.dump, MnesiaCore.*) there, not in the checkout.
+        self._proc = subprocess.Popen(
+            [_tool("rabbitmq-server")], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.base
+        )
         wait_for(lambda: port_open(self.port) or self._proc.poll() is not None, timeout, f"RabbitMQ node {self.name}")
         assert self._proc.poll() is None, (self.base / "server.log").read_text(errors="replace")[-3000:]
         return self
@@ -75,6 +78,7 @@ class RabbitNode:
         done = subprocess.run(
             [_tool("rabbitmqctl"), "-n", self.name, *args],
             env=self.env,
+            cwd=self.base,
             capture_output=True,
             text=True,
             timeout=timeout,
