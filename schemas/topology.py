@@ -53,6 +53,27 @@ def with_heartbeat(url: str, heartbeat: int) -> str:
     return f"{url}{'&' if '?' in url else '?'}heartbeat={heartbeat}"
 
 
+DEAD_AFTER_HEARTBEATS = 1.5
+"""A peer sends a heartbeat every ``heartbeat / 2`` s: 1.5 heartbeats of silence are three
+missed frames. aiormq waits ``3 * (heartbeat + 1)`` s, so a silently dropped link (no FIN,
+no RST) would hold commands for 48 s with a 15 s heartbeat; declaring it dead at 1.5 x and
+reconnecting after 1 s recovers within about twice the heartbeat."""
+
+
+def heartbeat_grace_multiplier(heartbeat: int) -> float:
+    """The value for aiormq's ``Connection.HEARTBEAT_GRACE_MULTIPLIER`` (it waits
+    ``multiplier * (heartbeat + 1)`` s) that declares a link dead after
+    ``DEAD_AFTER_HEARTBEATS * heartbeat`` s of silence."""
+    return DEAD_AFTER_HEARTBEATS * heartbeat / (heartbeat + 1)
+
+
+def with_reconnect_interval(url: str, seconds: float = 1.0) -> str:
+    """The AMQP URL with aio-pika's ``reconnect_interval`` (default 5 s) unless it names one."""
+    if "reconnect_interval=" in url:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}reconnect_interval={seconds:g}"
+
+
 def url_origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"

@@ -13,17 +13,26 @@ import logging
 from typing import ClassVar
 
 import aio_pika
+import aiormq
 import msgspec
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from schemas import DecodeError, Envelope, OutpostAnnouncement, Topology, decode, encode, redacted
 from schemas.base import new_id
-from schemas.topology import with_heartbeat
+from schemas.topology import heartbeat_grace_multiplier, with_heartbeat, with_reconnect_interval
 
 from .errors import BrokerUnavailable
 from .server_state import RepliesRouter
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise ``CancelledError`` when the running task itself is being cancelled; an inner
+    future cancelled by a dying connection is a broker failure instead."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class HubBroker:
@@ -32,7 +41,8 @@ class HubBroker:
     _instances: ClassVar[dict[tuple[int, str, str, str], HubBroker]] = {}
 
     def __init__(self, url: str, topology: Topology, hub_id: str, heartbeat: int) -> None:
-        self._url = with_heartbeat(url, heartbeat)
+        self._url = with_reconnect_interval(with_heartbeat(url, heartbeat))
+        self._heartbeat = heartbeat
         self.topology = topology
         self.hub_id = hub_id
         self.router = RepliesRouter()
@@ -73,6 +83,10 @@ class HubBroker:
 
     async def _connect(self) -> None:
         t = self.topology
+        if self._heartbeat > 0:
+            # Notice a silently dead link after 1.5 heartbeats instead of aiormq's 3 (+1 s).
+            # A class attribute: it applies to every aiormq connection of the hub process.
+            aiormq.Connection.HEARTBEAT_GRACE_MULTIPLIER = heartbeat_grace_multiplier(self._heartbeat)  # type: ignore[assignment]
         self._connection = await aio_pika.connect_robust(self._url)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
@@ -136,6 +150,9 @@ class HubBroker:
                 routing_key="announce",
                 timeout=15,
             )
+        except asyncio.CancelledError:
+            raise_if_cancelled()
+            raise BrokerUnavailable(f"the connection to RabbitMQ broke while declaring {key}") from None
         except Exception as exc:
             raise BrokerUnavailable(f"RabbitMQ did not declare the Outpost queue {key}: {exc}") from exc
         self._outposts.add(key)
@@ -183,5 +200,9 @@ class HubBroker:
         )
         try:
             await exchange.publish(message, routing_key=routing_key, mandatory=mandatory, timeout=15)
+        except asyncio.CancelledError:
+            raise_if_cancelled()
+            # aiormq cancels the confirm futures of a connection it declares dead.
+            raise BrokerUnavailable(f"the connection to RabbitMQ broke during the {command.type} publish") from None
         except Exception as exc:
             raise BrokerUnavailable(f"RabbitMQ did not accept the {command.type} command: {exc}") from exc

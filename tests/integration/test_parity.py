@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
@@ -492,3 +493,29 @@ async def test_timeline_is_replayable_and_secret_free(outpost: Outpost, bridge: 
         message = await (await channel.get_queue(queue)).get(timeout=10)
         assert message is not None and message.body == start.raw
         await message.ack()
+
+
+async def test_hub_notices_a_silently_dropped_broker_link(outpost: Outpost, bridge: Bridge, prefix: str) -> None:
+    from .faultproxy import FaultProxy
+
+    broker = urlsplit(AMQP_URL)
+    proxy = FaultProxy(broker.port or 5672).start()
+    try:
+        via = urlunsplit(broker._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}"))
+        spawner = make_spawner(outpost, prefix, amqp_url=via, broker_heartbeat=3, poll_status_max_age=0)
+        await spawner.start()
+        assert await spawner.poll() is None
+        assert proxy.blackhole_existing() >= 1  # no FIN, no RST: only heartbeats can tell
+        began = time.monotonic()
+        recovered = None
+        while time.monotonic() - began < 90:
+            if await spawner.poll() is None and spawner._poll_failures == (0, 0.0):
+                recovered = time.monotonic() - began
+                if recovered > 0.5:  # not an answer that slipped through before the drop
+                    break
+            await asyncio.sleep(0.5)
+        assert recovered is not None, "the hub never got its link back"
+        print(f"hub link recovered {recovered:.1f} s after a silent drop (heartbeat 3 s)")
+        await spawner.stop()
+    finally:
+        proxy.stop()
