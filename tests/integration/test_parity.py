@@ -502,7 +502,9 @@ async def test_hub_notices_a_silently_dropped_broker_link(outpost: Outpost, brid
     proxy = FaultProxy(broker.port or 5672).start()
     try:
         via = urlunsplit(broker._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}"))
-        spawner = make_spawner(outpost, prefix, amqp_url=via, broker_heartbeat=3, poll_status_max_age=0)
+        spawner = make_spawner(
+            outpost, prefix, amqp_url=via, hub_id=f"{prefix}-silent", broker_heartbeat=3, poll_status_max_age=0
+        )
         await spawner.start()
         assert await spawner.poll() is None
         assert proxy.blackhole_existing() >= 1  # no FIN, no RST: only heartbeats can tell
