@@ -51,16 +51,12 @@ class BridgeBroker:
     async def connect(self, timeout: float = 30) -> None:
         self._connection = await asyncio.wait_for(aio_pika.connect_robust(self._url), timeout)
         channel = await self._connection.channel(publisher_confirms=True)
-        self._publish_channel = channel  # type: ignore[assignment]
+        self._publish_channel = channel
         t = self.topology
-        self._replies = await channel.declare_exchange(  # type: ignore[assignment]
-            t.reply_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-        )
-        self._dead = await channel.declare_exchange(  # type: ignore[assignment]
-            t.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-        )
+        self._replies = await channel.declare_exchange(t.reply_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        self._dead = await channel.declare_exchange(t.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
         dead_queue = await channel.declare_queue(t.dead_letter_queue, durable=True, arguments=t.dead_letter_arguments())
-        await dead_queue.bind(self._dead)  # type: ignore[arg-type]
+        await dead_queue.bind(self._dead)
         await channel.declare_exchange(t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
         registry_exchange = await channel.declare_exchange(
             t.registry_exchange, aio_pika.ExchangeType.DIRECT, durable=True
