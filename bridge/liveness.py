@@ -3,30 +3,23 @@
 aiormq (under aio-pika) gives up on a connection only after ``3 * (heartbeat + 1)`` seconds
 without a frame (``HEARTBEAT_GRACE_MULTIPLIER``), so with the bridge's 15 s heartbeat a
 silently dropped link (a NAT or firewall forgot it: no FIN, no RST) is noticed after 48 s,
-and commands wait that long. The broker sends a heartbeat every ``heartbeat / 2`` seconds,
-so 1.5 x heartbeat of silence already means three missed frames: declaring the link dead
-then, and reconnecting at once (``reconnect_interval``), recovers within about twice the
-heartbeat (measured: docs/reliability.md).
+and commands wait that long. The hub and the bridge share the policy (``schemas.topology``):
+dead after 1.5 heartbeats of silence, reconnect after 1 s (measured: docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import aiormq
 
-DEAD_AFTER_HEARTBEATS = 1.5
+from schemas.topology import heartbeat_grace_multiplier, with_reconnect_interval
+
+__all__ = ["declare_dead_after", "with_reconnect_interval"]
 
 
 def declare_dead_after(heartbeat: int) -> None:
-    """Make every aiormq connection made from now on in this process give up after
-    ``DEAD_AFTER_HEARTBEATS * heartbeat`` seconds of silence (process-wide: aiormq reads a
-    class attribute; the bridge uses one heartbeat for all its connections)."""
+    """Make every aiormq connection made from now on in this process give up after 1.5
+    heartbeats of silence (process-wide: aiormq reads a class attribute; the bridge uses one
+    heartbeat for all its connections)."""
     if heartbeat > 0:
         # Annotated int upstream, used as a plain factor: a float works.
-        aiormq.Connection.HEARTBEAT_GRACE_MULTIPLIER = DEAD_AFTER_HEARTBEATS * heartbeat / (heartbeat + 1)  # type: ignore[assignment]
-
-
-def with_reconnect_interval(url: str, seconds: float = 1.0) -> str:
-    """The AMQP URL with aio-pika's ``reconnect_interval`` (default 5 s) unless it names one."""
-    if "reconnect_interval=" in url:
-        return url
-    return f"{url}{'&' if '?' in url else '?'}reconnect_interval={seconds:g}"
+        aiormq.Connection.HEARTBEAT_GRACE_MULTIPLIER = heartbeat_grace_multiplier(heartbeat)  # type: ignore[assignment]

@@ -708,6 +708,11 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             result = await self._send(
                 command, target.key, target.origin, time.time() + self.stop_deadline, self.stop_timeout
             )
+            if result.ok and result.deferred:
+                self.log.info(
+                    "stop of %s recorded by the bridge while the Outpost is down; carried out when it answers",
+                    self._log_name,
+                )
             if result.ok and self.collect_logs:
                 self.logs = list(result.logs)
             elif not result.ok:

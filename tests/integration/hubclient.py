@@ -17,6 +17,7 @@ from collections import defaultdict
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from schemas import (
@@ -37,7 +38,7 @@ from schemas import (
 )
 from schemas.base import new_id
 from schemas.commands import HttpOptions
-from schemas.topology import url_origin, with_heartbeat
+from schemas.topology import heartbeat_grace_multiplier, url_origin, with_heartbeat, with_reconnect_interval
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -84,7 +85,10 @@ class CountingHub:
     """Publishes commands and records every reply (``connect``/``close``)."""
 
     def __init__(self, amqp_url: str, prefix: str, hub_id: str, *, heartbeat: int = 5) -> None:
-        self._url = with_heartbeat(amqp_url, heartbeat)
+        # The spawner's link policy (spawner.broker.HubBroker): dead after 1.5 heartbeats of
+        # silence, reconnect after 1 s.
+        self._url = with_reconnect_interval(with_heartbeat(amqp_url, heartbeat))
+        self._heartbeat = heartbeat
         self.topology = Topology(prefix)
         self.hub_id = hub_id
         self.results: dict[str, list[CommandResult]] = defaultdict(list)
@@ -99,6 +103,8 @@ class CountingHub:
 
     async def connect(self, timeout: float = 30) -> CountingHub:
         t = self.topology
+        if self._heartbeat > 0:
+            aiormq.Connection.HEARTBEAT_GRACE_MULTIPLIER = heartbeat_grace_multiplier(self._heartbeat)  # type: ignore[assignment]
         self._connection = await asyncio.wait_for(aio_pika.connect_robust(self._url), timeout)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel  # type: ignore[assignment]
