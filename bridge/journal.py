@@ -10,11 +10,12 @@ across restarts, no extra service to run.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from .sqlite_file import open_db
 
 Phase = Literal["posting", "done"]
 
@@ -31,15 +32,11 @@ class StartJournal:
 
     def __init__(self, path: str | Path, *, retention_seconds: float = 14 * 86400) -> None:
         self._path = str(path)
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self._path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
+        self._db = open_db(
+            self._path,
             "CREATE TABLE IF NOT EXISTS starts (outpost TEXT, name TEXT, start_id TEXT,"
             " phase TEXT NOT NULL, result BLOB, updated REAL NOT NULL,"
-            " PRIMARY KEY (outpost, name, start_id))"
+            " PRIMARY KEY (outpost, name, start_id))",
         )
         self._db.execute("DELETE FROM starts WHERE updated < ?", (time.time() - retention_seconds,))
 

@@ -15,7 +15,6 @@ Rows are forgotten after ``retention_seconds``.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 from typing import Literal
@@ -23,6 +22,8 @@ from typing import Literal
 import msgspec
 
 from schemas import CommandResult, Envelope, OutpostTarget, StartCommand, StopCommand, outpost_key
+
+from .sqlite_file import open_db
 
 State = Literal["running", "ended"]
 
@@ -35,14 +36,10 @@ class ServerLedger:
 
     def __init__(self, path: str | Path, *, retention_seconds: float = 14 * 86400) -> None:
         self._path = str(path)
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self._path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
+        self._db = open_db(
+            self._path,
             "CREATE TABLE IF NOT EXISTS servers (outpost TEXT, name TEXT, start_id TEXT, state TEXT NOT NULL,"
-            " target BLOB NOT NULL, updated REAL NOT NULL, PRIMARY KEY (outpost, name, start_id))"
+            " target BLOB NOT NULL, updated REAL NOT NULL, PRIMARY KEY (outpost, name, start_id))",
         )
         self._db.execute("DELETE FROM servers WHERE updated < ?", (time.time() - retention_seconds,))
 

@@ -9,11 +9,11 @@ row and keeps the first recording time, so the maximum age counts from the first
 
 from __future__ import annotations
 
-import os
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .sqlite_file import open_db
 
 
 @dataclass(frozen=True)
@@ -32,18 +32,11 @@ class StopStore:
 
     def __init__(self, path: str | Path) -> None:
         self._path = str(path)
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._path, os.O_CREAT | os.O_RDWR, 0o600)
-            os.close(fd)
-            os.chmod(self._path, 0o600)  # the journal may have created it with the umask
-        self._db = sqlite3.connect(self._path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
+        self._db = open_db(
+            self._path,
             "CREATE TABLE IF NOT EXISTS pending_stops (outpost TEXT, name TEXT, start_id TEXT,"
             " command BLOB NOT NULL, recorded REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
-            " last_error TEXT NOT NULL DEFAULT '', PRIMARY KEY (outpost, name, start_id))"
+            " last_error TEXT NOT NULL DEFAULT '', PRIMARY KEY (outpost, name, start_id))",
         )
 
     def add(self, outpost: str, name: str, start_id: str, command: bytes, now: float | None = None) -> None:

@@ -9,7 +9,6 @@ removed; rows hold no key material (``SshEndpoint.key`` is a path).
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from pathlib import Path
 import msgspec
 
 from schemas import TunnelSpec
+
+from .sqlite_file import open_db
 
 
 @dataclass(frozen=True)
@@ -33,14 +34,10 @@ class TunnelStore:
 
     def __init__(self, path: str | Path) -> None:
         self._path = str(path)
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self._path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
+        self._db = open_db(
+            self._path,
             "CREATE TABLE IF NOT EXISTS tunnels (key TEXT PRIMARY KEY, spec BLOB NOT NULL,"
-            " remote TEXT NOT NULL, port INTEGER NOT NULL, updated REAL NOT NULL)"
+            " remote TEXT NOT NULL, port INTEGER NOT NULL, updated REAL NOT NULL)",
         )
         self._decoder = msgspec.msgpack.Decoder(TunnelSpec)
 

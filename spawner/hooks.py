@@ -17,6 +17,8 @@ import asyncio
 import inspect
 from typing import Any
 
+from traitlets import TraitError
+
 from .errors import HookError
 
 HOOK_TIMEOUT = 60.0
@@ -61,3 +63,15 @@ async def resolve(
             f"{type(spawner).__name__}.{trait} must give a {names}, got {type(value).__name__}: {value!r:.200}"
         )
     return value
+
+
+def callable_or_unset(owner: Any, proposal: Any) -> Any:
+    """traitlets validator for hook traits of type ``Any``: a callable, or ``None``/``False``
+    (unset); anything else fails at start-up with a message naming the trait."""
+    value = proposal["value"]
+    if value in (None, False) or callable(value):
+        return value
+
+    raise TraitError(
+        f"{type(owner).__name__}.{proposal['trait'].name} must be a callable (or None), got {value!r:.100}"
+    )

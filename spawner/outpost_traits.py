@@ -12,8 +12,10 @@ import os
 from typing import Any
 
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Callable, Dict, Float, Integer, TraitError, Unicode, Union, default, validate
+from traitlets import Bool, Callable, Dict, Float, Integer, Unicode, Union, default, validate
 from traitlets.config import LoggingConfigurable
+
+from .hooks import callable_or_unset
 
 DEFAULT_CANCELLING_EVENT: dict[str, Any] = {
     "failed": False,
@@ -424,9 +426,4 @@ class OutpostTraits(LoggingConfigurable):
 
     @validate(*HOOK_TRAITS)
     def _hook_is_callable(self, proposal: Any) -> Any:
-        value = proposal["value"]
-        if value in (None, False) or callable(value):
-            return value
-        raise TraitError(
-            f"{type(self).__name__}.{proposal['trait'].name} must be a callable (or None), got {value!r:.100}"
-        )
+        return callable_or_unset(self, proposal)

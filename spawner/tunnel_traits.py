@@ -12,8 +12,10 @@ import os
 from typing import Any
 
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Callable, Dict, Integer, TraitError, Unicode, Union, default, validate
+from traitlets import Bool, Callable, Dict, Integer, Unicode, Union, default, validate
 from traitlets.config import LoggingConfigurable
+
+from .hooks import callable_or_unset
 
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -288,9 +290,4 @@ class TunnelTraits(LoggingConfigurable):
 
     @validate(*CUSTOM_TUNNEL_HOOKS)
     def _custom_hook_is_callable(self, proposal: Any) -> Any:
-        value = proposal["value"]
-        if value in (None, False) or callable(value):
-            return value
-        raise TraitError(
-            f"{type(self).__name__}.{proposal['trait'].name} must be a callable (or None), got {value!r:.100}"
-        )
+        return callable_or_unset(self, proposal)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +221,20 @@ class Hub(Process):
                     if event.get("ready") or event.get("failed"):
                         break
         return events
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def new_user(hub: Hub, prefix: str = "u") -> str:
+    """A new JupyterHub user with a unique name."""
+    name = f"{prefix}{uuid.uuid4().hex[:8]}"
+    r = hub.api("POST", f"/users/{name}")
+    assert r.status_code == 201, r.text
+    return name

@@ -24,6 +24,8 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from .services import pid_alive
+
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio, pytest.mark.timeout(180)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -172,14 +174,6 @@ async def eventually(check: Any, within: float = 30.0) -> Any:
             return result
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.2)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def test_ping_needs_no_auth_and_everything_else_does(dev_outpost: Outpost) -> None:

@@ -3,20 +3,12 @@ JupyterHub's own apply_user_options/group_overrides reaching the Outpost."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 import requests
 
-from .services import Hub, Outpost, wait_for
+from .services import Hub, Outpost, new_user, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def new_user(hub: Hub) -> str:
-    name = f"a{uuid.uuid4().hex[:8]}"
-    assert hub.api("POST", f"/users/{name}").status_code == 201
-    return name
 
 
 def user_token(hub: Hub, user: str) -> str:

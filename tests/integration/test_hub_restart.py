@@ -7,31 +7,15 @@ restarted hub, which no longer knows that start, stops it at the Outpost: nothin
 
 from __future__ import annotations
 
-import os
 import signal
-import uuid
 from pathlib import Path
 
 import pytest
 import requests
 
-from .services import Bridge, Hub, Outpost, wait_for
+from .services import Bridge, Hub, Outpost, new_user, pid_alive, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def new_user(hub: Hub) -> str:
-    name = f"r{uuid.uuid4().hex[:8]}"
-    assert hub.api("POST", f"/users/{name}").status_code == 201
-    return name
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_hub_crash_keeps_running_servers_and_orphans_nothing(

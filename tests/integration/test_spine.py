@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-
 import pytest
 import requests
 
-from .services import Bridge, Hub, Outpost, wait_for
+from .services import Bridge, Hub, Outpost, new_user, pid_alive, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def new_user(hub: Hub) -> str:
-    name = f"u{uuid.uuid4().hex[:8]}"
-    assert hub.api("POST", f"/users/{name}").status_code == 201
-    return name
 
 
 def start(hub: Hub, user: str, server: str = "", options: dict | None = None) -> list[dict]:
     r = hub.api("POST", hub.server_path(user, server), json=options or {})
     assert r.status_code in (201, 202), r.text
     return hub.progress(user, server)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def outpost_entries(outpost: Outpost, service: str) -> list[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .services import Bridge, Hub, Outpost, wait_for
+from .services import Bridge, Hub, Outpost, new_user, wait_for
 from .sshd import Sshd
 
 pytestmark = pytest.mark.integration
@@ -75,12 +75,6 @@ def tunnel_hub(e2e_bridge: Bridge, outpost: Outpost, sshd: Sshd, workdir: Path, 
         yield hub
     finally:
         hub.stop()
-
-
-def new_user(hub: Hub) -> str:
-    name = f"t{uuid.uuid4().hex[:8]}"
-    assert hub.api("POST", f"/users/{name}").status_code == 201
-    return name
 
 
 def server_port(outpost: Outpost, user: str) -> int:

@@ -7,7 +7,6 @@ polls it as running, routes to it through the proxy, and stops it at the Outpost
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -16,17 +15,9 @@ import pytest
 import requests
 from jupyterhub import orm
 
-from .services import Bridge, Hub, Outpost, free_port, wait_for
+from .services import Bridge, Hub, Outpost, free_port, pid_alive, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_servers_started_by_upstream_survive_the_switch(
