@@ -159,7 +159,14 @@ class BridgeBroker:
         while True:
             attempt += 1
             try:
-                await exchange.publish(message, routing_key=routing_key, timeout=30)
+                try:
+                    await exchange.publish(message, routing_key=routing_key, timeout=30)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    # aiormq cancels the confirm futures of a connection it declares dead.
+                    raise ConnectionError("the connection broke during the publish") from None
                 return
             except (
                 TimeoutError,

@@ -185,7 +185,13 @@ class CountingHub:
         while True:
             try:
                 assert self._commands is not None
-                await self._commands.publish(message, routing_key=key, mandatory=True, timeout=5)
+                try:
+                    await self._commands.publish(message, routing_key=key, mandatory=True, timeout=5)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    raise ConnectionError("the connection broke during the publish") from None  # retried
                 return future
             except (
                 TimeoutError,
