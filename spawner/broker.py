@@ -64,6 +64,22 @@ class HubBroker:
             broker = cls._instances[key] = cls(url, Topology(prefix), hub_id, heartbeat)
         return broker
 
+    async def close(self, timeout: float = 5) -> None:
+        """Close the connection (tests; a hub process keeps it for its lifetime)."""
+        connection, self._connection, self._ready = self._connection, None, None
+        if connection is not None:
+            try:
+                await asyncio.wait_for(connection.close(), timeout)
+            except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                log.warning("closing the RabbitMQ connection: %s", exc)
+
+    @classmethod
+    async def close_all(cls) -> None:
+        """Close every shared broker of this process."""
+        brokers, cls._instances = list(cls._instances.values()), {}
+        for broker in brokers:
+            await broker.close()
+
     async def ready(self, timeout: float = 15) -> HubBroker:
         """Connect and declare the topology once; later calls return at once."""
         if self._ready is None or (self._ready.done() and self._ready.exception() is not None):

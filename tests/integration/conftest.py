@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
+
+from spawner.broker import HubBroker
 
 from .services import AMQP_URL, Bridge, Hub, Outpost, port_open
 from .sshd import Sshd
@@ -70,3 +73,11 @@ def sshd(workdir: Path) -> Iterator[Sshd]:
     server = Sshd(workdir / "sshd").start()
     yield server
     server.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session", autouse=True)
+async def close_hub_brokers() -> AsyncIterator[None]:
+    """Close the spawner-side broker connections the tests opened, before the session's event
+    loop shuts down (a robust connection to a node a test stopped would keep reconnecting)."""
+    yield
+    await HubBroker.close_all()

@@ -52,11 +52,10 @@ def make_spawner(outpost: Outpost, prefix: str, server: str = "", **config: Any)
         hub=hub,
         orm_spawner=SimpleNamespace(name=server, server=None, state=None),
         name_prefix=prefix,
-        hub_id=f"{prefix}-parity",
         request_url=outpost.url,
         request_headers={"Authorization": "Basic " + base64.b64encode(outpost.credentials.encode()).decode()},
         start_timeout=60,
-        **{"custom_misc": {"cmd": SLEEPER}, "amqp_url": AMQP_URL, **config},
+        **{"custom_misc": {"cmd": SLEEPER}, "amqp_url": AMQP_URL, "hub_id": f"{prefix}-parity", **config},
     )
     spawner.api_token = "parity-token"
     return spawner
