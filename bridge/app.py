@@ -77,7 +77,9 @@ class OutpostBridge(Application, ResilienceTraits):
     ).tag(config=True)
     heartbeat = Integer(
         15,
-        help="AMQP heartbeat in seconds: a silently dead broker link is noticed after about twice this.",
+        help="""Seconds within which a silently dead broker link (no FIN, no RST) is noticed and
+        replaced. Half of it is negotiated as the AMQP heartbeat, so that RabbitMQ lets go of the
+        dead connection (and its single-active-consumer slots) in about this time too.""",
     ).tag(config=True)
     prefetch = Integer(50, help="Unacknowledged commands per Outpost queue that this bridge works on at once.").tag(
         config=True

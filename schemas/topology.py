@@ -45,26 +45,38 @@ def outpost_key(url: str) -> str:
     return f"{readable}-{port}-{digest}"
 
 
+def negotiated_heartbeat(heartbeat: int) -> int:
+    """The AMQP heartbeat to negotiate for a configured one: half of it (at least 1 s).
+
+    RabbitMQ drops a silent peer only after two heartbeat intervals, and while it has not,
+    the dead connection keeps its consumers (and a queue's single-active-consumer slot).
+    Negotiating half the configured heartbeat makes the broker let go after about the
+    configured heartbeat, and the client (:func:`heartbeat_grace_multiplier`) after 0.75 of
+    it, so a silently dropped link is recovered within about the configured heartbeat, well
+    inside twice it. 0 turns heartbeats off."""
+    return max(1, heartbeat // 2) if heartbeat > 0 else 0
+
+
 def with_heartbeat(url: str, heartbeat: int) -> str:
-    """The AMQP URL with a ``heartbeat`` query unless it names one (the 60 s default notices a
-    dead link only after ~3 minutes)."""
+    """The AMQP URL negotiating :func:`negotiated_heartbeat` unless it names a heartbeat
+    itself (aio-pika's 60 s default notices a dead link only after ~3 minutes)."""
     if "heartbeat=" in url:
         return url
-    return f"{url}{'&' if '?' in url else '?'}heartbeat={heartbeat}"
+    return f"{url}{'&' if '?' in url else '?'}heartbeat={negotiated_heartbeat(heartbeat)}"
 
 
 DEAD_AFTER_HEARTBEATS = 1.5
-"""A peer sends a heartbeat every ``heartbeat / 2`` s: 1.5 heartbeats of silence are three
-missed frames. aiormq waits ``3 * (heartbeat + 1)`` s, so a silently dropped link (no FIN,
-no RST) would hold commands for 48 s with a 15 s heartbeat; declaring it dead at 1.5 x and
-reconnecting after 1 s recovers within about twice the heartbeat."""
+"""Heartbeat frames flow every half negotiated heartbeat: 1.5 negotiated heartbeats of silence
+are three missed frames. aiormq waits ``3 * (heartbeat + 1)`` s instead, which held commands
+for 48 s after a silent drop with a 15 s heartbeat."""
 
 
 def heartbeat_grace_multiplier(heartbeat: int) -> float:
     """The value for aiormq's ``Connection.HEARTBEAT_GRACE_MULTIPLIER`` (it waits
-    ``multiplier * (heartbeat + 1)`` s) that declares a link dead after
-    ``DEAD_AFTER_HEARTBEATS * heartbeat`` s of silence."""
-    return DEAD_AFTER_HEARTBEATS * heartbeat / (heartbeat + 1)
+    ``multiplier * (negotiated + 1)`` s) that declares a link dead after
+    ``DEAD_AFTER_HEARTBEATS`` negotiated heartbeats of silence, for a configured ``heartbeat``."""
+    negotiated = negotiated_heartbeat(heartbeat)
+    return DEAD_AFTER_HEARTBEATS * negotiated / (negotiated + 1)
 
 
 def with_reconnect_interval(url: str, seconds: float = 1.0) -> str:

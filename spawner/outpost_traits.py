@@ -71,7 +71,10 @@ class OutpostTraits(LoggingConfigurable):
         return os.environ.get("OUTPOST_MQ_HUB_ID", "jupyterhub")
 
     broker_heartbeat = Integer(
-        15, help="AMQP heartbeat in seconds: a silently dead broker link is noticed after about twice this."
+        15,
+        help="""Seconds within which a silently dead broker link (no FIN, no RST) is noticed and
+        replaced. Half of it is negotiated as the AMQP heartbeat, so that RabbitMQ lets go of the
+        dead connection in about this time too (``schemas.topology.negotiated_heartbeat``).""",
     ).tag(config=True)
     poll_timeout = Float(
         30.0,
