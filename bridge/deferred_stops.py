@@ -28,6 +28,7 @@ from .circuit import CircuitBreaker
 from .errors import OutpostAnswerError, TransientError
 from .metrics import BridgeMetrics
 from .outpost import OutpostClient
+from .periodic import Periodic
 from .stop_store import PendingStop, StopStore
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
@@ -55,11 +56,9 @@ class DeferredStops:
         self._breaker = breaker
         self._direct_seconds = direct_seconds
         self._max_age = max_age
-        self._interval = interval
         self._metrics = metrics
         self._clock = clock
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._runner = Periodic("carrying out deferred stops", self.run_once, interval)
 
     # -- in the pipeline -------------------------------------------------------------------
 
@@ -78,7 +77,7 @@ class DeferredStops:
         self._store.add(outpost_key(stop.target.url), stop.name, command.server.start_id, encode(command))
         self._count("recorded")
         log.warning("Outpost unreachable (%s): stop recorded, will be carried out later %s", reason, command.describe())
-        self._wake.set()
+        self._runner.wake()
         return CommandResult(
             command="stop",
             ok=True,
@@ -89,29 +88,11 @@ class DeferredStops:
     # -- background ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._task is None:
-            self._publish_gauge()
-            self._task = asyncio.create_task(self._loop(), name="deferred-stops")
+        self._publish_gauge()
+        self._runner.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            task, self._task = self._task, None
-            task.cancel()
-            await asyncio.wait({task})
-
-    async def _loop(self) -> None:
-        while True:
-            self._wake.clear()  # a wake-up during the pass below triggers the next one
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("carrying out deferred stops failed; trying again later")
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            except TimeoutError:
-                pass
+        await self._runner.stop()
 
     async def run_once(self) -> int:
         """Try every due stop once; returns how many were carried out."""

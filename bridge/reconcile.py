@@ -21,7 +21,6 @@ from deferred stops that gave up.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from .errors import OutpostAnswerError, TransientError
 from .ledger import ServerLedger
 from .metrics import BridgeMetrics
 from .outpost import OutpostClient
+from .periodic import Periodic
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
@@ -60,43 +60,25 @@ class Reconciler:
         self._ledger = ledger
         self._client = client
         self._breaker = breaker
-        self._interval = interval
+        self._interval = interval  # 0 = no periodic passes
         self._grace = grace
         self._dry_run = dry_run
         self._metrics = metrics
         self._clock = clock
         self._first_seen: dict[OrphanKey, float] = {}
         self._reported: set[OrphanKey] = set()
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._runner = Periodic("orphan reconciliation", self.run_once, interval)
 
     async def start(self) -> None:
-        if self._task is None and self._interval > 0:
-            self._task = asyncio.create_task(self._loop(), name="reconcile")
+        if self._interval > 0:
+            self._runner.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            task, self._task = self._task, None
-            task.cancel()
-            await asyncio.wait({task})
+        await self._runner.stop()
 
     def wake(self) -> None:
         """Run a pass soon (a hub announced itself, say)."""
-        self._wake.set()
-
-    async def _loop(self) -> None:
-        while True:
-            self._wake.clear()  # a wake-up during the pass below triggers the next one
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("orphan reconciliation failed; trying again later")
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            except TimeoutError:
-                pass
+        self._runner.wake()
 
     async def run_once(self) -> list[OrphanKey]:
         """One pass over every known Outpost; returns the orphans stopped (or, dry, due)."""
