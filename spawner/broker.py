@@ -184,10 +184,10 @@ class HubBroker:
         if self._audit is None:
             return
         try:
-            copy = msgspec.convert(redacted(command), Envelope)
+            # The redacted plain form encodes to the same envelope layout; no struct round trip.
             await self._audit.publish(
                 aio_pika.Message(
-                    encode(copy),
+                    msgspec.msgpack.encode(redacted(command)),
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     message_id=command.id,
                     type=command.type,

@@ -57,39 +57,35 @@ async def _value(spawner: Any, trait: str, info: dict[str, Any], override: str) 
 
 async def ssh_endpoint(spawner: Any, info: dict[str, Any]) -> SshEndpoint | None:
     """The forward's SSH endpoint, or ``None`` when no ``ssh_node`` is configured."""
-    node = await _value(spawner, "ssh_node", info, "ssh_node")
-    if spawner.ssh_node_mapping is not None:
+    return await _resolved_endpoint(spawner, info, "ssh_", "ssh_forward_options")
+
+
+async def remote_endpoint(spawner: Any, info: dict[str, Any]) -> SshEndpoint:
+    endpoint = await _resolved_endpoint(spawner, info.get("remote") or {}, "ssh_remote_", "ssh_forward_remote_options")
+    if endpoint is None:
+        raise HookError(f"{type(spawner).__name__}.ssh_remote_node is not set but ssh_create_remote_forward is on")
+    return endpoint
+
+
+async def _resolved_endpoint(spawner: Any, info: dict[str, Any], traits: str, options_trait: str) -> SshEndpoint | None:
+    """``{traits}node``/``port``/``username``/``key`` and ``options_trait``, each yielding to
+    the server's ``ssh_*`` override in ``info`` as upstream; ``None`` without a node."""
+    node = await _value(spawner, f"{traits}node", info, "ssh_node")
+    if traits == "ssh_" and spawner.ssh_node_mapping is not None:
         node = await resolve(spawner, "ssh_node_mapping", node)
     if not node:
         return None
-    options = dict(await resolve(spawner, "ssh_forward_options", info, expect=dict))
+    options = dict(await resolve(spawner, options_trait, info, expect=dict))
     extra = info.get("ssh_forward_options") or {}
     if not isinstance(extra, dict):
         raise HookError("ssh_forward_options of the forward info must be a JSON object")
     options.update(extra)
     return _endpoint(
-        "ssh_node",
+        f"{traits}node",
         host=node,
-        port=await _value(spawner, "ssh_port", info, "ssh_port"),
-        username=await _value(spawner, "ssh_username", info, "ssh_username"),
-        key=await _value(spawner, "ssh_key", info, "ssh_key"),
-        options=options,
-    )
-
-
-async def remote_endpoint(spawner: Any, info: dict[str, Any]) -> SshEndpoint:
-    remote = info.get("remote") or {}
-    node = await _value(spawner, "ssh_remote_node", remote, "ssh_node")
-    if not node:
-        raise HookError(f"{type(spawner).__name__}.ssh_remote_node is not set but ssh_create_remote_forward is on")
-    options = dict(await resolve(spawner, "ssh_forward_remote_options", remote, expect=dict))
-    options.update(remote.get("ssh_forward_options") or {})
-    return _endpoint(
-        "ssh_remote_node",
-        host=node,
-        port=await _value(spawner, "ssh_remote_port", remote, "ssh_port"),
-        username=await _value(spawner, "ssh_remote_username", remote, "ssh_username"),
-        key=await _value(spawner, "ssh_remote_key", remote, "ssh_key"),
+        port=await _value(spawner, f"{traits}port", info, "ssh_port"),
+        username=await _value(spawner, f"{traits}username", info, "ssh_username"),
+        key=await _value(spawner, f"{traits}key", info, "ssh_key"),
         options=options,
     )
 
