@@ -238,3 +238,11 @@ def new_user(hub: Hub, prefix: str = "u") -> str:
     r = hub.api("POST", f"/users/{name}")
     assert r.status_code == 201, r.text
     return name
+
+
+def second_hub(workdir: Path, name: str, prefix: str, outpost: Outpost) -> Hub:
+    """A hub of its own (state, logs and hub id, so it never shares the session hub's reply
+    queue), not yet started."""
+    logs = workdir / name
+    logs.mkdir()
+    return Hub(logs, logs / "state", prefix, outpost, env={"OUTPOST_MQ_HUB_ID": f"{prefix}-{name}"})

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .services import Bridge, Hub, Outpost, new_user, pid_alive, wait_for
+from .services import Bridge, Outpost, new_user, pid_alive, second_hub, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -21,9 +21,7 @@ pytestmark = pytest.mark.integration
 def test_hub_crash_keeps_running_servers_and_orphans_nothing(
     outpost: Outpost, bridge: Bridge, workdir: Path, prefix: str
 ) -> None:
-    logs = workdir / "crash-hub"
-    logs.mkdir()
-    hub = Hub(logs, logs / "state", prefix, outpost, env={"OUTPOST_MQ_HUB_ID": f"{prefix}-crash"}).start()
+    hub = second_hub(workdir, "crash-hub", prefix, outpost).start()
     try:
         running, pending = new_user(hub), new_user(hub)
         hub.api("POST", hub.server_path(running), json={})

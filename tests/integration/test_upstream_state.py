@@ -15,7 +15,7 @@ import pytest
 import requests
 from jupyterhub import orm
 
-from .services import Bridge, Hub, Outpost, free_port, pid_alive, wait_for
+from .services import Bridge, Outpost, free_port, pid_alive, second_hub, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.integration
 def test_servers_started_by_upstream_survive_the_switch(
     outpost: Outpost, bridge: Bridge, workdir: Path, prefix: str
 ) -> None:
-    logs = workdir / "legacy-hub"
-    logs.mkdir()
-    hub = Hub(logs, logs / "state", prefix, outpost, env={"OUTPOST_MQ_HUB_ID": f"{prefix}-legacy"}).start()
+    hub = second_hub(workdir, "legacy-hub", prefix, outpost).start()
     user = f"legacy{uuid.uuid4().hex[:6]}"
     assert hub.api("POST", f"/users/{user}").status_code == 201
     hub.stop()
@@ -45,7 +43,7 @@ def test_servers_started_by_upstream_survive_the_switch(
     wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/", timeout=2).ok, 30, "the notebook stand-in")
 
     # ... and the state it wrote into the hub's database.
-    db = orm.new_session_factory(f"sqlite:///{logs / 'state' / 'jupyterhub.sqlite'}")()
+    db = orm.new_session_factory(f"sqlite:///{hub.state_dir / 'jupyterhub.sqlite'}")()
     orm_user = db.query(orm.User).filter_by(name=user).one()
     spawner = orm.Spawner(user=orm_user, name="gpu")
     spawner.server = orm.Server(ip="127.0.0.1", port=port, base_url=f"/user/{user}/gpu/")
@@ -61,7 +59,7 @@ def test_servers_started_by_upstream_survive_the_switch(
     db.commit()
     db.close()
 
-    hub = Hub(logs, logs / "state", prefix, outpost, env={"OUTPOST_MQ_HUB_ID": f"{prefix}-legacy"}).start()
+    hub.start()  # same state, ports and hub id: a restart
     try:
         model = hub.server_model(user, "gpu")
         assert model and model["ready"], (model, hub.log()[-3000:])
