@@ -20,6 +20,7 @@ from schemas import (
     DecodeError,
     Envelope,
     ErrorInfo,
+    HubRoster,
     OutpostAnnouncement,
     PollCommand,
     ProgressEvent,
@@ -102,16 +103,21 @@ class CommandConsumer:
     # -- control (every bridge) ------------------------------------------------------------
 
     async def on_control(self, message: AbstractIncomingMessage) -> None:
-        """A broadcast command: rebuild the SSH connection(s) to a node, answer, ack."""
+        """A broadcast: a hub's roster (kept), or a command (rebuild the SSH connection(s) to
+        a node, answer); then ack."""
         try:
             envelope = decode(message.body)
-            if not isinstance(envelope.body, RecreateForwardCommand):
-                raise DecodeError("invalid", f"a {envelope.type!r} message is not a control command")
+            if not isinstance(envelope.body, (RecreateForwardCommand, HubRoster)):
+                raise DecodeError("invalid", f"a {envelope.type!r} message is not a control message")
             if self._hub_ids and envelope.hub not in self._hub_ids:
                 raise DecodeError("invalid", f"hub id {envelope.hub!r} is not served by this bridge")
         except DecodeError as exc:
             log.warning("dead-lettering control message %s: %s", message.message_id, exc)
             await self._broker.dead_letter(message, str(exc))
+            await message.ack()
+            return
+        if isinstance(envelope.body, HubRoster):
+            self._outcomes.roster(envelope.hub, envelope.body)
             await message.ack()
             return
         host = envelope.body.host

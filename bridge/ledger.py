@@ -5,23 +5,25 @@ Fed from answered commands (:mod:`bridge.outcomes`): a successful start makes a 
 not), make it ``ended`` -- from then on no hub owns it. The orphan reconciler
 (:mod:`bridge.reconcile`) stops services an Outpost still lists in state ``ended``.
 
-Why not ask the hubs: the hub API (``GET /hub/api/servers``) would need a hub URL and token
-per hub in the bridge; the bridge already sees every start and stop, so its own record is
-the contract. Its limit: a service this bridge never saw (started by another bridge, or
-before the ledger existed) is *unknown* and left alone. Rows keep the Outpost target (URL,
-headers, i.e. credentials) to be able to list and stop; the file is the journal's (``0600``).
-Rows are forgotten after ``retention_seconds``.
+It also records which hubs used which Outpost target (URL + credentials), from every
+answered start, poll and stop: a service listed through a target may belong to any of those
+hubs, so the reconciler asks all of their rosters (:mod:`bridge.rosters`) before it calls a
+service no ledger knows an orphan. A bridge whose file was lost learns the targets again
+from the hubs' next polls. Rows keep the Outpost target (URL, headers, i.e. credentials) to
+be able to list and stop; the file is the journal's (``0600``). Rows are forgotten after
+``retention_seconds``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Literal
 
 import msgspec
 
-from schemas import CommandResult, Envelope, OutpostTarget, StartCommand, StopCommand, outpost_key
+from schemas import CommandResult, Envelope, OutpostTarget, PollCommand, StartCommand, StopCommand, outpost_key
 
 from .sqlite_file import open_db
 
@@ -40,12 +42,21 @@ class ServerLedger:
             self._path,
             "CREATE TABLE IF NOT EXISTS servers (outpost TEXT, name TEXT, start_id TEXT, state TEXT NOT NULL,"
             " target BLOB NOT NULL, updated REAL NOT NULL, PRIMARY KEY (outpost, name, start_id))",
+            "CREATE TABLE IF NOT EXISTS target_hubs (ident TEXT, hub TEXT, target BLOB NOT NULL,"
+            " updated REAL NOT NULL, PRIMARY KEY (ident, hub))",
         )
-        self._db.execute("DELETE FROM servers WHERE updated < ?", (time.time() - retention_seconds,))
+        cutoff = time.time() - retention_seconds
+        self._db.execute("DELETE FROM servers WHERE updated < ?", (cutoff,))
+        self._db.execute("DELETE FROM target_hubs WHERE updated < ?", (cutoff,))
+        # (ident, hub) pairs written by this process and when: a poll every few seconds
+        # must not become a write each time; the row is refreshed once an hour.
+        self._hub_seen: dict[tuple[str, str], float] = {}
 
     def answered(self, command: Envelope, result: CommandResult) -> None:
         """Learn from one answered command (an :class:`~bridge.outcomes.Outcomes` listener)."""
         body = command.body
+        if isinstance(body, (StartCommand, PollCommand, StopCommand)):
+            self.used(body.target, command.hub)
         if command.server is None:
             return
         if isinstance(body, StartCommand):
@@ -59,19 +70,39 @@ class ServerLedger:
             (outpost_key(target.url), name, start_id, state, _target_encoder.encode(target), time.time()),
         )
 
+    def used(self, target: OutpostTarget, hub: str) -> None:
+        """Remember that ``hub`` reaches an Outpost through ``target``."""
+        ident = _ident(target)
+        now = time.time()
+        if now - self._hub_seen.get((ident, hub), 0.0) < 3600:
+            return
+        self._hub_seen[(ident, hub)] = now
+        self._db.execute(
+            "INSERT OR REPLACE INTO target_hubs VALUES (?, ?, ?, ?)", (ident, hub, _target_encoder.encode(target), now)
+        )
+
     def state(self, outpost: str, name: str, start_id: str) -> State | None:
         row = self._db.execute(
             "SELECT state FROM servers WHERE outpost=? AND name=? AND start_id=?", (outpost, name, start_id)
         ).fetchone()
         return None if row is None else row[0]
 
-    def targets(self) -> list[OutpostTarget]:
-        """Every distinct (URL, headers) the bridge used: each lists its own services."""
-        seen: dict[tuple[str, tuple[tuple[str, str], ...]], OutpostTarget] = {}
+    def targets(self) -> list[tuple[OutpostTarget, frozenset[str]]]:
+        """Every distinct (URL, headers) the bridge used (each lists its own services), with
+        the hubs known to use it (none for rows older than the hub record)."""
+        seen: dict[str, tuple[OutpostTarget, set[str]]] = {}
         for (blob,) in self._db.execute("SELECT DISTINCT target FROM servers"):
             target = _target_decoder.decode(blob)
-            seen.setdefault((target.url, tuple(sorted(target.headers.items()))), target)
-        return list(seen.values())
+            seen.setdefault(_ident(target), (target, set()))
+        for ident, hub, blob in self._db.execute("SELECT ident, hub, target FROM target_hubs"):
+            seen.setdefault(ident, (_target_decoder.decode(blob), set()))[1].add(hub)
+        return [(target, frozenset(hubs)) for target, hubs in seen.values()]
 
     def close(self) -> None:
         self._db.close()
+
+
+def _ident(target: OutpostTarget) -> str:
+    """One Outpost account (URL, headers and HTTP options: they hold the credentials), hashed."""
+    canonical = msgspec.structs.replace(target, headers=dict(sorted(target.headers.items())))
+    return hashlib.sha256(_target_encoder.encode(canonical)).hexdigest()

@@ -11,10 +11,11 @@ them in the Prometheus text format; port 0 (the default) serves nothing. Names:
 - ``outpost_bridge_circuit_state{outpost}``: 0 closed, 1 open, 2 half-open;
 - ``outpost_bridge_deferred_stops_pending``: stops waiting for their Outpost; and
   ``outpost_bridge_deferred_stops_total{outcome}``: ``recorded``, ``carried_out``, ``given_up``;
-- ``outpost_bridge_orphans_total{action}``: services at an Outpost that a hub stopped or
-  never got: ``found``, ``stopped``, ``dry_run`` (would have been stopped), ``stop_failed``;
-- ``outpost_bridge_unknown_services{outpost}``: services this bridge has no record of
-  (started by another bridge or before the ledger existed; never touched).
+- ``outpost_bridge_orphans_total{action}``: services at an Outpost that no hub owns:
+  ``found``, ``stopped``, ``dry_run`` (would have been stopped), ``stop_failed``;
+- ``outpost_bridge_unknown_services{outpost}``: services whose owner cannot be decided
+  (no roster from some hub that may own them, and no ledger record; never touched);
+- ``outpost_bridge_rosters_total{hub}``: complete hub rosters received.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ class BridgeMetrics:
             "outpost_bridge_orphans", "Orphaned services found at Outposts, by action.", ["action"], registry=r
         )
         self.unknown_services = Gauge(
-            "outpost_bridge_unknown_services", "Services this bridge has no record of.", ["outpost"], registry=r
+            "outpost_bridge_unknown_services", "Services whose owner cannot be decided.", ["outpost"], registry=r
         )
+        self.rosters = Counter("outpost_bridge_rosters", "Complete hub rosters received.", ["hub"], registry=r)
 
     def circuit_changed(self, origin: str, state: str) -> None:
         self.circuit_state.labels(outpost=origin).set(_STATE_VALUES.get(state, 0))

@@ -3,7 +3,8 @@
 The consumer calls :meth:`Outcomes.answered` once per command, with the command and the
 reply it is about to publish, :meth:`Outcomes.dead_lettered` per poison message and
 :meth:`Outcomes.announced` per Outpost announcement read from the registry (a hub started
-using that Outpost). A listener that raises is logged and never breaks command handling.
+using that Outpost) and :meth:`Outcomes.roster` per part of a hub's roster. A listener
+that raises is logged and never breaks command handling.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from schemas import CommandResult, Envelope
+from schemas import CommandResult, Envelope, HubRoster
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
@@ -25,6 +26,7 @@ class Outcomes:
         self._answered: list[Listener] = []
         self._dead: list[Callable[[str], None]] = []
         self._announced: list[Callable[[str], None]] = []
+        self._rosters: list[Callable[[str, HubRoster], None]] = []
 
     def on_answered(self, listener: Listener) -> None:
         self._answered.append(listener)
@@ -34,6 +36,17 @@ class Outcomes:
 
     def on_announced(self, listener: Callable[[str], None]) -> None:
         self._announced.append(listener)
+
+    def on_roster(self, listener: Callable[[str, HubRoster], None]) -> None:
+        self._rosters.append(listener)
+
+    def roster(self, hub: str, roster: HubRoster) -> None:
+        """A part of hub ``hub``'s roster arrived."""
+        for listener in self._rosters:
+            try:
+                listener(hub, roster)
+            except Exception:
+                log.exception("roster listener %r failed", listener)
 
     def announced(self, outpost: str) -> None:
         """A hub announced an Outpost queue (it does so once per hub process and Outpost)."""

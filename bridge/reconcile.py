@@ -1,22 +1,27 @@
 """Finds services that Outposts still run although no hub owns them, and stops them.
 
-On start, when a hub announces an Outpost (a hub process's first command to it) and every
-``interval`` seconds, the reconciler lists each known Outpost's services
-(``GET {request_url}/``, once per distinct URL + credentials in the
-:class:`~bridge.ledger.ServerLedger`) and compares them with the ledger:
+On start, when a hub announces an Outpost (a hub process's first command to it), when a hub
+sends its first roster to this bridge process, and every ``interval`` seconds, the
+reconciler lists each known Outpost account's services (``GET {request_url}/``, once per
+distinct URL + credentials in the :class:`~bridge.ledger.ServerLedger`) and sorts them:
 
-- ``ended`` in the ledger (the hub stopped it, or its start failed or was cancelled) but
-  still listed, and not already stopping: an **orphan**. It is stopped once it has been seen
-  for ``grace`` seconds (an async stop, or a stop that raced a start, settles within that).
-  With ``dry_run`` it is only logged and counted (``outpost_bridge_orphans_total{action="dry_run"}``),
-  so an admin can watch the metric before letting the bridge act.
-- not in the ledger: **unknown** (another bridge's, or older than the ledger): counted in
-  ``outpost_bridge_unknown_services``, never touched.
-- ``running``: owned; nothing to do.
+- listed in some hub's roster (:mod:`bridge.rosters`): **owned**; nothing to do.
+- ``ended`` in the ledger (this bridge answered its stop, or its start failed or was
+  cancelled) and not already stopping: an **orphan**.
+- otherwise, when every hub that may own it -- the hubs the ledger saw using this Outpost
+  account, and the hubs whose rosters ever listed this Outpost -- has sent two complete
+  rosters since the service was first seen and none lists it: an **orphan** too. This finds
+  what no ledger can: servers of a hub whose database was restored from a backup, starts
+  whose answer was lost, services this bridge never saw (its state file was lost, or another
+  bridge started them).
+- anything else (no roster from some possible owner, e.g. a hub of an older version or
+  with ``roster_interval = 0``): **unknown**, counted in ``outpost_bridge_unknown_services``
+  and never touched.
 
-Orphans typically come from starts whose answer was lost (the Outpost started the server,
-the bridge reported a failure) when the hub's clean-up stop did not reach the Outpost, and
-from deferred stops that gave up.
+An orphan is stopped once it has been seen for ``grace`` seconds (an async stop, or a stop
+that raced a start, settles within that). With ``dry_run`` it is only logged and counted
+(``outpost_bridge_orphans_total{action="dry_run"}``), so an admin can watch the metric
+before letting the bridge act.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .ledger import ServerLedger
 from .metrics import BridgeMetrics
 from .outpost import OutpostClient
 from .periodic import Periodic
+from .rosters import Rosters
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
@@ -55,9 +61,11 @@ class Reconciler:
         grace: float = 600.0,
         dry_run: bool = False,
         metrics: BridgeMetrics | None = None,
+        rosters: Rosters | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ledger = ledger
+        self._rosters = rosters
         self._client = client
         self._breaker = breaker
         self._interval = interval  # 0 = no periodic passes
@@ -65,7 +73,8 @@ class Reconciler:
         self._dry_run = dry_run
         self._metrics = metrics
         self._clock = clock
-        self._first_seen: dict[OrphanKey, float] = {}
+        self._first_seen: dict[OrphanKey, float] = {}  # first seen unowned
+        self._found: set[OrphanKey] = set()
         self._reported: set[OrphanKey] = set()
         self._runner = Periodic("orphan reconciliation", self.run_once, interval)
 
@@ -84,33 +93,62 @@ class Reconciler:
         """One pass over every known Outpost; returns the orphans stopped (or, dry, due)."""
         acted: list[OrphanKey] = []
         listed: set[OrphanKey] = set()
-        for target in self._ledger.targets():
+        for target, hubs in self._ledger.targets():
             services = await self._list(target)
             if services is None:
                 continue
             key = outpost_key(target.url)
+            owners = hubs | self._rosters.claimants(key) if self._rosters is not None else frozenset()
             unknown = 0
             for service in services:
                 name, start_id = str(service.get("name", "")), str(service.get("start_id", "0"))
                 orphan = (key, name, start_id)
                 listed.add(orphan)
-                state = self._ledger.state(*orphan)
-                if state is None:
+                verdict = self._verdict(orphan, owners, stopping=bool(service.get("stop_pending")))
+                if verdict == "unknown":
                     unknown += 1
-                elif state == "ended" and not service.get("stop_pending"):
-                    if await self._orphan(target, orphan):
-                        acted.append(orphan)
+                if verdict == "stopping":
+                    continue
+                if verdict in ("owned", "unknown"):
+                    self._forget(orphan)
+                elif await self._orphan(target, orphan, settled=verdict == "orphan"):
+                    acted.append(orphan)
             if self._metrics is not None:
                 self._metrics.unknown_services.labels(outpost=key).set(unknown)
         for gone in set(self._first_seen) - listed:
-            del self._first_seen[gone]
-            self._reported.discard(gone)
+            self._forget(gone)
         return acted
 
-    async def _orphan(self, target: OutpostTarget, orphan: OrphanKey) -> bool:
+    def _verdict(self, orphan: OrphanKey, owners: frozenset[str], *, stopping: bool) -> str:
+        """``owned``, ``orphan``, ``candidate`` (no owner yet; orphan once its possible owners
+        disowned it), ``stopping`` or ``unknown``."""
+        _, name, start_id = orphan
+        if self._rosters is not None and self._rosters.owner(name, start_id) is not None:
+            return "owned"
+        state = self._ledger.state(*orphan)
+        if stopping:
+            return "stopping"
+        if state == "ended":
+            return "orphan"
+        if self._rosters is not None and owners and owners <= self._rosters.hubs:
+            since = self._first_seen.get(orphan)
+            if since is not None and self._rosters.disowned(owners, since):
+                return "orphan"
+            return "candidate"
+        return "owned" if state == "running" else "unknown"
+
+    def _forget(self, orphan: OrphanKey) -> None:
+        self._first_seen.pop(orphan, None)
+        self._found.discard(orphan)
+        self._reported.discard(orphan)
+
+    async def _orphan(self, target: OutpostTarget, orphan: OrphanKey, *, settled: bool) -> bool:
         now = self._clock()
         first = self._first_seen.setdefault(orphan, now)
-        if first == now:
+        if not settled:
+            return False
+        if orphan not in self._found:
+            self._found.add(orphan)
             self._count("found")
             log.info("orphan at Outpost %s: server=%s start_id=%s (no hub owns it)", *orphan)
         if now - first < self._grace:
@@ -139,7 +177,7 @@ class Reconciler:
             return False
         self._count("stopped")
         log.warning("stopped orphan server=%s start_id=%s at Outpost %s", orphan[1], orphan[2], orphan[0])
-        del self._first_seen[orphan]
+        self._forget(orphan)
         return True
 
     async def _list(self, target: OutpostTarget) -> list[dict[str, object]] | None:

@@ -3,7 +3,8 @@
 :class:`ResilienceTraits` holds the settings (mixed into ``OutpostBridge``, so they are
 ``c.OutpostBridge.*`` like every other option); :class:`Resilience` owns what they build:
 the per-Outpost circuit breaker and the HTTP client guarded by it, deferred stops, the
-server ledger and orphan reconciler, and the metrics (with their endpoint).
+server ledger, the hubs' rosters and the orphan reconciler, and the metrics (with their
+endpoint).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 
 from traitlets import Bool, Float, HasTraits, Integer, Unicode
 
-from schemas import CommandResult, Envelope
+from schemas import CommandResult, Envelope, HubRoster
 
 from .circuit import CircuitBreaker, GuardedOutpostClient
 from .deferred_stops import DeferredStops
@@ -21,6 +22,7 @@ from .metrics import BridgeMetrics, MetricsServer
 from .outcomes import Outcomes
 from .reconcile import Reconciler
 from .retry import Backoff
+from .rosters import Rosters
 from .stop_store import StopStore
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
@@ -103,6 +105,7 @@ class Resilience:
                 metrics=self.metrics,
             )
         self._ledger = ServerLedger(journal_path)
+        self.rosters = Rosters(journal_path)
         self.reconciler = Reconciler(
             self._ledger,
             self.client,
@@ -111,6 +114,7 @@ class Resilience:
             grace=settings.reconcile_grace,
             dry_run=settings.reconcile_dry_run,
             metrics=self.metrics,
+            rosters=self.rosters,
         )
         self.outcomes = Outcomes()
         self.outcomes.on_answered(self._ledger.answered)
@@ -118,6 +122,8 @@ class Resilience:
         self.outcomes.on_dead_lettered(lambda kind: self.metrics.dead_letters.labels(kind=kind).inc())
         # A hub announcing an Outpost (its first command there since it started): reconcile soon.
         self.outcomes.on_announced(lambda outpost: self.reconciler.wake())
+        self.outcomes.on_roster(self._roster)
+        self._roster_heard: set[str] = set()
         self._server = (
             MetricsServer(self.metrics, host=settings.metrics_host, port=settings.metrics_port)
             if settings.metrics_port
@@ -127,6 +133,14 @@ class Resilience:
     def _count(self, command: Envelope, result: CommandResult) -> None:
         outcome = "deferred" if result.deferred else "ok" if result.ok else (result.error.kind if result.error else "")
         self.metrics.commands.labels(command=result.command, outcome=outcome or "failed").inc()
+
+    def _roster(self, hub: str, roster: HubRoster) -> None:
+        if not self.rosters.receive(hub, roster):
+            return
+        self.metrics.rosters.labels(hub=hub).inc()
+        if hub not in self._roster_heard:  # a hub (or this bridge) started: reconcile soon
+            self._roster_heard.add(hub)
+            self.reconciler.wake()
 
     async def start(self) -> None:
         """Start after the HTTP client: metrics endpoint, deferred stops, reconciler."""
@@ -144,4 +158,5 @@ class Resilience:
         if self._server is not None:
             await self._server.stop()
         self._ledger.close()
+        self.rosters.close()
         self._stop_store.close()

@@ -19,13 +19,24 @@ from .commands import (
     TunnelCommand,
 )
 from .errors import DecodeError, SchemaError
-from .events import CommandResult, ErrorInfo, OutpostAnnouncement, ProgressEvent
+from .events import (
+    ROSTER_PART_BYTES,
+    ROSTER_PART_MAX,
+    CommandResult,
+    ErrorInfo,
+    HubRoster,
+    OutpostAnnouncement,
+    ProgressEvent,
+    RosterEntry,
+)
 from .secrets import redacted
 from .specs import RemoteForwardSpec, ServiceSpec, SshEndpoint, TunnelSpec
 from .topology import Topology, outpost_key
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "ROSTER_PART_BYTES",
+    "ROSTER_PART_MAX",
     "SCHEMA_VERSION",
     "Command",
     "CommandResult",
@@ -33,12 +44,14 @@ __all__ = [
     "Envelope",
     "ErrorInfo",
     "HttpOptions",
+    "HubRoster",
     "OutpostAnnouncement",
     "OutpostTarget",
     "PollCommand",
     "ProgressEvent",
     "RecreateForwardCommand",
     "RemoteForwardSpec",
+    "RosterEntry",
     "SchemaError",
     "ServerRef",
     "ServiceSpec",

@@ -15,7 +15,7 @@ from typing import Annotated
 import msgspec
 
 from .commands import PollCommand, RecreateForwardCommand, StartCommand, StopCommand, TunnelCommand
-from .events import CommandResult, OutpostAnnouncement, ProgressEvent
+from .events import CommandResult, HubRoster, OutpostAnnouncement, ProgressEvent
 from .secrets import RedactedRepr
 
 SCHEMA_VERSION = 1
@@ -32,6 +32,7 @@ Body = (
     | CommandResult
     | ProgressEvent
     | OutpostAnnouncement
+    | HubRoster
 )
 
 

@@ -1,4 +1,5 @@
-"""Messages the bridge sends back: command results, progress events, Outpost announcements.
+"""Messages the bridge sends back (command results, progress events) and the hub's own
+announcements (Outpost queues, the roster of servers it owns).
 
 Failures cross the wire as data (:class:`ErrorInfo`): a kind, a one-line summary for the
 user, details (the Outpost's traceback, say) and whether a retry could help.
@@ -68,3 +69,30 @@ class OutpostAnnouncement(msgspec.Struct, frozen=True, kw_only=True, tag="outpos
 
     key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     origin: Annotated[str, msgspec.Meta(max_length=2048)]
+
+
+RosterId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+ROSTER_PART_MAX = 5000
+"""Most entries per roster message (typically ~100 bytes each)."""
+ROSTER_PART_BYTES = 768 * 1024
+"""Most encoded entry bytes per roster message, below the 1 MiB message limit."""
+
+
+class RosterEntry(msgspec.Struct, frozen=True, array_like=True):
+    """One server a hub owns: its name and ``start_id`` at the Outpost, and the Outpost's
+    key ("" when the hub does not know it, e.g. for a server the upstream spawner started)."""
+
+    outpost: Annotated[str, msgspec.Meta(max_length=200)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+    start_id: Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class HubRoster(msgspec.Struct, frozen=True, kw_only=True, tag="roster"):
+    """Part ``part`` of ``parts`` of one snapshot of every server a hub believes is running
+    or starting (broadcast on ``P.control``). Bridges use complete snapshots to tell the
+    services an Outpost lists that no hub owns any more (:mod:`bridge.reconcile`)."""
+
+    snapshot: RosterId
+    part: Annotated[int, msgspec.Meta(ge=0, lt=1000)] = 0
+    parts: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    servers: Annotated[list[RosterEntry], msgspec.Meta(max_length=ROSTER_PART_MAX)] = []

@@ -14,6 +14,7 @@ Layout (``P`` is the configurable name prefix)::
     P.dead       fanout exchange -> P.dead-letters: poison messages, with a reason header
     P.control    fanout exchange -> one exclusive queue per bridge: commands every bridge
                                    carries out (``recreate_forward`` after an SSH node restart)
+                                   and each hub's roster of the servers it owns
     P.audit      fanout exchange -> P.audit (stream, size- and age-capped): a secret-free copy
                                    of every command, and every result and event (the stream is
                                    also bound to P.replies), for ``outpost-mq-replay``

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import aio_pika
 import aiormq
@@ -54,6 +54,7 @@ class HubBroker:
         self._audit: aio_pika.abc.AbstractExchange | None = None
         self._outposts: set[str] = set()
         self._ready: asyncio.Task[None] | None = None
+        self.roster: Any = None  # the hub's RosterSender, started by the first spawner
 
     @classmethod
     def shared(cls, url: str, prefix: str, hub_id: str, heartbeat: int) -> HubBroker:
@@ -66,6 +67,9 @@ class HubBroker:
 
     async def close(self, timeout: float = 5) -> None:
         """Close the connection (tests; a hub process keeps it for its lifetime)."""
+        if self.roster is not None:
+            self.roster.stop()
+            self.roster = None
         connection, self._connection, self._ready = self._connection, None, None
         if connection is not None:
             try:

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Callable, Dict, Float, Integer, Unicode, Union, default, validate
+from traitlets import Bool, Callable, Dict, Float, Integer, TraitError, Unicode, Union, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .hooks import callable_or_unset
@@ -95,6 +95,23 @@ class OutpostTraits(LoggingConfigurable):
         cannot be reached (the spawn page says so); then the start fails with a clear message.
         Never longer than the start's own deadline.""",
     ).tag(config=True)
+    roster_interval = Float(
+        60.0,
+        help="""Seconds between broadcasts of this hub's roster (every server it believes is
+        running or starting, from its database and this process) to the bridges; one is also
+        sent when the hub connects to RabbitMQ. A bridge stops a service an Outpost lists only
+        once every hub that may own it has sent two rosters without it, and after
+        ``OutpostBridge.reconcile_grace`` (see docs/reliability.md). 0 = send none: the bridges
+        then never stop services of this hub that they do not know ended.""",
+    ).tag(config=True)
+
+    @validate("roster_interval")
+    def _check_roster_interval(self, proposal: Any) -> float:
+        value = float(proposal["value"])
+        if value != 0 and value < 1:
+            raise TraitError(f"OutpostSpawner.roster_interval must be 0 (off) or at least 1 second, got {value}")
+        return value
+
     poll_status_max_age = Float(
         10.0,
         help="""Seconds a status the Outpost reported stays fresh: a poll within that time is

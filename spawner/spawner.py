@@ -29,7 +29,16 @@ from tornado.ioloop import PeriodicCallback
 from traitlets import Any as AnyTrait
 from traitlets import Dict, Unicode, default
 
-from schemas import CommandResult, Envelope, ErrorInfo, ProgressEvent, ServerRef, TunnelCommand, TunnelSpec
+from schemas import (
+    CommandResult,
+    Envelope,
+    ErrorInfo,
+    ProgressEvent,
+    RosterEntry,
+    ServerRef,
+    TunnelCommand,
+    TunnelSpec,
+)
 from schemas.base import new_id
 
 from . import progress as events
@@ -38,6 +47,7 @@ from .errors import BrokerUnavailable, HookError, OutpostCommandFailed, OutpostS
 from .hooks import call_hook, resolve
 from .outpost_traits import OutpostTraits
 from .plan import plan_poll, plan_start, plan_stop, resolve_target
+from .roster import STARTING, RosterSender
 from .tunnel_plan import expand_name, remote_forward_spec, tunnel_spec
 from .tunnel_traits import TunnelTraits
 
@@ -70,6 +80,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self._request_pending = False
         self._exit_code: int | None = None
         self._outpost_name = ""
+        self._outpost_key = ""  # the Outpost's queue key, once a target was resolved
         self._is_job: Any = None
         self._first_poll = True
         self.poll_interval_ms: float | None = None
@@ -111,6 +122,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             self.port = state["custom_port"]
         self._is_job = state.get("_is_job")
         self._outpost_name = str(state.get("outpost_name", "") or "")
+        self._outpost_key = str(state.get("outpost_key", "") or "")
         if self.start_id and "outpost_name" not in state and self.name:
             # Started by the upstream OutpostSpawner, which sent the bare server name.
             self._outpost_name = self.name
@@ -120,6 +132,8 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         if self.start_id:
             state["start_id"] = self.start_id
             state["outpost_name"] = self.service_name
+            if self._outpost_key:
+                state["outpost_key"] = self._outpost_key
             state["events"] = self.events
             state["port_forward_info"] = copy.deepcopy(self.port_forward_info)
             state["custom_port"] = self.port
@@ -136,6 +150,13 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self.start_id = ""
         self.port_forward_info = {}
         self._outpost_name = ""
+        self._outpost_key = ""
+
+    def roster_entry(self) -> RosterEntry | None:
+        """This server in the hub's roster (:mod:`spawner.roster`), if it has a start."""
+        if not self.start_id:
+            return None
+        return RosterEntry(outpost=self._outpost_key, name=self.service_name, start_id=self.start_id)
 
     # -- env -------------------------------------------------------------------------------
     def get_env_base(self) -> dict[str, str]:
@@ -284,7 +305,10 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         users = getattr(self.user, "settings", {}).get("users")
         if broker.router.on_unclaimed is None and users is not None:
             broker.router.on_unclaimed = UnclaimedStarts(users, self.log)
-        return await broker.ready(timeout)
+        ready = await broker.ready(timeout)
+        if broker.roster is None and users is not None and self.roster_interval:
+            broker.roster = RosterSender(broker, users, self.roster_interval).start()
+        return ready
 
     async def _publish(
         self, broker: HubBroker, envelope: Envelope, key: str, origin: str, *, patient: bool = True
@@ -352,12 +376,14 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     async def start(self) -> str:
         """Publish a start and wait for the bridge's result; returns the server's URL."""
         self.start_id = uuid.uuid4().hex
+        STARTING.add(self)
         self.events = []
         self._seen_seq.clear()
         self._seen_raw.clear()
         self._running_seen = 0.0
         self._exit_code = None
         self._outpost_name = ""
+        self._outpost_key = ""
         self.logs = []
         self.port_forward_info = {}
         self._first_poll = False
@@ -415,6 +441,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             trust_bundles=bundles,
             authentication=await self._authentication(),
         )
+        self._outpost_key = target.key
         self.log.info("start %s start_id=%s at %s", self._log_name, self.start_id, target.origin)
         result = await self._send(
             command,
@@ -598,6 +625,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     async def _poll_outpost(self) -> int | None:
         try:
             command, target = await plan_poll(self)
+            self._outpost_key = target.key
             result = await self._send(
                 command,
                 target.key,

@@ -230,7 +230,7 @@ def test_ledger_learns_from_answered_commands(tmp_path: Path) -> None:
     stop = stop_envelope("s1")
     outcomes.answered(stop, Envelope(id="c", hub="hub", body=CommandResult(command="stop", ok=True, deferred=True)))
     assert ledger.state(key, "ann", "s1") == "ended"
-    assert ledger.targets() == [TARGET]
+    assert ledger.targets() == [(TARGET, frozenset({"hub"}))]
 
 
 def test_deferred_flag_round_trips_and_defaults_false() -> None:

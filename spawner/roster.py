@@ -1,0 +1,108 @@
+"""This hub's roster: every server it believes is running or starting, sent to the bridges.
+
+The bridges stop services an Outpost still runs that no hub owns (``bridge/reconcile.py``);
+only the hubs know what they own. So each hub process broadcasts its roster on
+``P.control`` when it connects to RabbitMQ and every ``OutpostSpawner.roster_interval``
+seconds: one snapshot, in as many parts as the message size limit needs (:func:`split`).
+
+A snapshot lists every spawner the hub's database gives a server (running, starting or
+stopping) and every spawner of this process with a start in progress, each with its name
+and ``start_id`` at the Outpost. It is built from the database, not from what this process
+has loaded, so it is complete from the first one on. When it cannot be built (a database
+error), none is sent: a partial roster would make the bridges stop servers the hub owns;
+a missing one only delays reconciliation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import weakref
+from typing import Any
+
+from jupyterhub import orm
+
+from schemas import ROSTER_PART_BYTES, ROSTER_PART_MAX, Envelope, HubRoster, RosterEntry
+from schemas.base import new_id
+
+from .errors import BrokerUnavailable
+
+log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
+
+STARTING: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Spawners of this process that began a start (weak: JupyterHub owns them)."""
+
+
+class RosterSender:
+    """Sends the roster now and then every ``interval`` seconds (with 10 % jitter)."""
+
+    def __init__(self, broker: Any, users: Any, interval: float) -> None:
+        self._broker = broker
+        self._users = users
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> RosterSender:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+        return self
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.send_once()
+            except BrokerUnavailable as exc:
+                log.warning("roster not sent: %s", exc)
+            except Exception:
+                log.exception("roster not sent: building it failed")
+            await asyncio.sleep(self._interval * random.uniform(0.9, 1.1))
+
+    def entries(self) -> list[RosterEntry]:
+        """Every server this hub owns (raises if the database cannot be read)."""
+        found: dict[tuple[str, str], RosterEntry] = {}
+
+        def add(spawner: Any) -> None:
+            entry = spawner.roster_entry() if hasattr(spawner, "roster_entry") else None
+            if entry is not None:
+                found[(entry.name, entry.start_id)] = entry
+
+        db = self._users.db
+        for row in db.query(orm.Spawner).filter(orm.Spawner.server_id.isnot(None)).all():
+            if row.user is not None:
+                add(self._users[row.user].spawners[row.name])
+        for spawner in list(STARTING):
+            add(spawner)
+        return list(found.values())
+
+    async def send_once(self) -> int:
+        """Build and broadcast one snapshot; returns the number of servers in it."""
+        entries = self.entries()
+        snapshot = new_id()
+        chunks = split(entries)
+        broker = await self._broker.ready(15)
+        for part, chunk in enumerate(chunks):
+            roster = HubRoster(snapshot=snapshot, part=part, parts=len(chunks), servers=chunk)
+            await broker.broadcast(Envelope(id=new_id(), hub=broker.hub_id, body=roster))
+        log.debug("roster sent: %d servers in %d part(s)", len(entries), len(chunks))
+        return len(entries)
+
+
+def split(entries: list[RosterEntry]) -> list[list[RosterEntry]]:
+    """Parts of at most :data:`~schemas.ROSTER_PART_MAX` entries and
+    :data:`~schemas.ROSTER_PART_BYTES` bytes (always at least one, maybe empty)."""
+    parts: list[list[RosterEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        length = len(entry.outpost.encode()) + len(entry.name.encode()) + len(entry.start_id.encode()) + 8
+        if len(parts[-1]) >= ROSTER_PART_MAX or size + length > ROSTER_PART_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(entry)
+        size += length
+    return parts
