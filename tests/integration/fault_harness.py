@@ -124,8 +124,8 @@ class Stack:
             *extra,
         ]
         # traitlets refuses an option given twice: later ones replace earlier ones.
-        names = {o.split("=", 1)[0] for o in options}
-        bridge.argv = [a for a in bridge.argv if a.split("=", 1)[0] not in names] + options
+        latest = {o.split("=", 1)[0]: o for o in [*bridge.argv[1:], *options]}
+        bridge.argv = [bridge.argv[0], *latest.values()]
         bridge.name, bridge.log_path = name, self.dir / f"{name}.log"
         self._bridges.append(bridge)
         return bridge

@@ -223,6 +223,78 @@ async def orphans(workdir: Path, n: int = 6, *, dry_run: bool = False, amqp_url:
     return tally
 
 
+async def disowned(workdir: Path, n: int = 6, *, dry_run: bool = False, amqp_url: str = AMQP_URL) -> Tally:
+    """No ledger knows these: the bridge's state file is lost (SIGKILL, file deleted) and the
+    hub forgets ``n`` of its running servers (its database restored from a backup). The
+    hub's rosters, which list only the server it kept, show that nobody owns the others:
+    the restarted bridge stops them (or, dry, counts them); the kept server keeps running."""
+    tally = Tally(
+        f"Orphans no ledger knows: {n} servers (bridge state lost, hub forgot them)" + (" (dry run)" if dry_run else "")
+    )
+    async with stack(workdir, "disowned", amqp_url) as st:
+        outpost = await st.outpost()
+        url = outpost.url
+        metrics_port = free_port()
+        options = (
+            f"--OutpostBridge.metrics_port={metrics_port}",
+            "--OutpostBridge.reconcile_interval=1",
+            "--OutpostBridge.reconcile_grace=2",
+            f"--OutpostBridge.reconcile_dry_run={dry_run}",
+        )
+        bridge = await st.bridge(*options)
+        hub = await st.hub()
+        keeper, users = new_id("k"), [new_id("forgot") for _ in range(n)]
+        starts = await send_all(
+            hub, [(start_body(url, CREDENTIALS, u, "1"), u, "1", 60) for u in [keeper, *users]], url
+        )
+        await settle(hub, starts, 60)
+        owned = [(u, "1") for u in [keeper, *users]]
+
+        async def rosters() -> None:  # what spawner.roster does, every 0.5 s
+            while True:
+                await hub.roster(url, list(owned))
+                await asyncio.sleep(0.5)
+
+        sender = asyncio.ensure_future(rosters())
+        try:
+            await asyncio.sleep(1)
+            await asyncio.to_thread(bridge.stop, signal.SIGKILL, 10)
+            for suffix in ("", "-wal", "-shm"):
+                (st.dir / f"bridge.sqlite{suffix}").unlink(missing_ok=True)
+            owned[:] = [(keeper, "1")]
+            began = time.monotonic()
+            await st.bridge(*options)
+            # The hub's next poll of its server teaches the new bridge the Outpost account.
+            polls = await send_all(hub, [(poll_body(url, CREDENTIALS, keeper), keeper, "1", 30)], url)
+            await settle(hub, polls, 30)
+            tally.attempted = n
+            if dry_run:
+                await wait_until(
+                    lambda: metric(metrics_port, "outpost_bridge_orphans_total", action="dry_run") >= n, 60
+                )
+                remaining = await asyncio.to_thread(listed, outpost)
+                tally.lost = sum(1 for u in users if u not in remaining)
+            else:
+                await wait_until(lambda: not (set(users) & listed(outpost)), 60)
+                remaining = await asyncio.to_thread(listed, outpost)
+                tally.lost = sum(1 for u in users if u in remaining)
+            tally.recover_seconds = time.monotonic() - began
+        finally:
+            if sender.done():
+                sender.result()  # the rosters stopped: say why
+            sender.cancel()
+        tally.lost += 0 if keeper in remaining else 1
+        stopped = await asyncio.to_thread(metric, metrics_port, "outpost_bridge_orphans_total", action="stopped")
+        would = await asyncio.to_thread(metric, metrics_port, "outpost_bridge_orphans_total", action="dry_run")
+        tally.extra = {"stopped": stopped, "dry_run": would, "keeper_running": keeper in remaining}
+        tally.note(
+            f"metrics: stopped={stopped:.0f} dry_run={would:.0f}; the owned server kept running: {keeper in remaining};"
+            " time from the bridge's restart (state lost) to the last orphan handled, incl. two rosters"
+            " (every 0.5 s) and the grace (2 s)"
+        )
+    return tally
+
+
 # -- 4. Bridge SIGKILL amid starts and stops --------------------------------------------------
 
 

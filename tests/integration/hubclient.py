@@ -24,10 +24,12 @@ from schemas import (
     CommandResult,
     DecodeError,
     Envelope,
+    HubRoster,
     OutpostAnnouncement,
     OutpostTarget,
     PollCommand,
     ProgressEvent,
+    RosterEntry,
     ServerRef,
     StartCommand,
     StopCommand,
@@ -39,6 +41,7 @@ from schemas import (
 from schemas.base import new_id
 from schemas.commands import HttpOptions
 from schemas.topology import heartbeat_grace_multiplier, url_origin, with_heartbeat, with_reconnect_interval
+from spawner.roster import split
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -203,6 +206,20 @@ class CountingHub:
                     raise
                 self.publish_retries += 1
                 await asyncio.sleep(0.5)
+
+    async def roster(self, url: str, servers: list[tuple[str, str]]) -> None:
+        """Broadcast one complete roster of ``(name, start_id)`` servers at ``url``'s Outpost,
+        as ``spawner.roster.RosterSender`` does."""
+        assert self._channel is not None
+        control = await self._channel.declare_exchange(
+            self.topology.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        entries = [RosterEntry(outpost_key(url), name, start_id) for name, start_id in servers]
+        snapshot, parts = new_id(), split(entries)
+        for part, chunk in enumerate(parts):
+            body = HubRoster(snapshot=snapshot, part=part, parts=len(parts), servers=chunk)
+            message = aio_pika.Message(encode(Envelope(id=new_id(), hub=self.hub_id, body=body)))
+            await control.publish(message, routing_key="", mandatory=False, timeout=15)
 
     async def publish_raw(self, body: bytes, routing_key: str, message_id: str) -> None:
         assert self._commands is not None

@@ -54,6 +54,16 @@ async def test_orphans_are_stopped_after_the_grace_period(fault_broker: str, wor
     assert (tally.extra["stopped"], tally.extra["dry_run"]) == ((0, 4) if dry_run else (4, 0)), tally
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+async def test_services_no_ledger_knows_are_stopped_when_no_roster_lists_them(
+    fault_broker: str, workdir: Path, dry_run: bool
+) -> None:
+    tally = await fs.disowned(workdir, n=4, dry_run=dry_run, amqp_url=fault_broker)
+    assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
+    assert tally.extra["keeper_running"], tally
+    assert (tally.extra["stopped"], tally.extra["dry_run"]) == ((0, 4) if dry_run else (4, 0)), tally
+
+
 async def test_bridge_sigkill_amid_starts_and_stops(fault_broker: str, workdir: Path) -> None:
     tally = await fs.bridge_killed(workdir, n=30, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated) == (0, 0), tally
