@@ -236,3 +236,17 @@ def test_stop_removes_the_remote_forward_upstream_never_removed() -> None:
     spawner.start_id = "s1"
     command, _ = asyncio.run(spawner._plan_stop())
     assert command.remote_forward is not None and command.remote_forward.ssh.host == "login"
+
+
+def test_roster_entry_follows_the_state_and_the_interval_is_checked() -> None:
+    spawner = make_spawner("gpu")
+    assert spawner.roster_entry() is None  # nothing started
+    spawner.load_state({"start_id": "abc123", "outpost_name": "alice--gpu", "outpost_key": "op-8080-1"})
+    entry = spawner.roster_entry()
+    assert entry is not None and (entry.outpost, entry.name, entry.start_id) == ("op-8080-1", "alice--gpu", "abc123")
+    assert spawner.get_state()["outpost_key"] == "op-8080-1"
+    spawner.clear_state()
+    assert spawner.roster_entry() is None
+    assert make_spawner(roster_interval=0).roster_interval == 0
+    with pytest.raises(TraitError, match="roster_interval"):
+        make_spawner(roster_interval=0.5)
