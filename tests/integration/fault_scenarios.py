@@ -33,7 +33,7 @@ from .fault_harness import (
 )
 from .faultproxy import Mode
 from .hubclient import poll_body, start_body, stop_body
-from .services import AMQP_URL, free_port
+from .services import AMQP_URL, Outpost, free_port
 
 # -- 1. Outpost down / slow / frozen / 5xx ------------------------------------------------
 
@@ -200,27 +200,35 @@ async def orphans(workdir: Path, n: int = 6, *, dry_run: bool = False, amqp_url:
         await settle(hub, starts, 90)
         proxy.set("pass")
         ended = time.monotonic()
-        tally.attempted = n
-        if dry_run:
-            took = await wait_until(
-                lambda: metric(metrics_port, "outpost_bridge_orphans_total", action="dry_run") >= n, 60
-            )
-            remaining = await asyncio.to_thread(listed, outpost)
-            tally.lost = sum(1 for u in users if u not in remaining)  # dry run must not stop anything
-        else:
-            took = await wait_until(lambda: not (set(users) & listed(outpost)), 60)
-            remaining = await asyncio.to_thread(listed, outpost)
-            tally.lost = sum(1 for u in users if u in remaining)
-        tally.recover_seconds = took
-        tally.lost += 0 if keeper in remaining else 1
-        stopped = await asyncio.to_thread(metric, metrics_port, "outpost_bridge_orphans_total", action="stopped")
-        would = await asyncio.to_thread(metric, metrics_port, "outpost_bridge_orphans_total", action="dry_run")
-        tally.extra = {"stopped": stopped, "dry_run": would, "keeper_running": keeper in remaining}
+        tally.recover_seconds = await orphans_handled(tally, outpost, metrics_port, users, keeper, dry_run=dry_run)
         tally.note(
-            f"metrics: stopped={stopped:.0f} dry_run={would:.0f}; the owned server kept running: {keeper in remaining};"
-            f" time from the lost answers to the last orphan handled ({time.monotonic() - ended:.1f} s incl. grace 2 s)"
+            f"time from the lost answers to the last orphan handled ({time.monotonic() - ended:.1f} s incl. grace 2 s)"
         )
     return tally
+
+
+async def orphans_handled(
+    tally: Tally, outpost: Outpost, metrics_port: int, orphans: list[str], keeper: str, *, dry_run: bool
+) -> float | None:
+    """Wait until the bridge stopped (or, dry, counted) ``orphans``; count what it got wrong
+    (an orphan left, or stopped in a dry run; the owned ``keeper`` gone) as lost."""
+    n = tally.attempted = len(orphans)
+    if dry_run:
+        took = await wait_until(lambda: metric(metrics_port, "outpost_bridge_orphans_total", action="dry_run") >= n, 60)
+        remaining = await asyncio.to_thread(listed, outpost)
+        tally.lost = sum(1 for u in orphans if u not in remaining)  # dry run must not stop anything
+    else:
+        took = await wait_until(lambda: not (set(orphans) & listed(outpost)), 60)
+        remaining = await asyncio.to_thread(listed, outpost)
+        tally.lost = sum(1 for u in orphans if u in remaining)
+    tally.lost += 0 if keeper in remaining else 1
+    stopped = await asyncio.to_thread(metric, metrics_port, "outpost_bridge_orphans_total", action="stopped")
+    would = await asyncio.to_thread(metric, metrics_port, "outpost_bridge_orphans_total", action="dry_run")
+    tally.extra = {"stopped": stopped, "dry_run": would, "keeper_running": keeper in remaining}
+    tally.note(
+        f"metrics: stopped={stopped:.0f} dry_run={would:.0f}; the owned server kept running: {keeper in remaining}"
+    )
+    return took
 
 
 async def disowned(workdir: Path, n: int = 6, *, dry_run: bool = False, amqp_url: str = AMQP_URL) -> Tally:
@@ -267,29 +275,14 @@ async def disowned(workdir: Path, n: int = 6, *, dry_run: bool = False, amqp_url
             # The hub's next poll of its server teaches the new bridge the Outpost account.
             polls = await send_all(hub, [(poll_body(url, CREDENTIALS, keeper), keeper, "1", 30)], url)
             await settle(hub, polls, 30)
-            tally.attempted = n
-            if dry_run:
-                await wait_until(
-                    lambda: metric(metrics_port, "outpost_bridge_orphans_total", action="dry_run") >= n, 60
-                )
-                remaining = await asyncio.to_thread(listed, outpost)
-                tally.lost = sum(1 for u in users if u not in remaining)
-            else:
-                await wait_until(lambda: not (set(users) & listed(outpost)), 60)
-                remaining = await asyncio.to_thread(listed, outpost)
-                tally.lost = sum(1 for u in users if u in remaining)
+            await orphans_handled(tally, outpost, metrics_port, users, keeper, dry_run=dry_run)
             tally.recover_seconds = time.monotonic() - began
         finally:
             if sender.done():
                 sender.result()  # the rosters stopped: say why
             sender.cancel()
-        tally.lost += 0 if keeper in remaining else 1
-        stopped = await asyncio.to_thread(metric, metrics_port, "outpost_bridge_orphans_total", action="stopped")
-        would = await asyncio.to_thread(metric, metrics_port, "outpost_bridge_orphans_total", action="dry_run")
-        tally.extra = {"stopped": stopped, "dry_run": would, "keeper_running": keeper in remaining}
         tally.note(
-            f"metrics: stopped={stopped:.0f} dry_run={would:.0f}; the owned server kept running: {keeper in remaining};"
-            " time from the bridge's restart (state lost) to the last orphan handled, incl. two rosters"
+            "time from the bridge's restart (state lost) to the last orphan handled, incl. two rosters"
             " (every 0.5 s) and the grace (2 s)"
         )
     return tally
