@@ -3,7 +3,8 @@
 This module is the only place that acks a command. Commands for one server (one
 ``user/server`` slot) run one after another in delivery order; different servers run
 concurrently. A stop that arrives while a start for the same server is still being carried
-out cancels that start (which then reports ``cancelled``) before the stop runs.
+out cancels that start (which then reports ``cancelled``) before the stop runs. A flavors
+fetch is about no server and runs at once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -20,6 +23,7 @@ from schemas import (
     DecodeError,
     Envelope,
     ErrorInfo,
+    FlavorsCommand,
     HubRoster,
     OutpostAnnouncement,
     PollCommand,
@@ -38,6 +42,21 @@ from .pipeline import Pipeline, reply, run_cancellable
 from .reachability import Reachability
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
+
+
+def check_command(envelope: Envelope, hub_ids: frozenset[str] = frozenset()) -> None:
+    """What an Outpost queue accepts (``DecodeError`` otherwise, which dead-letters it): a
+    start, poll, stop or tunnel command for a server with a ``start_id``, or a flavors command
+    for no server with a deadline, from a hub this bridge serves (any, when ``hub_ids`` is empty)."""
+    if isinstance(envelope.body, FlavorsCommand):
+        if envelope.server is not None or not envelope.deadline:
+            raise DecodeError("invalid", "a flavors command is about no server and needs a deadline")
+    elif not isinstance(envelope.body, StartCommand | PollCommand | StopCommand | TunnelCommand):
+        raise DecodeError("invalid", f"a {envelope.type!r} message is not a command")
+    elif envelope.server is None or not envelope.server.start_id:
+        raise DecodeError("invalid", "a command needs a server with a start_id")
+    if hub_ids and envelope.hub not in hub_ids:
+        raise DecodeError("invalid", f"hub id {envelope.hub!r} is not served by this bridge")
 
 
 @dataclass
@@ -153,7 +172,9 @@ class CommandConsumer:
             await message.ack()
             self._outcomes.dead_lettered(str(exc))
             return
-        assert envelope.server is not None
+        if envelope.server is None:  # a flavors fetch: read-only, in no server's order
+            self._spawn(self._process(None, envelope, message, None))
+            return
         slot = self._slots.setdefault(envelope.server.slot, _Slot())
         body = envelope.body
         cancel: asyncio.Event | None = None
@@ -164,19 +185,18 @@ class CommandConsumer:
         elif isinstance(body, StartCommand):
             cancel = slot.pending_starts.setdefault(envelope.server.start_id, asyncio.Event())
         previous = slot.tail
-        task = asyncio.create_task(self._process(previous, envelope, message, cancel))
+        task = self._spawn(self._process(previous, envelope, message, cancel))
         slot.tail = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
         task.add_done_callback(functools.partial(self._forget_slot, envelope.server.slot))
 
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     def _check(self, envelope: Envelope) -> None:
-        if not isinstance(envelope.body, StartCommand | PollCommand | StopCommand | TunnelCommand):
-            raise DecodeError("invalid", f"a {envelope.type!r} message is not a command")
-        if envelope.server is None or not envelope.server.start_id:
-            raise DecodeError("invalid", "a command needs a server with a start_id")
-        if self._hub_ids and envelope.hub not in self._hub_ids:
-            raise DecodeError("invalid", f"hub id {envelope.hub!r} is not served by this bridge")
+        check_command(envelope, self._hub_ids)
 
     def _forget_slot(self, key: str, task: asyncio.Task[None]) -> None:
         slot = self._slots.get(key)

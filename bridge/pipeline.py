@@ -27,6 +27,7 @@ from schemas import (
     CommandResult,
     Envelope,
     ErrorInfo,
+    FlavorsCommand,
     PollCommand,
     ProgressEvent,
     StartCommand,
@@ -149,6 +150,8 @@ class Pipeline:
             return reply(command, await self._stop(command, body))
         if isinstance(body, TunnelCommand):
             return reply(command, await self._tunnel(command, body))
+        if isinstance(body, FlavorsCommand):
+            return reply(command, await self._flavors(command, body))
         raise TypeError(f"not a command: {command.type}")
 
     # -- start ---------------------------------------------------------------------------
@@ -421,6 +424,30 @@ class Pipeline:
             return _error_result("stop", exc)
         logs = body.get("logs") if isinstance(body, dict) else None
         return CommandResult(command="stop", ok=True, logs=[str(x) for x in logs] if isinstance(logs, list) else [])
+
+    async def _flavors(self, command: Envelope, flavors: FlavorsCommand) -> CommandResult:
+        target = flavors.target
+        method = "GET" if flavors.body is None else "POST"
+
+        async def attempt(time_left: float) -> Any:
+            _, body = await self._client.call(
+                method,
+                target.url,
+                headers=dict(target.headers),
+                options=target.http,
+                time_left=time_left,
+                json_body=flavors.body,
+            )
+            return body
+
+        try:
+            body = await retry_until(command.deadline, attempt, backoff=self._backoff, clock=self._clock)
+        except (DeadlinePassed, OutpostAnswerError) as exc:
+            return _error_result("flavors", exc)
+        if not isinstance(body, dict):
+            summary = f"the Outpost's flavors are not a JSON object: {type(body).__name__}"
+            return CommandResult(command="flavors", ok=False, error=ErrorInfo(kind="rejected", summary=summary))
+        return CommandResult(command="flavors", ok=True, flavors=body)
 
     async def _call(
         self,

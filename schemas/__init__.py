@@ -10,6 +10,7 @@ from .base import SCHEMA_VERSION, Envelope, ServerRef
 from .codec import MAX_MESSAGE_BYTES, decode, encode
 from .commands import (
     Command,
+    FlavorsCommand,
     HttpOptions,
     OutpostTarget,
     PollCommand,
@@ -43,6 +44,7 @@ __all__ = [
     "DecodeError",
     "Envelope",
     "ErrorInfo",
+    "FlavorsCommand",
     "HttpOptions",
     "HubRoster",
     "OutpostAnnouncement",

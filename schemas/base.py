@@ -14,7 +14,7 @@ from typing import Annotated
 
 import msgspec
 
-from .commands import PollCommand, RecreateForwardCommand, StartCommand, StopCommand, TunnelCommand
+from .commands import FlavorsCommand, PollCommand, RecreateForwardCommand, StartCommand, StopCommand, TunnelCommand
 from .events import CommandResult, HubRoster, OutpostAnnouncement, ProgressEvent
 from .secrets import RedactedRepr
 
@@ -28,6 +28,7 @@ Body = (
     | PollCommand
     | StopCommand
     | TunnelCommand
+    | FlavorsCommand
     | RecreateForwardCommand
     | CommandResult
     | ProgressEvent

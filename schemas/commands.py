@@ -116,6 +116,16 @@ class TunnelCommand(RedactedRepr, msgspec.Struct, frozen=True, kw_only=True, tag
     tunnel: TunnelSpec
 
 
+class FlavorsCommand(RedactedRepr, msgspec.Struct, frozen=True, kw_only=True, tag="flavors"):
+    """Fetch an Outpost's flavors (resource classes and their quotas): ``GET {url}``
+    (``/flavors/``), or ``POST {url}`` with ``body`` (``/userflavors``: one user's flavors).
+    Read-only and without a server: it travels through the Outpost's queue (so it waits while
+    the Outpost is down, like every other command for it) but in no server's order."""
+
+    target: OutpostTarget
+    body: Annotated[dict[str, Any] | None, SECRET] = None
+
+
 class RecreateForwardCommand(msgspec.Struct, frozen=True, kw_only=True, tag="recreate_forward"):
     """An SSH node restarted (``/hub/api/recreateforward/{node}``): every bridge rebuilds its
     connection to ``host`` and all forwards through it."""
@@ -123,4 +133,4 @@ class RecreateForwardCommand(msgspec.Struct, frozen=True, kw_only=True, tag="rec
     host: Host
 
 
-Command = StartCommand | PollCommand | StopCommand | TunnelCommand | RecreateForwardCommand
+Command = StartCommand | PollCommand | StopCommand | TunnelCommand | FlavorsCommand | RecreateForwardCommand

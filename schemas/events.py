@@ -7,7 +7,7 @@ user, details (the Outpost's traceback, say) and whether a retry could help.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -37,7 +37,7 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
 class CommandResult(RedactedRepr, msgspec.Struct, frozen=True, kw_only=True, tag="result"):
     """The outcome of one command; ``Envelope.correlation_id`` names the command."""
 
-    command: Literal["start", "poll", "stop", "tunnel", "recreate_forward"]
+    command: Literal["start", "poll", "stop", "tunnel", "recreate_forward", "flavors"]
     ok: bool
     # start: the Outpost's ``service`` ("host:port", or "" for async/delayed starts)
     service: str = ""
@@ -51,6 +51,8 @@ class CommandResult(RedactedRepr, msgspec.Struct, frozen=True, kw_only=True, tag
     # stop: the Outpost could not be reached; the bridge keeps the stop on disk and carries
     # it out when the Outpost answers again (``ok`` is true: the hub may forget the server).
     deferred: bool = False
+    # flavors: the Outpost's answer, ``{flavor: {max, current, maxPerUser, weight, ...}}``
+    flavors: dict[str, Any] | None = None
 
 
 class ProgressEvent(msgspec.Struct, frozen=True, kw_only=True, tag="event"):

@@ -18,6 +18,7 @@ import binascii
 import hmac
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,6 +38,7 @@ log = logging.getLogger("dev_outpost")
 
 REGISTRY = web.AppKey("registry", ServiceRegistry)
 CREDENTIALS = web.AppKey("credentials", dict[str, str])
+FLAVORS = web.AppKey("flavors", dict[str, Any])
 # The last start request per "hub/name/start_id", for tests (GET /_dev/requests).
 REQUESTS = web.AppKey("requests", dict[str, dict[str, Any]])
 HUB = "dev_outpost.hub"  # request key: the authenticated Basic user, i.e. the calling hub
@@ -223,9 +225,20 @@ async def delete_service(request: web.Request) -> web.Response:
     return web.json_response({"logs": logs})
 
 
-async def empty_flavors(request: web.Request) -> web.Response:
-    # This Outpost has no resource classes, so there are no flavor quotas to report.
-    return web.json_response({})
+async def flavors(request: web.Request) -> web.Response:
+    """``GET /flavors/``: the flavors of ``DEV_OUTPOST_FLAVORS`` (a JSON object; none by
+    default: this Outpost has no resource classes). ``POST /userflavors``: those whose names
+    the body lists in ``"flavors"`` (all without that key), so tests can tell the answers apart."""
+    table = request.app[FLAVORS]
+    if request.method == "POST":
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"detail": "the body must be JSON"}, status=422)
+        wanted = body.get("flavors") if isinstance(body, dict) else None
+        if isinstance(wanted, list):
+            table = {name: flavor for name, flavor in table.items() if name in wanted}
+    return web.json_response(table)
 
 
 async def dev_stats(request: web.Request) -> web.Response:
@@ -238,12 +251,23 @@ async def dev_requests(request: web.Request) -> web.Response:
     return web.json_response(mine)
 
 
+def _flavors_from_env() -> dict[str, Any]:
+    raw = os.environ.get("DEV_OUTPOST_FLAVORS", "")
+    if not raw:
+        return {}
+    table = json.loads(raw)
+    if not isinstance(table, dict):
+        raise ValueError("DEV_OUTPOST_FLAVORS must be a JSON object of flavors")
+    return table
+
+
 def create_app(credentials: dict[str, str], registry: ServiceRegistry) -> web.Application:
     """Build the application; the registry is opened on startup and closed on shutdown."""
     app = web.Application(middlewares=[basic_auth])
     app[CREDENTIALS] = credentials
     app[REGISTRY] = registry
     app[REQUESTS] = {}
+    app[FLAVORS] = _flavors_from_env()
 
     async def open_registry(app: web.Application) -> None:
         await registry.open()
@@ -263,9 +287,9 @@ def create_app(credentials: dict[str, str], registry: ServiceRegistry) -> web.Ap
         router.add_get(path, get_service)
         router.add_delete(path, delete_service)
     for path in ("/flavors", "/flavors/"):
-        router.add_get(path, empty_flavors)
+        router.add_get(path, flavors)
     for path in ("/userflavors", "/userflavors/"):
-        router.add_post(path, empty_flavors)
+        router.add_post(path, flavors)
     router.add_get("/_dev/stats", dev_stats)
     router.add_get("/_dev/requests", dev_requests)
     return app

@@ -8,10 +8,9 @@ from typing import Any
 
 from jupyterhub.apihandlers.base import APIHandler
 from tornado import web
-from traitlets.config import Config
 
 from ..broker import HubBroker
-from ..outpost_traits import OutpostTraits
+from ..flavors import broker_for, outpost_settings
 
 
 def require_scope(handler: APIHandler, scope: str) -> None:
@@ -54,11 +53,4 @@ def find_spawner(handler: APIHandler, user_name: str, server_name: str) -> Any:
 async def hub_broker(handler: APIHandler) -> HubBroker:
     """This hub's broker, configured from the spawner class's configuration sections."""
     settings = handler.settings
-    spawner_class = settings.get("spawner_class")
-    merged = Config()
-    for cls in reversed(getattr(spawner_class, "__mro__", ())):
-        section = settings["config"].get(cls.__name__)
-        if isinstance(section, Config):
-            merged.merge(section)
-    traits = OutpostTraits(config=Config({"OutpostTraits": merged}))
-    return await HubBroker.shared(traits.amqp_url, traits.name_prefix, traits.hub_id, traits.broker_heartbeat).ready()
+    return await broker_for(outpost_settings(settings["config"], settings.get("spawner_class")))

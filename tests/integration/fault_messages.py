@@ -17,16 +17,13 @@ import aio_pika
 import msgpack
 import msgspec
 
+from bridge.consumer import check_command
 from schemas import (
     MAX_MESSAGE_BYTES,
     DecodeError,
     Envelope,
-    PollCommand,
     ServerRef,
-    StartCommand,
-    StopCommand,
     Topology,
-    TunnelCommand,
     decode,
     encode,
 )
@@ -79,14 +76,12 @@ def poison_messages(hub_id: str, url: str) -> dict[str, bytes]:
 
 
 def bridge_would_reject(body: bytes, hub_id: str) -> bool:
-    """The bridge's acceptance rule for Outpost queues (decode, a command with a start_id, our hub)."""
+    """The bridge's acceptance rule for Outpost queues (:func:`bridge.consumer.check_command`)."""
     try:
-        envelope = decode(body)
+        check_command(decode(body), frozenset({hub_id}))
     except DecodeError:
         return True
-    if not isinstance(envelope.body, StartCommand | PollCommand | StopCommand | TunnelCommand):
-        return True
-    return envelope.server is None or not envelope.server.start_id or envelope.hub != hub_id
+    return False
 
 
 def fuzz_messages(count: int, hub_id: str, url: str) -> list[bytes]:

@@ -240,9 +240,9 @@ def new_user(hub: Hub, prefix: str = "u") -> str:
     return name
 
 
-def second_hub(workdir: Path, name: str, prefix: str, outpost: Outpost) -> Hub:
+def second_hub(workdir: Path, name: str, prefix: str, outpost: Outpost, env: dict[str, str] | None = None) -> Hub:
     """A hub of its own (state, logs and hub id, so it never shares the session hub's reply
     queue), not yet started."""
     logs = workdir / name
     logs.mkdir()
-    return Hub(logs, logs / "state", prefix, outpost, env={"OUTPOST_MQ_HUB_ID": f"{prefix}-{name}"})
+    return Hub(logs, logs / "state", prefix, outpost, env={"OUTPOST_MQ_HUB_ID": f"{prefix}-{name}", **(env or {})})

@@ -250,3 +250,25 @@ def test_roster_entry_follows_the_state_and_the_interval_is_checked() -> None:
     assert make_spawner(roster_interval=0).roster_interval == 0
     with pytest.raises(TraitError, match="roster_interval"):
         make_spawner(roster_interval=0.5)
+
+
+def test_initial_flavor_systems_come_from_three_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spawner.flavors import initial_systems
+
+    monkeypatch.setenv("OUTPOST_FLAVOR_INITIAL_SYSTEM_NAMES", "a;b")
+    monkeypatch.setenv("OUTPOST_FLAVOR_INITIAL_SYSTEM_URLS", "http://a/flavors/;http://b/flavors/")
+    monkeypatch.setenv("OUTPOST_FLAVOR_INITIAL_SYSTEM_TOKENS", "dG9r")
+    assert initial_systems() == [("a", "http://a/flavors/", "dG9r"), ("b", "http://b/flavors/", "")]
+    monkeypatch.setenv("OUTPOST_FLAVOR_INITIAL_SYSTEM_URLS", "http://a/flavors/")
+    assert initial_systems() == []  # two names, one URL: refused (logged), nothing guessed
+
+
+@pytest.mark.parametrize(
+    ("flavors", "reason"),
+    [([], "JSON object"), ({"s": 1}, "'s' of 'A' must be a JSON object"), ({"s": {"max": True}}, "'max'")],
+)
+def test_flavor_tables_are_checked(flavors: Any, reason: str) -> None:
+    from spawner.flavors import check_flavors
+
+    with pytest.raises(ValueError, match=reason):
+        check_flavors("A", flavors)
