@@ -28,7 +28,7 @@ from .broker import BridgeBroker
 from .consumer import CommandConsumer
 from .errors import ConfigurationError
 from .journal import StartJournal
-from .k8s_services import ServiceManager
+from .k8s_services import SERVICE_ACCOUNT_DIR, ServiceManager
 from .pipeline import Pipeline
 from .reachability import Reachability
 from .remote_forward import RemoteForwardRunner
@@ -185,6 +185,12 @@ class OutpostBridge(Application, ResilienceTraits):
         help="""Path of a kubeconfig file for the Kubernetes API; empty = the in-cluster
         service account. Example: ``c.OutpostBridge.kubeconfig = "/etc/outpost-bridge/kubeconfig"``.""",
     ).tag(config=True)
+    service_account_dir = Unicode(
+        SERVICE_ACCOUNT_DIR,
+        help="""Directory of the pod's service account (``token``, ``ca.crt``), used when
+        ``kubeconfig`` is empty; Kubernetes mounts it here. The API server's address comes from
+        ``KUBERNETES_SERVICE_HOST`` and ``KUBERNETES_SERVICE_PORT``.""",
+    ).tag(config=True)
     service_selector = Dict(
         Unicode(),
         help="""Labels of the bridge pod: the selector of every Service the bridge makes, so the
@@ -267,7 +273,12 @@ class OutpostBridge(Application, ResilienceTraits):
             ciphers=tuple(self.ssh_ciphers),
         )
         backoff = Backoff(initial=self.retry_initial, maximum=self.retry_maximum)
-        services = ServiceManager(selector=self.service_selector, kubeconfig=self.kubeconfig, backoff=backoff)
+        services = ServiceManager(
+            selector=self.service_selector,
+            kubeconfig=self.kubeconfig,
+            service_account_dir=self.service_account_dir,
+            backoff=backoff,
+        )
         resilience = Resilience(self, journal_path=self.journal_path, limit_per_host=self.http_limit_per_host)
         client = resilience.client  # an OutpostClient behind per-Outpost circuits
         broker = BridgeBroker(

@@ -6,6 +6,10 @@ For ``svc_create``: a Service ``name`` in ``namespace`` with the spec's labels (
 An existing Service of that name (409 AlreadyExists) is replaced: deleted, then created
 again; a delete of a Service that is gone (404) counts as done. Connection failures and 5xx
 are transient (retried until the command's deadline), other answers are final.
+
+The API is reached with a kubeconfig file, or else, in a pod, with the pod's service account
+(``KUBERNETES_SERVICE_HOST``/``_PORT``, the mounted token, read again as Kubernetes rotates
+it, and the cluster CA, against which the API server's certificate is checked).
 """
 
 from __future__ import annotations
@@ -13,20 +17,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config import ConfigException
+from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
 from schemas import ServiceSpec
 
-from .errors import ServiceApiError, TransientTunnelError
+from .errors import ConfigurationError, ServiceApiError, TransientTunnelError
 from .retry import Backoff, retry_until
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "outpost-bridge"}
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+"""Where Kubernetes mounts a pod's service account (``token``, ``ca.crt``)."""
 
 
 def service_address(spec: ServiceSpec, port: int) -> str:
@@ -42,12 +51,14 @@ class ServiceManager:
         *,
         selector: dict[str, str],
         kubeconfig: str = "",
+        service_account_dir: str = SERVICE_ACCOUNT_DIR,
         request_timeout: float = 10.0,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._selector = dict(selector)
         self._kubeconfig = kubeconfig
+        self._service_account_dir = service_account_dir
         self._request_timeout = request_timeout
         self._backoff = backoff or Backoff()
         self._clock = clock
@@ -57,10 +68,26 @@ class ServiceManager:
     async def start(self) -> None:
         """Load the kubeconfig file, or the in-cluster service account when none is set."""
         configuration = client.Configuration()
-        if self._kubeconfig:
-            await config.load_kube_config(config_file=self._kubeconfig, client_configuration=configuration)
-        else:
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        try:
+            if self._kubeconfig:
+                await config.load_kube_config(config_file=self._kubeconfig, client_configuration=configuration)
+            else:
+                # The service account's token is read again when it is older than a minute
+                # (Kubernetes rotates bound tokens): try_refresh_token.
+                directory = Path(self._service_account_dir)
+                loader = InClusterConfigLoader(
+                    token_filename=str(directory / "token"),
+                    cert_filename=str(directory / "ca.crt"),
+                    try_refresh_token=True,
+                )
+                loader.load_and_set(configuration)
+        except (ConfigException, OSError) as exc:
+            where = (
+                f"kubeconfig {self._kubeconfig}"
+                if self._kubeconfig
+                else f"the in-cluster service account (KUBERNETES_SERVICE_HOST/_PORT, {self._service_account_dir})"
+            )
+            raise ConfigurationError(f"OutpostBridge.k8s_enabled: cannot use {where}: {exc}") from None
         self._api = client.ApiClient(configuration=configuration)
         self._core = client.CoreV1Api(self._api)
 
@@ -117,6 +144,12 @@ class ServiceManager:
             if status >= 500 or status in (408, 429) or status == 0:
                 raise TransientTunnelError(what) from None
             raise ServiceApiError(status, str(exc.reason), f"{what}: {_message(exc.body)}") from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            # Not the cluster's API server, or the wrong CA: retrying cannot help.
+            what = f"Kubernetes API: {verb} Service {spec.namespace}/{spec.name}"
+            raise ServiceApiError(
+                0, "certificate", f"{what}: the API server's certificate was refused: {exc}"
+            ) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise TransientTunnelError(
                 f"Kubernetes API unreachable ({verb} Service {spec.namespace}/{spec.name}): {exc or type(exc).__name__}"

@@ -1,6 +1,7 @@
 """A fake Kubernetes API server for core/v1 Services, answering like the real one.
 
-Run it: ``python -m tests.fakes.k8s_api --port 0 --token T`` (prints ``listening on PORT``).
+Run it: ``python -m tests.fakes.k8s_api --port 0 --token T [--tls-cert C --tls-key K]``
+(prints ``listening on PORT``).
 Status codes and bodies follow the Kubernetes API reference (Service v1 operations and the
 ``Status`` kind): create -> 201 + the Service (uid, resourceVersion, creationTimestamp,
 clusterIP filled in), an existing name -> 409 ``AlreadyExists``, a namespace that differs
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import datetime
 import itertools
+import ssl
 import uuid
 from typing import Any
 
@@ -177,10 +179,14 @@ current-context: fake
 """
 
 
-async def serve(port: int, token: str) -> None:
+async def serve(port: int, token: str, tls: tuple[str, str] | None = None) -> None:
     runner = web.AppRunner(FakeKubernetes(token).app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    context = None
+    if tls is not None:  # like a real API server (and what in-cluster clients expect): HTTPS
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
+    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context)
     await site.start()
     print(f"listening on {runner.addresses[0][1]}", flush=True)
     await asyncio.Event().wait()
@@ -190,8 +196,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--token", required=True)
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM) ...")
+    parser.add_argument("--tls-key", help="... and this key")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.token))
+    asyncio.run(serve(args.port, args.token, (args.tls_cert, args.tls_key) if args.tls_cert else None))
 
 
 if __name__ == "__main__":
