@@ -33,9 +33,10 @@ import os
 import time
 from typing import Any
 
+import msgspec
 from traitlets.config import Config
 
-from schemas import Envelope, FlavorsCommand, HttpOptions, OutpostTarget, outpost_key
+from schemas import DecodeError, Envelope, FlavorsCommand, HttpOptions, OutpostTarget, decode, encode, outpost_key
 from schemas.base import new_id
 from schemas.topology import url_origin
 
@@ -124,12 +125,12 @@ async def fetch(
     broker: HubBroker, url: str, headers: dict[str, str], http: HttpOptions, seconds: float, body: Any = None
 ) -> dict[str, Any]:
     """One Outpost's flavors through the bridge: ``GET url``, or ``POST url`` with ``body``."""
-    try:
-        target = OutpostTarget(url=url, headers=headers, http=http)
-        command = FlavorsCommand(target=target, body=body)
-    except (TypeError, ValueError) as exc:
-        raise FlavorsUnavailable(f"invalid flavors request for {url!r}: {exc}") from None
+    command = FlavorsCommand(target=OutpostTarget(url=url, headers=headers, http=http), body=body)
     envelope = Envelope(id=new_id(), hub=broker.hub_id, deadline=time.time() + seconds, body=command)
+    try:  # what the bridge would refuse, refused here, with the reason
+        decode(encode(envelope))
+    except (DecodeError, TypeError, msgspec.EncodeError) as exc:
+        raise FlavorsUnavailable(f"invalid flavors request for {url!r}: {exc}") from None
     answer = broker.router.expect(envelope.id)
     key = outpost_key(url)
     try:

@@ -69,7 +69,9 @@ def test_initial_flavors_are_fetched_through_the_bridge(
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_user_specific_flavors_leave_the_hub_table_alone(bridge: Bridge, flavored: Outpost, prefix: str) -> None:
+async def test_user_specific_flavors_leave_the_hub_table_alone(
+    bridge: Bridge, flavored: Outpost, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = OutpostTraits(
         config=Config(
             {"OutpostTraits": {"amqp_url": AMQP_URL, "name_prefix": prefix, "hub_id": f"{prefix}-flavors-test"}}
@@ -90,5 +92,7 @@ async def test_user_specific_flavors_leave_the_hub_table_alone(bridge: Bridge, f
         mine = await get_user_specific_flavors(logging.getLogger("test"), systems, settings=settings)
         assert mine == {"dev": {"large": OFFERED["large"]}}
         assert FLAVORS == {"dev": {"small": {"max": 9}}}
+        assert "user-specific flavors of bad not fetched: invalid flavors request for 'ftp://nowhere'" in caplog.text
+        assert "user-specific flavors of refused not fetched" in caplog.text
     finally:
         FLAVORS.clear()
