@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -109,15 +111,34 @@ def teach(ledger: ServerLedger, hub: str) -> None:
     ledger.answered(poll, CommandResult(command="poll", ok=True))
 
 
-@aio
-async def test_services_no_hub_lists_are_stopped_after_two_rosters_and_the_grace(tmp_path: Path) -> None:
+@dataclass
+class World:
+    """A bridge's ledger (which learned that ``hubs`` use the account), rosters and
+    reconciler, over an Outpost listing ``services``."""
+
+    clock: Clock
+    rosters: Rosters
+    client: ListingClient
+    metrics: BridgeMetrics
+    reconciler: Reconciler
+
+
+def world(tmp_path: Path, services: list[tuple[str, str]], hubs: tuple[str, ...] = ("hub",), **kwargs: Any) -> World:
     clock = Clock()
     ledger = ServerLedger(tmp_path / "j.sqlite")
-    teach(ledger, "hub")
+    for hub in hubs:
+        teach(ledger, hub)
     rosters = Rosters(tmp_path / "j.sqlite", clock=clock)
-    client = ListingClient([{"name": "kept", "start_id": "1"}, {"name": "lost", "start_id": "2"}])
+    client = ListingClient([{"name": name, "start_id": sid} for name, sid in services])
     metrics = BridgeMetrics()
-    reconciler = Reconciler(ledger, client, grace=60, metrics=metrics, rosters=rosters, clock=clock)  # type: ignore[arg-type]
+    reconciler = Reconciler(ledger, client, metrics=metrics, rosters=rosters, clock=clock, **kwargs)  # type: ignore[arg-type]
+    return World(clock, rosters, client, metrics, reconciler)
+
+
+@aio
+async def test_services_no_hub_lists_are_stopped_after_two_rosters_and_the_grace(tmp_path: Path) -> None:
+    w = world(tmp_path, [("kept", "1"), ("lost", "2")], grace=60)
+    clock, rosters, client, reconciler = w.clock, w.rosters, w.client, w.reconciler
     rosters.receive("hub", roster("r0", ("kept", "1")))
     assert await reconciler.run_once() == []  # first sight of "lost": a start may be in flight
     for n in range(2):
@@ -127,17 +148,13 @@ async def test_services_no_hub_lists_are_stopped_after_two_rosters_and_the_grace
     clock.now += 60
     assert await reconciler.run_once() == [(KEY, "lost", "2")]
     assert client.deleted == [f"{ORIGIN}/services/lost/2"]
-    assert metrics.orphans.labels(action="stopped")._value.get() == 1
+    assert w.metrics.orphans.labels(action="stopped")._value.get() == 1
 
 
 @aio
 async def test_a_service_listed_again_is_owned_and_its_clock_restarts(tmp_path: Path) -> None:
-    clock = Clock()
-    ledger = ServerLedger(tmp_path / "j.sqlite")
-    teach(ledger, "hub")
-    rosters = Rosters(tmp_path / "j.sqlite", clock=clock)
-    client = ListingClient([{"name": "late", "start_id": "1"}])
-    reconciler = Reconciler(ledger, client, grace=5, rosters=rosters, clock=clock)  # type: ignore[arg-type]
+    w = world(tmp_path, [("late", "1")], grace=5)
+    clock, rosters, client, reconciler = w.clock, w.rosters, w.client, w.reconciler
     rosters.receive("hub", roster("r0"))
     await reconciler.run_once()  # seen, unowned: a start in flight the roster did not have yet
     clock.now += 10
@@ -152,32 +169,22 @@ async def test_a_service_listed_again_is_owned_and_its_clock_restarts(tmp_path: 
 
 @aio
 async def test_no_roster_from_a_possible_owner_means_unknown(tmp_path: Path) -> None:
-    clock = Clock()
-    ledger = ServerLedger(tmp_path / "j.sqlite")
-    teach(ledger, "hub")
-    teach(ledger, "old-hub")  # uses the same Outpost account, sends no rosters
-    rosters = Rosters(tmp_path / "j.sqlite", clock=clock)
-    client = ListingClient([{"name": "x", "start_id": "1"}])
-    metrics = BridgeMetrics()
-    reconciler = Reconciler(ledger, client, grace=0, metrics=metrics, rosters=rosters, clock=clock)  # type: ignore[arg-type]
+    # "old-hub" uses the same Outpost account and sends no rosters.
+    w = world(tmp_path, [("x", "1")], ("hub", "old-hub"), grace=0)
     for n in range(4):
-        clock.now += 10
-        rosters.receive("hub", roster(f"r{n}"))
-        assert await reconciler.run_once() == []
-    assert client.deleted == [] and metrics.unknown_services.labels(outpost=KEY)._value.get() == 1
+        w.clock.now += 10
+        w.rosters.receive("hub", roster(f"r{n}"))
+        assert await w.reconciler.run_once() == []
+    assert w.client.deleted == [] and w.metrics.unknown_services.labels(outpost=KEY)._value.get() == 1
 
 
 @aio
 async def test_a_hub_that_once_listed_this_outpost_must_disown_too(tmp_path: Path) -> None:
     """The ledger of this bridge never saw hub b use the account (another bridge carried out
     its commands), but b's roster listed a server there: b is asked too."""
-    clock = Clock()
-    ledger = ServerLedger(tmp_path / "j.sqlite")
-    teach(ledger, "a")
-    rosters = Rosters(tmp_path / "j.sqlite", clock=clock)
+    w = world(tmp_path, [("b-server", "1"), ("gone", "9")], ("a",), grace=0)
+    clock, rosters, reconciler = w.clock, w.rosters, w.reconciler
     rosters.receive("b", roster("b0", ("b-server", "1")))
-    client = ListingClient([{"name": "b-server", "start_id": "1"}, {"name": "gone", "start_id": "9"}])
-    reconciler = Reconciler(ledger, client, grace=0, rosters=rosters, clock=clock)  # type: ignore[arg-type]
     await reconciler.run_once()
     for n in range(2):
         clock.now += 10
@@ -192,19 +199,13 @@ async def test_a_hub_that_once_listed_this_outpost_must_disown_too(tmp_path: Pat
 
 @aio
 async def test_dry_run_with_rosters_stops_nothing(tmp_path: Path) -> None:
-    clock = Clock()
-    ledger = ServerLedger(tmp_path / "j.sqlite")
-    teach(ledger, "hub")
-    rosters = Rosters(tmp_path / "j.sqlite", clock=clock)
-    client = ListingClient([{"name": "lost", "start_id": "2"}])
-    metrics = BridgeMetrics()
-    reconciler = Reconciler(ledger, client, grace=0, dry_run=True, metrics=metrics, rosters=rosters, clock=clock)  # type: ignore[arg-type]
-    await reconciler.run_once()
+    w = world(tmp_path, [("lost", "2")], grace=0, dry_run=True)
+    await w.reconciler.run_once()
     for n in range(3):
-        clock.now += 10
-        rosters.receive("hub", roster(f"r{n}"))
-        await reconciler.run_once()
-    assert client.deleted == [] and metrics.orphans.labels(action="dry_run")._value.get() == 1
+        w.clock.now += 10
+        w.rosters.receive("hub", roster(f"r{n}"))
+        await w.reconciler.run_once()
+    assert w.client.deleted == [] and w.metrics.orphans.labels(action="dry_run")._value.get() == 1
 
 
 def test_the_ledger_records_which_hubs_use_an_account(tmp_path: Path) -> None:
