@@ -5,6 +5,7 @@ which happens when JupyterHub loads ``spawner_class = "outpost-mq"``.
 """
 
 from . import handlers as _handlers  # noqa: F401  (registers the hub API handlers)
+from .hub_start import connect_at_hub_start
 from .spawner import OutpostSpawner
 
-__all__ = ["OutpostSpawner"]
+__all__ = ["OutpostSpawner", "connect_at_hub_start"]

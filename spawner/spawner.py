@@ -43,6 +43,7 @@ from schemas.base import new_id
 
 from . import progress as events
 from .broker import HubBroker
+from .broker import log as broker_log
 from .errors import BrokerUnavailable, HookError, OutpostCommandFailed, OutpostSpawnerError, ReplyTimeout
 from .hooks import call_hook, resolve
 from .outpost_traits import OutpostTraits
@@ -302,13 +303,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     # -- commands ---------------------------------------------------------------------------
     async def _broker(self, timeout: float = 15) -> HubBroker:
         broker = HubBroker.shared(self.amqp_url, self.name_prefix, self.hub_id, self.broker_heartbeat)
-        users = getattr(self.user, "settings", {}).get("users")
-        if broker.router.on_unclaimed is None and users is not None:
-            broker.router.on_unclaimed = UnclaimedStarts(users, self.log)
-        ready = await broker.ready(timeout)
-        if broker.roster is None and users is not None and self.roster_interval:
-            broker.roster = RosterSender(broker, users, self.roster_interval).start()
-        return ready
+        return await connect_hub(broker, getattr(self.user, "settings", {}).get("users"), self.roster_interval, timeout)
 
     async def _publish(
         self, broker: HubBroker, envelope: Envelope, key: str, origin: str, *, patient: bool = True
@@ -749,6 +744,17 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             self.log.warning("stop of %s not confirmed (%s); the bridge keeps trying", self._log_name, exc)
         await self._run_custom_removals()
         self.port_forward_info = {}
+
+
+async def connect_hub(broker: HubBroker, users: Any, roster_interval: float, timeout: float = 15) -> HubBroker:
+    """Connect the hub's shared broker; the first time JupyterHub's users are at hand, also
+    handle results nobody waits for (:class:`UnclaimedStarts`) and start the roster."""
+    if broker.router.on_unclaimed is None and users is not None:
+        broker.router.on_unclaimed = UnclaimedStarts(users, broker_log)
+    ready = await broker.ready(timeout)
+    if broker.roster is None and users is not None and roster_interval:
+        broker.roster = RosterSender(broker, users, roster_interval).start()
+    return ready
 
 
 class UnclaimedStarts:

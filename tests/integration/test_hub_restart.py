@@ -60,3 +60,35 @@ def test_hub_crash_keeps_running_servers_and_orphans_nothing(
         wait_for(lambda: hub.server_model(running) is None, 60, "stopped")
     finally:
         hub.stop()
+
+
+def test_a_restarted_hub_without_servers_stops_unknown_starts_on_its_own(
+    outpost: Outpost, bridge: Bridge, workdir: Path, prefix: str
+) -> None:
+    """No running server means no poll and no spawn after the restart: with
+    ``connect_at_hub_start()`` in its config (deploy/jupyterhub_config.py) the hub still
+    connects at start and stops the start it no longer knows."""
+    hub = second_hub(workdir, "idle-hub", prefix, outpost).start()
+    try:
+        pending = new_user(hub)
+        assert hub.api("POST", hub.server_path(pending), json={"dev_start_delay": 6}).status_code == 202
+        key = wait_for(
+            lambda: next((k for k in outpost.get("/_dev/stats")["starts"] if k.startswith(f"{pending}/")), None),
+            30,
+            "the pending start at the Outpost",
+        )
+        hub.stop(signal.SIGKILL)
+        wait_for(lambda: key in outpost.get("/_dev/stats")["pids"], 30, "the orphan's process")
+        connected = hub.log().count("connected to RabbitMQ at hub start")
+        hub.start()
+        orphan_start = key.split("/", 1)[1]
+        wait_for(
+            lambda: all(s["start_id"] != orphan_start for s in outpost.get("/services/")),
+            60,
+            "the orphaned start stopped at the Outpost",
+        )
+        assert hub.log().count("connected to RabbitMQ at hub start") == connected + 1
+        assert f"stopping start_id={orphan_start}" in hub.log()
+        assert hub.server_model(pending) is None
+    finally:
+        hub.stop()

@@ -272,3 +272,9 @@ def test_flavor_tables_are_checked(flavors: Any, reason: str) -> None:
 
     with pytest.raises(ValueError, match=reason):
         check_flavors("A", flavors)
+
+
+def test_connect_at_hub_start_does_nothing_outside_a_hub() -> None:
+    from spawner import connect_at_hub_start
+
+    assert connect_at_hub_start() is False
