@@ -165,7 +165,7 @@ class CommandConsumer:
         """Delivery callback: validate quickly, then hand the work to the server's slot."""
         try:
             envelope = decode(message.body)
-            self._check(envelope)
+            check_command(envelope, self._hub_ids)
         except DecodeError as exc:
             log.warning("dead-lettering message %s: %s", message.message_id, exc)
             await self._broker.dead_letter(message, str(exc))
@@ -194,9 +194,6 @@ class CommandConsumer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    def _check(self, envelope: Envelope) -> None:
-        check_command(envelope, self._hub_ids)
 
     def _forget_slot(self, key: str, task: asyncio.Task[None]) -> None:
         slot = self._slots.get(key)

@@ -428,20 +428,8 @@ class Pipeline:
     async def _flavors(self, command: Envelope, flavors: FlavorsCommand) -> CommandResult:
         target = flavors.target
         method = "GET" if flavors.body is None else "POST"
-
-        async def attempt(time_left: float) -> Any:
-            _, body = await self._client.call(
-                method,
-                target.url,
-                headers=dict(target.headers),
-                options=target.http,
-                time_left=time_left,
-                json_body=flavors.body,
-            )
-            return body
-
         try:
-            body = await retry_until(command.deadline, attempt, backoff=self._backoff, clock=self._clock)
+            body = await self._request(command, method, target.url, dict(target.headers), target.http, flavors.body)
         except (DeadlinePassed, OutpostAnswerError) as exc:
             return _error_result("flavors", exc)
         if not isinstance(body, dict):
@@ -461,10 +449,17 @@ class Pipeline:
     ) -> Any:
         assert command.server is not None
         url = f"{target.url}/{quote(name, safe='')}/{quote(command.server.start_id or '0', safe='')}{query}"
-        headers = {**target.headers, **(extra_headers or {})}
+        return await self._request(command, method, url, {**target.headers, **(extra_headers or {})}, options)
+
+    async def _request(
+        self, command: Envelope, method: str, url: str, headers: dict[str, str], options: Any, json_body: Any = None
+    ) -> Any:
+        """One Outpost call, retried on transient failures until the command's deadline."""
 
         async def attempt(time_left: float) -> Any:
-            _, body = await self._client.call(method, url, headers=headers, options=options, time_left=time_left)
+            _, body = await self._client.call(
+                method, url, headers=headers, options=options, time_left=time_left, json_body=json_body
+            )
             return body
 
         return await retry_until(command.deadline, attempt, backoff=self._backoff, clock=self._clock)

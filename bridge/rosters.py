@@ -42,6 +42,8 @@ PART_TIMEOUT = 120.0
 """Seconds the parts of an incomplete snapshot are kept waiting for the rest."""
 MAX_PENDING = 4
 """Incomplete snapshots kept per hub; older ones are dropped."""
+REWRITE_SECONDS = 3600.0
+"""Longest time an unchanged roster goes without its row being rewritten."""
 
 ServerKey = tuple[str, str]  # (name, start_id) at the Outpost
 
@@ -83,6 +85,7 @@ class Rosters:
         self._clock = clock
         self._hubs: dict[str, _Snapshot] = {}
         self._pending: dict[tuple[str, str], _Pending] = {}
+        self._written: dict[str, float] = {}  # hub -> time its row was last written
         for hub, servers, outposts in self._db.execute("SELECT hub, servers, outposts FROM rosters"):
             entries = _entries_decoder.decode(servers)
             self._hubs[hub] = _Snapshot(_keys(entries), set(_outposts_decoder.decode(outposts)))
@@ -119,12 +122,18 @@ class Rosters:
         previous = self._hubs.get(hub)
         outposts = (previous.outposts if previous else set()) | {e.outpost for e in entries if e.outpost}
         received = ([*previous.received[-1:], now]) if previous else [now]
-        self._hubs[hub] = _Snapshot(_keys(entries), outposts, received)
+        snapshot = self._hubs[hub] = _Snapshot(_keys(entries), outposts, received)
+        log.debug("roster of hub %s: %d servers", hub, len(entries))
+        # A roster mostly repeats the last one: rewrite the row (up to ~1 MiB) only when it
+        # changed, and otherwise hourly, which keeps it within the retention.
+        unchanged = previous is not None and (previous.servers, previous.outposts) == (snapshot.servers, outposts)
+        if unchanged and time.time() - self._written.get(hub, 0.0) < REWRITE_SECONDS:
+            return
+        self._written[hub] = time.time()
         self._db.execute(
             "INSERT OR REPLACE INTO rosters VALUES (?, ?, ?, ?)",
-            (hub, _entries_encoder.encode(entries), _entries_encoder.encode(sorted(outposts)), time.time()),
+            (hub, _entries_encoder.encode(entries), _entries_encoder.encode(sorted(outposts)), self._written[hub]),
         )
-        log.debug("roster of hub %s: %d servers", hub, len(entries))
 
     def owner(self, name: str, start_id: str) -> str | None:
         """A hub whose latest snapshot lists the server, if any."""

@@ -65,6 +65,11 @@ class HubBroker:
             broker = cls._instances[key] = cls(url, Topology(prefix), hub_id, heartbeat)
         return broker
 
+    @classmethod
+    def of(cls, settings: Any) -> HubBroker:
+        """The shared broker for an ``OutpostSpawner`` (or its :class:`OutpostTraits` settings)."""
+        return cls.shared(settings.amqp_url, settings.name_prefix, settings.hub_id, settings.broker_heartbeat)
+
     async def close(self, timeout: float = 5) -> None:
         """Close the connection (tests; a hub process keeps it for its lifetime)."""
         if self.roster is not None:

@@ -34,7 +34,6 @@ import time
 from typing import Any
 
 import msgspec
-from traitlets.config import Config
 
 from schemas import DecodeError, Envelope, FlavorsCommand, HttpOptions, OutpostTarget, decode, encode, outpost_key
 from schemas.base import new_id
@@ -42,7 +41,7 @@ from schemas.topology import url_origin
 
 from .broker import HubBroker
 from .errors import BrokerUnavailable, HookError
-from .outpost_traits import OutpostTraits
+from .outpost_traits import OutpostTraits, outpost_settings
 from .plan import http_options
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
@@ -94,22 +93,6 @@ def flavors_for(auth_state: dict[str, Any] | None, table: dict[str, dict[str, An
                     flavor["current"] = current if current is not None else flavor.get("current", 0)
             view[system] = mine
     return view
-
-
-def outpost_settings(config: Config, spawner_class: Any) -> OutpostTraits:
-    """The ``OutpostSpawner`` settings of a hub (its configuration sections along the
-    spawner class's MRO), for code that runs outside a spawner."""
-    merged = Config()
-    for cls in reversed(getattr(spawner_class, "__mro__", ())):
-        section = config.get(cls.__name__)
-        if isinstance(section, Config):
-            merged.merge(section)
-    return OutpostTraits(config=Config({"OutpostTraits": merged}))
-
-
-async def broker_for(settings: OutpostTraits) -> HubBroker:
-    broker = HubBroker.shared(settings.amqp_url, settings.name_prefix, settings.hub_id, settings.broker_heartbeat)
-    return await broker.ready()
 
 
 def _running_hub() -> OutpostTraits:
@@ -187,7 +170,7 @@ async def load_initial(settings: OutpostTraits | None = None) -> None:
 async def _load_one(settings: OutpostTraits | None, name: str, url: str, token: str) -> None:
     try:
         settings = settings or _running_hub()
-        broker = await broker_for(settings)
+        broker = await HubBroker.of(settings).ready()
         defaults = settings.http_client_defaults
         http = http_options("OutpostSpawner", "http_client_defaults", defaults, {"request_timeout": FETCH_SECONDS})
         headers = {"Accept": "application/json", **({"Authorization": f"Basic {token}"} if token else {})}
@@ -228,7 +211,7 @@ async def get_user_specific_flavors(
     if not systems:
         return result
     try:
-        hub_broker = await broker_for(settings or _running_hub())
+        hub_broker = await HubBroker.of(settings or _running_hub()).ready()
     except (FlavorsUnavailable, BrokerUnavailable) as exc:
         log.warning("user-specific flavors not fetched: %s", exc)
         return result

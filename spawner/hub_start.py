@@ -26,7 +26,7 @@ from typing import Any
 
 from .broker import HubBroker
 from .errors import BrokerUnavailable
-from .flavors import outpost_settings
+from .outpost_traits import outpost_settings
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
 
@@ -66,7 +66,7 @@ async def connect_when_started(app: Any) -> None:
         log.warning("connect_at_hub_start: JupyterHub.spawner_class is not an OutpostSpawner; not connecting")
         return
     settings = outpost_settings(app.config, spawner_class)
-    broker = HubBroker.shared(settings.amqp_url, settings.name_prefix, settings.hub_id, settings.broker_heartbeat)
+    broker = HubBroker.of(settings)
     delay = 2.0
     while True:
         try:

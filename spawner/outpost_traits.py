@@ -13,7 +13,7 @@ from typing import Any
 
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Callable, Dict, Float, Integer, TraitError, Unicode, Union, default, validate
-from traitlets.config import LoggingConfigurable
+from traitlets.config import Config, LoggingConfigurable
 
 from .hooks import callable_or_unset
 
@@ -447,3 +447,14 @@ class OutpostTraits(LoggingConfigurable):
     @validate(*HOOK_TRAITS)
     def _hook_is_callable(self, proposal: Any) -> Any:
         return callable_or_unset(self, proposal)
+
+
+def outpost_settings(config: Config, spawner_class: Any) -> OutpostTraits:
+    """The ``OutpostSpawner`` settings of a hub (its configuration sections along the
+    spawner class's MRO), for code that runs outside a spawner."""
+    merged = Config()
+    for cls in reversed(getattr(spawner_class, "__mro__", ())):
+        section = config.get(cls.__name__)
+        if isinstance(section, Config):
+            merged.merge(section)
+    return OutpostTraits(config=Config({"OutpostTraits": merged}))

@@ -6,8 +6,8 @@ only the hubs know what they own. So each hub process broadcasts its roster on
 seconds: one snapshot, in as many parts as the message size limit needs (:func:`split`).
 
 A snapshot lists every spawner the hub's database gives a server (running, starting or
-stopping) and every spawner of this process with a start in progress, each with its name
-and ``start_id`` at the Outpost. It is built from the database, not from what this process
+stopping: JupyterHub records a spawner's server before it calls ``start``), each with its
+name and ``start_id`` at the Outpost. It is built from the database, not from what this process
 has loaded, so it is complete from the first one on. When it cannot be built (a database
 error), none is sent: a partial roster would make the bridges stop servers the hub owns;
 a missing one only delays reconciliation.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import weakref
 from typing import Any
 
 from jupyterhub import orm
@@ -29,9 +28,6 @@ from schemas.base import new_id
 from .errors import BrokerUnavailable
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
-
-STARTING: weakref.WeakSet[Any] = weakref.WeakSet()
-"""Spawners of this process that began a start (weak: JupyterHub owns them)."""
 
 
 class RosterSender:
@@ -65,13 +61,6 @@ class RosterSender:
 
     def entries(self) -> list[RosterEntry]:
         """Every server this hub owns (raises if the database cannot be read)."""
-        found: dict[tuple[str, str], RosterEntry] = {}
-
-        def add(spawner: Any) -> None:
-            entry = spawner.roster_entry() if hasattr(spawner, "roster_entry") else None
-            if entry is not None:
-                found[(entry.name, entry.start_id)] = entry
-
         # Only two columns: loading whole rows (state JSON, joined server) costs ~5 x more.
         db = self._users.db
         rows = db.query(orm.Spawner.user_id, orm.Spawner.name).filter(orm.Spawner.server_id.isnot(None)).all()
@@ -81,12 +70,13 @@ class RosterSender:
         for i in range(0, len(missing), 500):
             for orm_user in db.query(orm.User).filter(orm.User.id.in_(missing[i : i + 500])):
                 self._users.add(orm_user)
+        entries = []
         for user_id, name in rows:
-            if user_id is not None:
-                add(self._users[user_id].spawners[name])
-        for spawner in list(STARTING):
-            add(spawner)
-        return list(found.values())
+            spawner = self._users[user_id].spawners[name] if user_id is not None else None
+            entry = spawner.roster_entry() if hasattr(spawner, "roster_entry") else None
+            if entry is not None:
+                entries.append(entry)
+        return entries
 
     async def send_once(self) -> int:
         """Build and broadcast one snapshot; returns the number of servers in it."""

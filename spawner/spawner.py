@@ -48,7 +48,7 @@ from .errors import BrokerUnavailable, HookError, OutpostCommandFailed, OutpostS
 from .hooks import call_hook, resolve
 from .outpost_traits import OutpostTraits
 from .plan import plan_poll, plan_start, plan_stop, resolve_target
-from .roster import STARTING, RosterSender
+from .roster import RosterSender
 from .tunnel_plan import expand_name, remote_forward_spec, tunnel_spec
 from .tunnel_traits import TunnelTraits
 
@@ -302,8 +302,9 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
 
     # -- commands ---------------------------------------------------------------------------
     async def _broker(self, timeout: float = 15) -> HubBroker:
-        broker = HubBroker.shared(self.amqp_url, self.name_prefix, self.hub_id, self.broker_heartbeat)
-        return await connect_hub(broker, getattr(self.user, "settings", {}).get("users"), self.roster_interval, timeout)
+        return await connect_hub(
+            HubBroker.of(self), getattr(self.user, "settings", {}).get("users"), self.roster_interval, timeout
+        )
 
     async def _publish(
         self, broker: HubBroker, envelope: Envelope, key: str, origin: str, *, patient: bool = True
@@ -371,7 +372,6 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     async def start(self) -> str:
         """Publish a start and wait for the bridge's result; returns the server's URL."""
         self.start_id = uuid.uuid4().hex
-        STARTING.add(self)
         self.events = []
         self._seen_seq.clear()
         self._seen_raw.clear()

@@ -10,7 +10,7 @@ from jupyterhub.apihandlers.base import APIHandler
 from tornado import web
 
 from ..broker import HubBroker
-from ..flavors import broker_for, outpost_settings
+from ..outpost_traits import OutpostTraits, outpost_settings
 
 
 def require_scope(handler: APIHandler, scope: str) -> None:
@@ -52,5 +52,9 @@ def find_spawner(handler: APIHandler, user_name: str, server_name: str) -> Any:
 
 async def hub_broker(handler: APIHandler) -> HubBroker:
     """This hub's broker, configured from the spawner class's configuration sections."""
-    settings = handler.settings
-    return await broker_for(outpost_settings(settings["config"], settings.get("spawner_class")))
+    return await HubBroker.of(hub_settings(handler)).ready()
+
+
+def hub_settings(handler: APIHandler) -> OutpostTraits:
+    """This hub's ``OutpostSpawner`` settings, for handlers (they run outside a spawner)."""
+    return outpost_settings(handler.settings["config"], handler.settings.get("spawner_class"))

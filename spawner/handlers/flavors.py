@@ -17,8 +17,8 @@ import json
 from jupyterhub.apihandlers.base import APIHandler
 from tornado import web
 
-from ..flavors import FLAVORS, async_get_flavors, check_flavors, flavors_for, outpost_settings
-from .access import json_object, require_scope
+from ..flavors import FLAVORS, async_get_flavors, check_flavors, flavors_for
+from .access import hub_settings, json_object, require_scope
 
 __all__ = ["FLAVORS", "OutpostFlavorsHandler", "flavors_for"]
 
@@ -41,8 +41,7 @@ class OutpostFlavorsHandler(APIHandler):
     async def get(self, system: str = "") -> None:
         if self.current_user is None:
             raise web.HTTPError(403, "a token is required")
-        settings = outpost_settings(self.settings["config"], self.settings.get("spawner_class"))
-        table = await async_get_flavors(self.log, self.current_user, settings=settings)
+        table = await async_get_flavors(self.log, self.current_user, settings=hub_settings(self))
         self.set_header("Content-Type", "application/json")
         self.write(json.dumps(table.get(system, {}) if system else table))
 

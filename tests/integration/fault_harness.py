@@ -22,12 +22,10 @@ from typing import Any
 
 import requests
 
-from schemas import (
-    CommandResult,
-)
+from schemas import CommandResult, StartCommand
 
 from .faultproxy import FaultProxy
-from .hubclient import CountingHub
+from .hubclient import CountingHub, start_body
 from .rabbitnode import RabbitNode
 from .services import AMQP_URL, Bridge, Outpost
 
@@ -211,6 +209,26 @@ def count_outcomes(tally: Tally, sent: list[Sent]) -> None:
             tally.lost += 1
         elif not r.ok:
             tally.failed_clearly += 1
+
+
+def half_async_starts(
+    url: str, users: list[str], seconds: float, delay: float = 0.0
+) -> list[tuple[StartCommand, str, str, float]]:
+    """``send_all`` commands: one start per user (``start_id`` "1"), every second one async."""
+    return [
+        (start_body(url, CREDENTIALS, u, "1", delay=delay, execution_async=i % 2 == 1), u, "1", seconds)
+        for i, u in enumerate(users)
+    ]
+
+
+def reconcile_options(metrics_port: int, dry_run: bool = False) -> list[str]:
+    """Bridge options for the orphan tests: metrics on, a pass every second, a 2 s grace."""
+    return [
+        f"--OutpostBridge.metrics_port={metrics_port}",
+        "--OutpostBridge.reconcile_interval=1",
+        "--OutpostBridge.reconcile_grace=2",
+        f"--OutpostBridge.reconcile_dry_run={dry_run}",
+    ]
 
 
 def new_id(prefix: str) -> str:

@@ -20,11 +20,13 @@ from .fault_harness import (
     clear_failure,
     count_outcomes,
     duplicated_posts,
+    half_async_starts,
     listed,
     metric,
     missing_posts,
     new_id,
     post_counts,
+    reconcile_options,
     send_all,
     settle,
     stack,
@@ -142,14 +144,7 @@ async def ambiguous_start(workdir: Path, n: int = 20, *, amqp_url: str = AMQP_UR
         hub = await st.hub()
         proxy.set("cut", methods=("POST",))
         users = [new_id("a") for _ in range(n)]
-        starts = await send_all(
-            hub,
-            [
-                (start_body(url, CREDENTIALS, u, "1", execution_async=i % 2 == 1), u, "1", 60)
-                for i, u in enumerate(users)
-            ],
-            url,
-        )
+        starts = await send_all(hub, half_async_starts(url, users, 60), url)
         await settle(hub, starts, 90)
         proxy.set("pass")
         counts = await asyncio.to_thread(post_counts, outpost)
@@ -184,12 +179,7 @@ async def orphans(workdir: Path, n: int = 6, *, dry_run: bool = False, amqp_url:
         proxy = st.proxy(outpost.port)
         url = url_of(proxy.port)
         metrics_port = free_port()
-        await st.bridge(
-            f"--OutpostBridge.metrics_port={metrics_port}",
-            "--OutpostBridge.reconcile_interval=1",
-            "--OutpostBridge.reconcile_grace=2",
-            f"--OutpostBridge.reconcile_dry_run={dry_run}",
-        )
+        await st.bridge(*reconcile_options(metrics_port, dry_run))
         hub = await st.hub()
         keeper = new_id("k")  # a server the hub owns: must survive
         [kept] = await send_all(hub, [(start_body(url, CREDENTIALS, keeper, "1"), keeper, "1", 60)], url)
@@ -243,12 +233,7 @@ async def disowned(workdir: Path, n: int = 6, *, dry_run: bool = False, amqp_url
         outpost = await st.outpost()
         url = outpost.url
         metrics_port = free_port()
-        options = (
-            f"--OutpostBridge.metrics_port={metrics_port}",
-            "--OutpostBridge.reconcile_interval=1",
-            "--OutpostBridge.reconcile_grace=2",
-            f"--OutpostBridge.reconcile_dry_run={dry_run}",
-        )
+        options = reconcile_options(metrics_port, dry_run)
         bridge = await st.bridge(*options)
         hub = await st.hub()
         keeper, users = new_id("k"), [new_id("forgot") for _ in range(n)]
@@ -310,14 +295,7 @@ async def bridge_killed(workdir: Path, n: int = 100, *, amqp_url: str = AMQP_URL
         assert all(s.result is not None and s.result.ok for s in ready)
         new = [new_id("new") for _ in range(half)]
         starts, stops = await asyncio.gather(
-            send_all(
-                hub,
-                [
-                    (start_body(url, CREDENTIALS, u, "1", delay=1.5, execution_async=i % 2 == 1), u, "1", 120)
-                    for i, u in enumerate(new)
-                ],
-                url,
-            ),
+            send_all(hub, half_async_starts(url, new, 120, delay=1.5), url),
             send_all(hub, [(stop_body(url, CREDENTIALS, u), u, "1", 120) for u in old], url),
         )
         await asyncio.sleep(0.8)  # POSTs at the Outpost, answers pending, stops under way
@@ -410,14 +388,7 @@ async def hub_restart(workdir: Path, n: int = 20, *, amqp_url: str = AMQP_URL) -
         await st.bridge()
         hub = await st.hub()
         users = [new_id("hr") for _ in range(n)]
-        sent = await send_all(
-            hub,
-            [
-                (start_body(url, CREDENTIALS, u, "1", delay=1.0, execution_async=i % 2 == 1), u, "1", 120)
-                for i, u in enumerate(users)
-            ],
-            url,
-        )
+        sent = await send_all(hub, half_async_starts(url, users, 120, delay=1.0), url)
         await hub.close()  # the hub process is gone; its durable reply queue stays
         await asyncio.sleep(3)  # the bridge answers into the queue meanwhile
         again = await st.hub()  # the restarted hub: same hub id
@@ -469,14 +440,7 @@ async def broker_restart(workdir: Path, n: int = 30) -> Tally:
         await settle(hub, [first], 60)
         consumers_before = await asyncio.to_thread(node.consumers)
         users = [new_id("b") for _ in range(n)]
-        starts = await send_all(
-            hub,
-            [
-                (start_body(url, CREDENTIALS, u, "1", delay=1.0, execution_async=i % 2 == 1), u, "1", 180)
-                for i, u in enumerate(users)
-            ],
-            url,
-        )
+        starts = await send_all(hub, half_async_starts(url, users, 180, delay=1.0), url)
         await asyncio.sleep(0.5)
         answered_before = sum(1 for s in starts if s.future.done())
         await asyncio.to_thread(node.stop)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .fault_harness import metric
+from .fault_harness import metric, reconcile_options
 from .hubclient import basic, start_body
 from .services import Bridge, Hub, Outpost, free_port, new_user, wait_for
 
@@ -31,11 +31,7 @@ def test_the_bridge_stops_only_what_no_hub_roster_lists(workdir: Path) -> None:
     prefix = f"roster-{uuid.uuid4().hex[:6]}"
     metrics_port = free_port()
     journal = logs / "bridge.sqlite"
-    options = [
-        f"--OutpostBridge.metrics_port={metrics_port}",
-        "--OutpostBridge.reconcile_interval=1",
-        "--OutpostBridge.reconcile_grace=2",
-    ]
+    options = reconcile_options(metrics_port)
     bridge = Bridge(logs, prefix, journal, extra=options).start()
     extra = {"OutpostSpawner": {"roster_interval": 1}}
     hub = Hub(
