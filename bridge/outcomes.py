@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from schemas import CommandResult, Envelope, HubRoster
 
@@ -42,33 +43,26 @@ class Outcomes:
 
     def roster(self, hub: str, roster: HubRoster) -> None:
         """A part of hub ``hub``'s roster arrived."""
-        for listener in self._rosters:
-            try:
-                listener(hub, roster)
-            except Exception:
-                log.exception("roster listener %r failed", listener)
+        _notify(self._rosters, "roster", hub, roster)
 
     def announced(self, outpost: str) -> None:
         """A hub announced an Outpost queue (it does so once per hub process and Outpost)."""
-        for listener in self._announced:
-            try:
-                listener(outpost)
-            except Exception:
-                log.exception("announcement listener %r failed", listener)
+        _notify(self._announced, "announcement", outpost)
 
     def answered(self, command: Envelope, answer: Envelope) -> None:
-        if not isinstance(answer.body, CommandResult):
-            return
-        for listener in self._answered:
-            try:
-                listener(command, answer.body)
-            except Exception:
-                log.exception("outcome listener %r failed %s", listener, command.describe())
+        if isinstance(answer.body, CommandResult):
+            _notify(self._answered, lambda: f"outcome ({command.describe()})", command, answer.body)
 
     def dead_lettered(self, reason: str) -> None:
         kind = reason.split(":", 1)[0] if ":" in reason else "invalid"
-        for listener in self._dead:
-            try:
-                listener(kind)
-            except Exception:
-                log.exception("dead-letter listener %r failed", listener)
+        _notify(self._dead, "dead-letter", kind)
+
+
+def _notify(listeners: list[Callable[..., None]], what: str | Callable[[], str], *args: Any) -> None:
+    """Call each listener; one that raises is logged (``what`` names the event; a callable
+    is only called then) and the others still run."""
+    for listener in listeners:
+        try:
+            listener(*args)
+        except Exception:
+            log.exception("%s listener %r failed", what() if callable(what) else what, listener)

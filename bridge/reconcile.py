@@ -98,7 +98,7 @@ class Reconciler:
             if services is None:
                 continue
             key = outpost_key(target.url)
-            owners = hubs | self._rosters.claimants(key) if self._rosters is not None else frozenset()
+            owners = self._owners(hubs, key)
             unknown = 0
             for service in services:
                 name, start_id = str(service.get("name", "")), str(service.get("start_id", "0"))
@@ -119,18 +119,26 @@ class Reconciler:
             self._forget(gone)
         return acted
 
+    def _owners(self, hubs: frozenset[str], outpost: str) -> frozenset[str]:
+        """The hubs that may own what this Outpost account lists, if every one of them sends
+        rosters; else none (nothing there can be disowned)."""
+        if self._rosters is None:
+            return frozenset()
+        owners = hubs | self._rosters.claimants(outpost)
+        return owners if owners <= self._rosters.hubs else frozenset()
+
     def _verdict(self, orphan: OrphanKey, owners: frozenset[str], *, stopping: bool) -> str:
         """``owned``, ``orphan``, ``candidate`` (no owner yet; orphan once its possible owners
         disowned it), ``stopping`` or ``unknown``."""
         _, name, start_id = orphan
         if self._rosters is not None and self._rosters.owner(name, start_id) is not None:
             return "owned"
-        state = self._ledger.state(*orphan)
         if stopping:
             return "stopping"
+        state = self._ledger.state(*orphan)
         if state == "ended":
             return "orphan"
-        if self._rosters is not None and owners and owners <= self._rosters.hubs:
+        if self._rosters is not None and owners:
             since = self._first_seen.get(orphan)
             if since is not None and self._rosters.disowned(owners, since):
                 return "orphan"
