@@ -1,4 +1,4 @@
-"""Runs the bridge's :class:`~bridge.tunnels.TunnelManager` with N forwards to one target and
+"""Runs the bridge's :class:`~jupyterhub_outpost_mq.bridge.tunnels.TunnelManager` with N forwards to one target and
 prints ``{"ports": [...]}`` once they are up (used by the benchmarks, in its own process)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import json
 import resource
 import tempfile
 
-from bridge.ssh_connections import SshPool
-from bridge.tunnel_store import TunnelStore
-from bridge.tunnels import TunnelManager
-from schemas import SshEndpoint, TunnelSpec
+from jupyterhub_outpost_mq.bridge.ssh_connections import SshPool
+from jupyterhub_outpost_mq.bridge.tunnel_store import TunnelStore
+from jupyterhub_outpost_mq.bridge.tunnels import TunnelManager
+from jupyterhub_outpost_mq.schemas import SshEndpoint, TunnelSpec
 
 
 async def main(args: argparse.Namespace) -> None:

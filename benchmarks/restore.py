@@ -20,8 +20,8 @@ import uuid
 from pathlib import Path
 
 from benchmarks.harness import ROOT, now, rss_mb, start_sshd, start_target, stop
-from bridge.tunnel_store import StoredTunnel, TunnelStore
-from schemas import SshEndpoint, TunnelSpec
+from jupyterhub_outpost_mq.bridge.tunnel_store import StoredTunnel, TunnelStore
+from jupyterhub_outpost_mq.schemas import SshEndpoint, TunnelSpec
 from tests.integration.services import AMQP_URL, free_port
 
 

@@ -3,13 +3,13 @@
     .venv/bin/python -m benchmarks.roster [--servers 10000]
 
 Hub side: a JupyterHub database (SQLite, in memory) with N running servers of our spawner,
-JupyterHub's own ``UserDict``, and ``spawner.roster.RosterSender.entries()``. The time is
+JupyterHub's own ``UserDict``, and ``jupyterhub_outpost_mq.spawner.roster.RosterSender.entries()``. The time is
 measured in the steady state, with the users already loaded: JupyterHub loads the users of
 running servers at start. The first build, which loads them, is printed too. The hub's
 event loop is blocked for the build time once per ``roster_interval``. Then the size and
 parts on the wire, and the encoding time.
 
-Bridge side: decoding and assembling the parts (``bridge.rosters.Rosters.receive``), and one
+Bridge side: decoding and assembling the parts (``jupyterhub_outpost_mq.bridge.rosters.Rosters.receive``), and one
 reconciliation pass over an Outpost that lists the N servers plus 1 % that no hub owns.
 The pass is run with the rosters and with the ledger alone, side by side (ratio); the HTTP
 listing is an in-process stand-in, so only the bridge's own work is timed.
@@ -29,13 +29,13 @@ from typing import Any
 
 from traitlets.config import Config
 
-from bridge.ledger import ServerLedger
-from bridge.reconcile import Reconciler
-from bridge.rosters import Rosters
-from schemas import CommandResult, Envelope, OutpostTarget, PollCommand, ServerRef, decode, encode
-from schemas.base import new_id
-from schemas.events import HubRoster
-from spawner.roster import split
+from jupyterhub_outpost_mq.bridge.ledger import ServerLedger
+from jupyterhub_outpost_mq.bridge.reconcile import Reconciler
+from jupyterhub_outpost_mq.bridge.rosters import Rosters
+from jupyterhub_outpost_mq.schemas import CommandResult, Envelope, OutpostTarget, PollCommand, ServerRef, decode, encode
+from jupyterhub_outpost_mq.schemas.base import new_id
+from jupyterhub_outpost_mq.schemas.events import HubRoster
+from jupyterhub_outpost_mq.spawner.roster import split
 
 URL = "http://outpost.example:8080/services"
 TARGET = OutpostTarget(url=URL, headers={"Authorization": "Basic eDp5"})
@@ -57,8 +57,8 @@ def hub_database(n: int) -> Any:
 def hub_side(n: int) -> tuple[list[Any], dict[str, float]]:
     from jupyterhub.user import UserDict
 
-    from spawner import OutpostSpawner
-    from spawner.roster import RosterSender
+    from jupyterhub_outpost_mq.spawner import OutpostSpawner
+    from jupyterhub_outpost_mq.spawner.roster import RosterSender
 
     db = hub_database(n)
     hub = SimpleNamespace(api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/", url="http://127.0.0.1:8081/hub/")

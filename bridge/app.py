@@ -21,22 +21,21 @@ from typing import Any
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, validate
 from traitlets.config import Application
 
-from schemas import Topology
-
-from . import __doc__ as package_doc
-from .broker import BridgeBroker
-from .consumer import CommandConsumer
-from .errors import ConfigurationError
-from .journal import StartJournal
-from .k8s_services import SERVICE_ACCOUNT_DIR, ServiceManager
-from .pipeline import Pipeline
-from .reachability import Reachability
-from .remote_forward import RemoteForwardRunner
-from .resilience import Resilience, ResilienceTraits
-from .retry import Backoff
-from .ssh_connections import SshPool
-from .tunnel_store import TunnelStore
-from .tunnels import TunnelManager
+from jupyterhub_outpost_mq.bridge import __doc__ as package_doc
+from jupyterhub_outpost_mq.bridge.broker import BridgeBroker
+from jupyterhub_outpost_mq.bridge.consumer import CommandConsumer
+from jupyterhub_outpost_mq.bridge.errors import ConfigurationError
+from jupyterhub_outpost_mq.bridge.journal import StartJournal
+from jupyterhub_outpost_mq.bridge.k8s_services import SERVICE_ACCOUNT_DIR, ServiceManager
+from jupyterhub_outpost_mq.bridge.pipeline import Pipeline
+from jupyterhub_outpost_mq.bridge.reachability import Reachability
+from jupyterhub_outpost_mq.bridge.remote_forward import RemoteForwardRunner
+from jupyterhub_outpost_mq.bridge.resilience import Resilience, ResilienceTraits
+from jupyterhub_outpost_mq.bridge.retry import Backoff
+from jupyterhub_outpost_mq.bridge.ssh_connections import SshPool
+from jupyterhub_outpost_mq.bridge.tunnel_store import TunnelStore
+from jupyterhub_outpost_mq.bridge.tunnels import TunnelManager
+from jupyterhub_outpost_mq.schemas import Topology
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -273,11 +272,15 @@ class OutpostBridge(Application, ResilienceTraits):
             ciphers=tuple(self.ssh_ciphers),
         )
         backoff = Backoff(initial=self.retry_initial, maximum=self.retry_maximum)
-        services = ServiceManager(
-            selector=self.service_selector,
-            kubeconfig=self.kubeconfig,
-            service_account_dir=self.service_account_dir,
-            backoff=backoff,
+        services = (
+            ServiceManager(
+                selector=self.service_selector,
+                kubeconfig=self.kubeconfig,
+                service_account_dir=self.service_account_dir,
+                backoff=backoff,
+            )
+            if self.k8s_enabled
+            else None
         )
         resilience = Resilience(self, journal_path=self.journal_path, limit_per_host=self.http_limit_per_host)
         client = resilience.client  # an OutpostClient behind per-Outpost circuits
@@ -291,7 +294,7 @@ class OutpostBridge(Application, ResilienceTraits):
             restored, nodes = await tunnels.restore(self.tunnel_restore_timeout)
             if restored:
                 self.log.info("restored %d forward(s); %d SSH node(s) connected", restored, nodes)
-            if self.k8s_enabled:
+            if services is not None:
                 await services.start()
             await client.start()
             await resilience.start()
@@ -299,9 +302,7 @@ class OutpostBridge(Application, ResilienceTraits):
             remote = RemoteForwardRunner(
                 pool, tunnels.settings, command_timeout=self.remote_forward_timeout, backoff=backoff
             )
-            reach = Reachability(
-                tunnels, remote, services if self.k8s_enabled else None, public_host=self.tunnel_public_host
-            )
+            reach = Reachability(tunnels, remote, services, public_host=self.tunnel_public_host)
             pipeline = Pipeline(client, journal, backoff=backoff, reach=reach, deferred_stops=resilience.deferred_stops)
             consumer = CommandConsumer(
                 broker, pipeline, hub_ids=frozenset(self.hub_ids), reach=reach, outcomes=resilience.outcomes
@@ -320,7 +321,8 @@ class OutpostBridge(Application, ResilienceTraits):
             await broker.close()
             await tunnels.close()
             await pool.close()
-            await services.close()
+            if services is not None:
+                await services.close()
             await resilience.stop()
             await client.close()
             store.close()

@@ -23,10 +23,9 @@ from aio_pika.abc import (
     AbstractRobustExchange,
 )
 
-from schemas import Envelope, Topology, encode
-from schemas.topology import DEAD_LETTER_REASON_HEADER, with_heartbeat
-
-from .liveness import declare_dead_after, with_reconnect_interval
+from jupyterhub_outpost_mq.bridge.liveness import declare_dead_after, with_reconnect_interval
+from jupyterhub_outpost_mq.schemas import Envelope, Topology, encode
+from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER, with_heartbeat
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

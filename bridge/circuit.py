@@ -6,7 +6,7 @@ cool-down (growing with each failed probe, capped) it is *half-open*: exactly on
 through as a probe; success closes the circuit and releases every waiting call at once,
 failure re-opens it. The breaker never fails a command early: a waiting call gives up only
 when its own time (the command's deadline) is spent, and then raises
-:class:`~bridge.errors.CircuitOpenError` (a transient error, so the retry loop ends with
+:class:`~jupyterhub_outpost_mq.bridge.errors.CircuitOpenError` (a transient error, so the retry loop ends with
 its usual "unreachable until the deadline" answer). While a command waits, the user sees a
 rate-limited "Outpost unreachable, retrying" progress event (see :data:`wait_notices`).
 
@@ -25,11 +25,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from schemas.topology import url_origin
-
-from .errors import CircuitOpenError, OutpostAnswerError, TransientOutpostError
-from .outpost import OutpostClient
-from .retry import Backoff
+from jupyterhub_outpost_mq.bridge.errors import CircuitOpenError, OutpostAnswerError, TransientOutpostError
+from jupyterhub_outpost_mq.bridge.outpost import OutpostClient
+from jupyterhub_outpost_mq.bridge.retry import Backoff
+from jupyterhub_outpost_mq.schemas.topology import url_origin
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

@@ -18,7 +18,12 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from schemas import (
+from jupyterhub_outpost_mq.bridge.broker import BridgeBroker
+from jupyterhub_outpost_mq.bridge.circuit import wait_notices
+from jupyterhub_outpost_mq.bridge.outcomes import Outcomes
+from jupyterhub_outpost_mq.bridge.pipeline import Pipeline, reply, run_cancellable
+from jupyterhub_outpost_mq.bridge.reachability import Reachability
+from jupyterhub_outpost_mq.schemas import (
     CommandResult,
     DecodeError,
     Envelope,
@@ -34,12 +39,6 @@ from schemas import (
     TunnelCommand,
     decode,
 )
-
-from .broker import BridgeBroker
-from .circuit import wait_notices
-from .outcomes import Outcomes
-from .pipeline import Pipeline, reply, run_cancellable
-from .reachability import Reachability
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

@@ -1,13 +1,13 @@
 """Stops accepted while their Outpost is down: answered at once, kept on disk, carried out later.
 
 A stop whose Outpost's circuit is open, or whose DELETE keeps failing transiently for
-``direct_seconds``, is recorded in the :class:`~bridge.stop_store.StopStore` and answered
+``direct_seconds``, is recorded in the :class:`~jupyterhub_outpost_mq.bridge.stop_store.StopStore` and answered
 ``ok`` with ``deferred=True``: the hub can forget the server at once instead of waiting up to
 its ``stop_deadline`` (an hour by default) while the user cannot start a new one. A
 background task tries the recorded stops every ``interval`` seconds, when the Outpost's
 circuit lets a call through; a 2xx or 404 answer ends the record (404: already gone). A
 record older than ``max_age`` is dropped with a warning and the ``given_up`` metric: the
-orphan reconciler (:mod:`bridge.reconcile`) still stops the service if it reappears.
+orphan reconciler (:mod:`jupyterhub_outpost_mq.bridge.reconcile`) still stops the service if it reappears.
 Records survive a bridge restart.
 """
 
@@ -21,15 +21,14 @@ from urllib.parse import quote
 
 import msgspec
 
-from schemas import CommandResult, Envelope, StopCommand, decode, encode, outpost_key
-from schemas.topology import url_origin
-
-from .circuit import CircuitBreaker
-from .errors import OutpostAnswerError, TransientError
-from .metrics import BridgeMetrics
-from .outpost import OutpostClient
-from .periodic import Periodic
-from .stop_store import PendingStop, StopStore
+from jupyterhub_outpost_mq.bridge.circuit import CircuitBreaker
+from jupyterhub_outpost_mq.bridge.errors import OutpostAnswerError, TransientError
+from jupyterhub_outpost_mq.bridge.metrics import BridgeMetrics
+from jupyterhub_outpost_mq.bridge.outpost import OutpostClient
+from jupyterhub_outpost_mq.bridge.periodic import Periodic
+from jupyterhub_outpost_mq.bridge.stop_store import PendingStop, StopStore
+from jupyterhub_outpost_mq.schemas import CommandResult, Envelope, StopCommand, decode, encode, outpost_key
+from jupyterhub_outpost_mq.schemas.topology import url_origin
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

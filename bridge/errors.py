@@ -18,7 +18,7 @@ Hierarchy::
     └── ServiceApiError               final answer of the Kubernetes API (4xx other than the
                                       409/404 that replace/delete handle); carries status + reason
 
-Whether a failure is transient is a type, never a string match: :func:`bridge.retry.retry_until`
+Whether a failure is transient is a type, never a string match: :func:`jupyterhub_outpost_mq.bridge.retry.retry_until`
 retries exactly :class:`TransientError`.
 """
 

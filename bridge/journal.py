@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .sqlite_file import open_db
+from jupyterhub_outpost_mq.bridge.sqlite_file import open_db
 
 Phase = Literal["posting", "done"]
 

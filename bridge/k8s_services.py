@@ -10,6 +10,9 @@ are transient (retried until the command's deadline), other answers are final.
 The API is reached with a kubeconfig file, or else, in a pod, with the pod's service account
 (``KUBERNETES_SERVICE_HOST``/``_PORT``, the mounted token, read again as Kubernetes rotates
 it, and the cluster CA, against which the API server's certificate is checked).
+
+kubernetes_asyncio (and the jsonschema stack under it) takes about a second to import, so it
+is imported when a manager starts, i.e. only when ``k8s_enabled`` is set.
 """
 
 from __future__ import annotations
@@ -18,18 +21,16 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.config import ConfigException
-from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
-from schemas import ServiceSpec
+from jupyterhub_outpost_mq.bridge.errors import ConfigurationError, ServiceApiError, TransientTunnelError
+from jupyterhub_outpost_mq.bridge.retry import Backoff, retry_until
+from jupyterhub_outpost_mq.schemas import ServiceSpec
 
-from .errors import ConfigurationError, ServiceApiError, TransientTunnelError
-from .retry import Backoff, retry_until
+if TYPE_CHECKING:
+    from kubernetes_asyncio import client
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
@@ -67,6 +68,10 @@ class ServiceManager:
 
     async def start(self) -> None:
         """Load the kubeconfig file, or the in-cluster service account when none is set."""
+        from kubernetes_asyncio import client, config
+        from kubernetes_asyncio.config import ConfigException
+        from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
+
         configuration = client.Configuration()
         try:
             if self._kubeconfig:
@@ -132,6 +137,8 @@ class ServiceManager:
 
     async def _call(self, verb: str, spec: ServiceSpec, time_left: float, body: Any = None) -> None:
         assert self._core is not None, "ServiceManager.start() was not called"
+        from kubernetes_asyncio.client.exceptions import ApiException
+
         timeout = max(0.05, min(self._request_timeout, time_left))
         try:
             if verb == "create":
@@ -156,6 +163,8 @@ class ServiceManager:
             ) from None
 
     def _body(self, spec: ServiceSpec, port: int) -> client.V1Service:
+        from kubernetes_asyncio import client
+
         return client.V1Service(
             api_version="v1",
             kind="Service",

@@ -1,13 +1,13 @@
 """The bridge's durable record of which servers it started and which ended, per Outpost.
 
-Fed from answered commands (:mod:`bridge.outcomes`): a successful start makes a server
+Fed from answered commands (:mod:`jupyterhub_outpost_mq.bridge.outcomes`): a successful start makes a server
 ``running``; a failed or cancelled start, and a stop the bridge answered ``ok`` (deferred or
 not), make it ``ended`` -- from then on no hub owns it. The orphan reconciler
-(:mod:`bridge.reconcile`) stops services an Outpost still lists in state ``ended``.
+(:mod:`jupyterhub_outpost_mq.bridge.reconcile`) stops services an Outpost still lists in state ``ended``.
 
 It also records which hubs used which Outpost target (URL + credentials), from every
 answered start, poll and stop: a service listed through a target may belong to any of those
-hubs, so the reconciler asks all of their rosters (:mod:`bridge.rosters`) before it calls a
+hubs, so the reconciler asks all of their rosters (:mod:`jupyterhub_outpost_mq.bridge.rosters`) before it calls a
 service no ledger knows an orphan. A bridge whose file was lost learns the targets again
 from the hubs' next polls. Rows keep the Outpost target (URL, headers, i.e. credentials) to
 be able to list and stop; the file is the journal's (``0600``). Rows are forgotten after
@@ -23,9 +23,16 @@ from typing import Literal
 
 import msgspec
 
-from schemas import CommandResult, Envelope, OutpostTarget, PollCommand, StartCommand, StopCommand, outpost_key
-
-from .sqlite_file import open_db
+from jupyterhub_outpost_mq.bridge.sqlite_file import open_db
+from jupyterhub_outpost_mq.schemas import (
+    CommandResult,
+    Envelope,
+    OutpostTarget,
+    PollCommand,
+    StartCommand,
+    StopCommand,
+    outpost_key,
+)
 
 State = Literal["running", "ended"]
 
@@ -53,7 +60,7 @@ class ServerLedger:
         self._hub_seen: dict[tuple[str, str], float] = {}
 
     def answered(self, command: Envelope, result: CommandResult) -> None:
-        """Learn from one answered command (an :class:`~bridge.outcomes.Outcomes` listener)."""
+        """Learn from one answered command (an :class:`~jupyterhub_outpost_mq.bridge.outcomes.Outcomes` listener)."""
         body = command.body
         if isinstance(body, (StartCommand, PollCommand, StopCommand)):
             self.used(body.target, command.hub)

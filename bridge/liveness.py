@@ -3,7 +3,7 @@
 aiormq (under aio-pika) gives up on a connection only after ``3 * (heartbeat + 1)`` seconds
 without a frame (``HEARTBEAT_GRACE_MULTIPLIER``), so with the bridge's 15 s heartbeat a
 silently dropped link (a NAT or firewall forgot it: no FIN, no RST) is noticed after 48 s,
-and commands wait that long. The hub and the bridge share the policy (``schemas.topology``):
+and commands wait that long. The hub and the bridge share the policy (``jupyterhub_outpost_mq.schemas.topology``):
 dead after 1.5 heartbeats of silence, reconnect after 1 s (measured: docs/reliability.md).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import aiormq
 
-from schemas.topology import heartbeat_grace_multiplier, with_reconnect_interval
+from jupyterhub_outpost_mq.schemas.topology import heartbeat_grace_multiplier, with_reconnect_interval
 
 __all__ = ["declare_dead_after", "with_reconnect_interval"]
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from schemas import CommandResult, Envelope, HubRoster
+from jupyterhub_outpost_mq.schemas import CommandResult, Envelope, HubRoster
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

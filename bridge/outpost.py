@@ -5,8 +5,8 @@ per host, so polls of many servers do not each pay a TCP (and TLS) handshake. Op
 arrive per command as :class:`schemas.HttpOptions`, named like tornado's ``HTTPRequest``
 arguments (what ``request_kwargs`` has always meant). Outcomes are typed: 2xx returns the
 JSON body, 5xx/408/429 and network failures raise
-:class:`~bridge.errors.TransientOutpostError`, any other answer raises
-:class:`~bridge.errors.OutpostAnswerError`.
+:class:`~jupyterhub_outpost_mq.bridge.errors.TransientOutpostError`, any other answer raises
+:class:`~jupyterhub_outpost_mq.bridge.errors.OutpostAnswerError`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from typing import Any
 
 import aiohttp
 
-from schemas import HttpOptions
-
-from .errors import OutpostAnswerError, TransientOutpostError
+from jupyterhub_outpost_mq.bridge.errors import OutpostAnswerError, TransientOutpostError
+from jupyterhub_outpost_mq.schemas import HttpOptions
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

@@ -1,12 +1,12 @@
 """What the bridge does for one command: idempotency check -> effects -> result.
 
 A start runs: remote forward (if asked) -> Outpost POST -> forward/Service
-(:mod:`bridge.reachability`); a failed start removes what it built before it answers. A
+(:mod:`jupyterhub_outpost_mq.bridge.reachability`); a failed start removes what it built before it answers. A
 stop removes forward, Service and remote forward, then DELETEs at the Outpost. A tunnel
 command leads a server's (reserved) port to the address the single-user server reported.
 
 Reads top to bottom per command type. Transient failures are retried until the command's
-deadline (:mod:`bridge.retry`); final answers (4xx, 419) are reported at once. Progress
+deadline (:mod:`jupyterhub_outpost_mq.bridge.retry`); final answers (4xx, 419) are reported at once. Progress
 events go out through ``emit`` while the work runs. The caller (``consumer``) publishes the
 returned reply and acks; nothing here touches the broker.
 """
@@ -23,7 +23,19 @@ from urllib.parse import quote
 
 import msgspec
 
-from schemas import (
+from jupyterhub_outpost_mq.bridge.deferred_stops import DeferredStops
+from jupyterhub_outpost_mq.bridge.errors import (
+    OutpostAnswerError,
+    ServiceApiError,
+    TransientError,
+    TunnelError,
+    TunnelSpecError,
+)
+from jupyterhub_outpost_mq.bridge.journal import StartJournal
+from jupyterhub_outpost_mq.bridge.outpost import OutpostClient, summarize_419
+from jupyterhub_outpost_mq.bridge.reachability import Reachability
+from jupyterhub_outpost_mq.bridge.retry import Backoff, DeadlinePassed, retry_until
+from jupyterhub_outpost_mq.schemas import (
     CommandResult,
     Envelope,
     ErrorInfo,
@@ -37,21 +49,8 @@ from schemas import (
     encode,
     outpost_key,
 )
-from schemas.base import new_id
-from schemas.topology import url_origin
-
-from .deferred_stops import DeferredStops
-from .errors import (
-    OutpostAnswerError,
-    ServiceApiError,
-    TransientError,
-    TunnelError,
-    TunnelSpecError,
-)
-from .journal import StartJournal
-from .outpost import OutpostClient, summarize_419
-from .reachability import Reachability
-from .retry import Backoff, DeadlinePassed, retry_until
+from jupyterhub_outpost_mq.schemas.base import new_id
+from jupyterhub_outpost_mq.schemas.topology import url_origin
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

@@ -1,6 +1,6 @@
 """Makes one server reachable for the hub: its forward, its Service and its remote forward.
 
-Each step is an idempotent ensure with its undo, called by :mod:`bridge.pipeline`:
+Each step is an idempotent ensure with its undo, called by :mod:`jupyterhub_outpost_mq.bridge.pipeline`:
 
 - after a start: forward to the Outpost's answer (``during_startup``), or reserve the
   port when the answer has no address yet (delayed case), or nothing (reachable directly);
@@ -17,12 +17,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from schemas import RemoteForwardSpec, ServiceSpec, TunnelSpec
-
-from .errors import TunnelSpecError
-from .k8s_services import ServiceManager
-from .remote_forward import RemoteForwardRunner
-from .tunnels import TunnelManager
+from jupyterhub_outpost_mq.bridge.errors import TunnelSpecError
+from jupyterhub_outpost_mq.bridge.k8s_services import ServiceManager
+from jupyterhub_outpost_mq.bridge.remote_forward import RemoteForwardRunner
+from jupyterhub_outpost_mq.bridge.tunnels import TunnelManager
+from jupyterhub_outpost_mq.schemas import RemoteForwardSpec, ServiceSpec, TunnelSpec
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

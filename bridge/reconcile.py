@@ -3,9 +3,9 @@
 On start, when a hub announces an Outpost (a hub process's first command to it), when a hub
 sends its first roster to this bridge process, and every ``interval`` seconds, the
 reconciler lists each known Outpost account's services (``GET {request_url}/``, once per
-distinct URL + credentials in the :class:`~bridge.ledger.ServerLedger`) and sorts them:
+distinct URL + credentials in the :class:`~jupyterhub_outpost_mq.bridge.ledger.ServerLedger`) and sorts them:
 
-- listed in some hub's roster (:mod:`bridge.rosters`): **owned**; nothing to do.
+- listed in some hub's roster (:mod:`jupyterhub_outpost_mq.bridge.rosters`): **owned**; nothing to do.
 - ``ended`` in the ledger (this bridge answered its stop, or its start failed or was
   cancelled) and not already stopping: an **orphan**.
 - otherwise, when every hub that may own it -- the hubs the ledger saw using this Outpost
@@ -31,16 +31,15 @@ import time
 from collections.abc import Callable
 from urllib.parse import quote
 
-from schemas import OutpostTarget, outpost_key
-from schemas.topology import url_origin
-
-from .circuit import CircuitBreaker
-from .errors import OutpostAnswerError, TransientError
-from .ledger import ServerLedger
-from .metrics import BridgeMetrics
-from .outpost import OutpostClient
-from .periodic import Periodic
-from .rosters import Rosters
+from jupyterhub_outpost_mq.bridge.circuit import CircuitBreaker
+from jupyterhub_outpost_mq.bridge.errors import OutpostAnswerError, TransientError
+from jupyterhub_outpost_mq.bridge.ledger import ServerLedger
+from jupyterhub_outpost_mq.bridge.metrics import BridgeMetrics
+from jupyterhub_outpost_mq.bridge.outpost import OutpostClient
+from jupyterhub_outpost_mq.bridge.periodic import Periodic
+from jupyterhub_outpost_mq.bridge.rosters import Rosters
+from jupyterhub_outpost_mq.schemas import OutpostTarget, outpost_key
+from jupyterhub_outpost_mq.schemas.topology import url_origin
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

@@ -21,12 +21,11 @@ from collections.abc import Callable
 
 import asyncssh
 
-from schemas import RemoteForwardSpec, SshEndpoint
-
-from .errors import TransientTunnelError, TunnelError
-from .retry import Backoff, retry_until
-from .ssh_connections import SshNode, SshPool
-from .ssh_options import SshSettings
+from jupyterhub_outpost_mq.bridge.errors import TransientTunnelError, TunnelError
+from jupyterhub_outpost_mq.bridge.retry import Backoff, retry_until
+from jupyterhub_outpost_mq.bridge.ssh_connections import SshNode, SshPool
+from jupyterhub_outpost_mq.bridge.ssh_options import SshSettings
+from jupyterhub_outpost_mq.schemas import RemoteForwardSpec, SshEndpoint
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import aio_pika
 
-from schemas import CommandResult, DecodeError, Envelope, ProgressEvent, Topology, decode
+from jupyterhub_outpost_mq.schemas import CommandResult, DecodeError, Envelope, ProgressEvent, Topology, decode
 
 IDLE_SECONDS = 1.5  # a stream has no end: stop once nothing new arrived for this long
 

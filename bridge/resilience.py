@@ -13,17 +13,16 @@ import logging
 
 from traitlets import Bool, Float, HasTraits, Integer, Unicode
 
-from schemas import CommandResult, Envelope, HubRoster
-
-from .circuit import CircuitBreaker, GuardedOutpostClient
-from .deferred_stops import DeferredStops
-from .ledger import ServerLedger
-from .metrics import BridgeMetrics, MetricsServer
-from .outcomes import Outcomes
-from .reconcile import Reconciler
-from .retry import Backoff
-from .rosters import Rosters
-from .stop_store import StopStore
+from jupyterhub_outpost_mq.bridge.circuit import CircuitBreaker, GuardedOutpostClient
+from jupyterhub_outpost_mq.bridge.deferred_stops import DeferredStops
+from jupyterhub_outpost_mq.bridge.ledger import ServerLedger
+from jupyterhub_outpost_mq.bridge.metrics import BridgeMetrics, MetricsServer
+from jupyterhub_outpost_mq.bridge.outcomes import Outcomes
+from jupyterhub_outpost_mq.bridge.reconcile import Reconciler
+from jupyterhub_outpost_mq.bridge.retry import Backoff
+from jupyterhub_outpost_mq.bridge.rosters import Rosters
+from jupyterhub_outpost_mq.bridge.stop_store import StopStore
+from jupyterhub_outpost_mq.schemas import CommandResult, Envelope, HubRoster
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

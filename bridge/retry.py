@@ -1,7 +1,7 @@
 """Retrying transient failures with capped exponential backoff and jitter, until a deadline.
 
-Only :class:`~bridge.errors.TransientError` (Outpost or SSH/Kubernetes) is retried; anything else propagates at
-once. No attempt starts after the deadline, and no wait runs past it.
+Only :class:`~jupyterhub_outpost_mq.bridge.errors.TransientError` (Outpost or SSH/Kubernetes) is
+retried; anything else propagates at once. No attempt starts after the deadline, and no wait runs past it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import TransientError
+from jupyterhub_outpost_mq.bridge.errors import TransientError
 
 T = TypeVar("T")
 

@@ -4,7 +4,7 @@ Every hub broadcasts on ``P.control`` a snapshot of the servers it believes are 
 starting (:class:`~schemas.HubRoster`, in parts of up to 5,000 entries) when it connects and
 every ``OutpostSpawner.roster_interval`` seconds. Each bridge keeps the latest complete
 snapshot of every hub, on disk next to the journal, and answers three questions for the
-orphan reconciler (:mod:`bridge.reconcile`):
+orphan reconciler (:mod:`jupyterhub_outpost_mq.bridge.reconcile`):
 
 - :meth:`Rosters.owner`: does some hub's latest snapshot list this server? However old it
   is: a hub that is down still owns what it last listed.
@@ -32,9 +32,8 @@ from pathlib import Path
 
 import msgspec
 
-from schemas import HubRoster, RosterEntry
-
-from .sqlite_file import open_db
+from jupyterhub_outpost_mq.bridge.sqlite_file import open_db
+from jupyterhub_outpost_mq.schemas import HubRoster, RosterEntry
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

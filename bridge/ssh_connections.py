@@ -9,7 +9,7 @@ the current one per client connection, so they work again as soon as the node is
 
 Host keys follow OpenSSH's ``StrictHostKeyChecking=accept-new``: an unknown host's key is
 appended to the known-hosts file; a known host presenting another key is refused
-(:class:`~bridge.errors.HostKeyMismatch`).
+(:class:`~jupyterhub_outpost_mq.bridge.errors.HostKeyMismatch`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import asyncssh
 
-from .errors import HostKeyMismatch, TransientTunnelError, TunnelError, TunnelSpecError
-from .retry import Backoff
-from .ssh_options import SshSettings
+from jupyterhub_outpost_mq.bridge.errors import HostKeyMismatch, TransientTunnelError, TunnelError, TunnelSpecError
+from jupyterhub_outpost_mq.bridge.retry import Backoff
+from jupyterhub_outpost_mq.bridge.ssh_options import SshSettings
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from schemas import SshEndpoint
-
-from .errors import TunnelSpecError
+from jupyterhub_outpost_mq.bridge.errors import TunnelSpecError
+from jupyterhub_outpost_mq.schemas import SshEndpoint
 
 HostKeyPolicy = Literal["accept-new", "yes", "no"]
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sqlite_file import open_db
+from jupyterhub_outpost_mq.bridge.sqlite_file import open_db
 
 
 @dataclass(frozen=True)

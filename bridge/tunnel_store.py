@@ -16,9 +16,8 @@ from pathlib import Path
 
 import msgspec
 
-from schemas import TunnelSpec
-
-from .sqlite_file import open_db
+from jupyterhub_outpost_mq.bridge.sqlite_file import open_db
+from jupyterhub_outpost_mq.schemas import TunnelSpec
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,13 @@
 
 The bridge listens itself (one asyncio server per forward, with a large listen backlog) and
 opens one SSH ``direct-tcpip`` channel per accepted client on the node's current connection
-(:mod:`bridge.ssh_connections`). So the local port stays bound while the SSH connection is
+(:mod:`jupyterhub_outpost_mq.bridge.ssh_connections`). So the local port stays bound while the SSH connection is
 down or re-made, a forward can be *reserved* before its remote address is known (delayed
 case), and every forward of a node works again as soon as the node reconnects. Data is
 copied protocol-to-protocol with flow control both ways (no stream wrappers in the path).
 
 :class:`TunnelManager` keys forwards by server (``hub/name``), records each in the
-:class:`~bridge.tunnel_store.TunnelStore` as soon as it is bound, and restores them all
+:class:`~jupyterhub_outpost_mq.bridge.tunnel_store.TunnelStore` as soon as it is bound, and restores them all
 after a restart.
 """
 
@@ -24,12 +24,11 @@ from typing import Any
 
 import asyncssh
 
-from schemas import SshEndpoint, TunnelSpec
-
-from .errors import TransientTunnelError, TunnelError, TunnelSpecError
-from .ssh_connections import SshNode, SshPool
-from .ssh_options import SshSettings, parse_address, settings_for
-from .tunnel_store import StoredTunnel, TunnelStore
+from jupyterhub_outpost_mq.bridge.errors import TransientTunnelError, TunnelError, TunnelSpecError
+from jupyterhub_outpost_mq.bridge.ssh_connections import SshNode, SshPool
+from jupyterhub_outpost_mq.bridge.ssh_options import SshSettings, parse_address, settings_for
+from jupyterhub_outpost_mq.bridge.tunnel_store import StoredTunnel, TunnelStore
+from jupyterhub_outpost_mq.schemas import SshEndpoint, TunnelSpec
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 

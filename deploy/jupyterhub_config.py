@@ -38,7 +38,7 @@ if token:
 
 c.JupyterHub.spawner_class = "outpost-mq"
 # Connect to RabbitMQ as soon as the hub runs (roster, results that came while it was down).
-from spawner import connect_at_hub_start  # noqa: E402
+from jupyterhub_outpost_mq.spawner import connect_at_hub_start  # noqa: E402
 
 connect_at_hub_start()
 c.OutpostSpawner.request_url = os.environ.get("OUTPOST_URL", "http://127.0.0.1:8082/services/")

@@ -60,7 +60,7 @@ def main() -> None:
     plan = [
         (
             "dev-outpost",
-            [sys.executable, "-m", "deploy.dev_outpost", "--port", str(args.outpost_port)],
+            [sys.executable, "-m", "jupyterhub_outpost_mq.deploy.dev_outpost", "--port", str(args.outpost_port)],
             args.outpost_port,
         ),
         ("bridge", [str(BIN / "outpost-bridge"), f"--journal={state / 'bridge-journal.sqlite'}"], None),

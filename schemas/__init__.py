@@ -6,9 +6,9 @@ exchange/queue names with their arguments. ``spawner`` and ``bridge`` both impor
 package and never each other.
 """
 
-from .base import SCHEMA_VERSION, Envelope, ServerRef
-from .codec import MAX_MESSAGE_BYTES, decode, encode
-from .commands import (
+from jupyterhub_outpost_mq.schemas.base import SCHEMA_VERSION, Envelope, ServerRef
+from jupyterhub_outpost_mq.schemas.codec import MAX_MESSAGE_BYTES, decode, encode
+from jupyterhub_outpost_mq.schemas.commands import (
     Command,
     FlavorsCommand,
     HttpOptions,
@@ -19,8 +19,8 @@ from .commands import (
     StopCommand,
     TunnelCommand,
 )
-from .errors import DecodeError, SchemaError
-from .events import (
+from jupyterhub_outpost_mq.schemas.errors import DecodeError, SchemaError
+from jupyterhub_outpost_mq.schemas.events import (
     ROSTER_PART_BYTES,
     ROSTER_PART_MAX,
     CommandResult,
@@ -30,9 +30,9 @@ from .events import (
     ProgressEvent,
     RosterEntry,
 )
-from .secrets import redacted
-from .specs import RemoteForwardSpec, ServiceSpec, SshEndpoint, TunnelSpec
-from .topology import Topology, outpost_key
+from jupyterhub_outpost_mq.schemas.secrets import redacted
+from jupyterhub_outpost_mq.schemas.specs import RemoteForwardSpec, ServiceSpec, SshEndpoint, TunnelSpec
+from jupyterhub_outpost_mq.schemas.topology import Topology, outpost_key
 
 __all__ = [
     "MAX_MESSAGE_BYTES",

@@ -14,9 +14,16 @@ from typing import Annotated
 
 import msgspec
 
-from .commands import FlavorsCommand, PollCommand, RecreateForwardCommand, StartCommand, StopCommand, TunnelCommand
-from .events import CommandResult, HubRoster, OutpostAnnouncement, ProgressEvent
-from .secrets import RedactedRepr
+from jupyterhub_outpost_mq.schemas.commands import (
+    FlavorsCommand,
+    PollCommand,
+    RecreateForwardCommand,
+    StartCommand,
+    StopCommand,
+    TunnelCommand,
+)
+from jupyterhub_outpost_mq.schemas.events import CommandResult, HubRoster, OutpostAnnouncement, ProgressEvent
+from jupyterhub_outpost_mq.schemas.secrets import RedactedRepr
 
 SCHEMA_VERSION = 1
 

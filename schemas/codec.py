@@ -2,15 +2,15 @@
 
 ``decode`` checks, in order: size, MessagePack validity, schema version, then the full
 schema (types, required fields, string and number limits). Every failure is one
-:class:`~schemas.errors.DecodeError` with a one-line reason.
+:class:`~jupyterhub_outpost_mq.schemas.errors.DecodeError` with a one-line reason.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from .base import SCHEMA_VERSION, Envelope
-from .errors import DecodeError
+from jupyterhub_outpost_mq.schemas.base import SCHEMA_VERSION, Envelope
+from jupyterhub_outpost_mq.schemas.errors import DecodeError
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 """Largest message accepted (a start with certificates and a large env is ~20 KiB)."""

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from .secrets import SECRET, RedactedRepr
-from .specs import Host, RemoteForwardSpec, TunnelSpec
+from jupyterhub_outpost_mq.schemas.secrets import SECRET, RedactedRepr
+from jupyterhub_outpost_mq.schemas.specs import Host, RemoteForwardSpec, TunnelSpec
 
 Url = Annotated[str, msgspec.Meta(min_length=1, max_length=2048, pattern=r"^https?://")]
 ServiceName = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .secrets import RedactedRepr
+from jupyterhub_outpost_mq.schemas.secrets import RedactedRepr
 
 ErrorKind = Literal[
     "outpost_error",  # the Outpost answered 419: its spawner raised
@@ -92,7 +92,7 @@ class RosterEntry(msgspec.Struct, frozen=True, array_like=True):
 class HubRoster(msgspec.Struct, frozen=True, kw_only=True, tag="roster"):
     """Part ``part`` of ``parts`` of one snapshot of every server a hub believes is running
     or starting (broadcast on ``P.control``). Bridges use complete snapshots to tell the
-    services an Outpost lists that no hub owns any more (:mod:`bridge.reconcile`)."""
+    services an Outpost lists that no hub owns any more (:mod:`jupyterhub_outpost_mq.bridge.reconcile`)."""
 
     snapshot: RosterId
     part: Annotated[int, msgspec.Meta(ge=0, lt=1000)] = 0

@@ -4,8 +4,8 @@ Importing this package registers the handlers with JupyterHub (at their upstream
 which happens when JupyterHub loads ``spawner_class = "outpost-mq"``.
 """
 
-from . import handlers as _handlers  # noqa: F401  (registers the hub API handlers)
-from .hub_start import connect_at_hub_start
-from .spawner import OutpostSpawner
+from jupyterhub_outpost_mq.spawner import handlers as _handlers  # noqa: F401  (registers the hub API handlers)
+from jupyterhub_outpost_mq.spawner.hub_start import connect_at_hub_start
+from jupyterhub_outpost_mq.spawner.spawner import OutpostSpawner
 
 __all__ = ["OutpostSpawner", "connect_at_hub_start"]

@@ -17,12 +17,11 @@ import aiormq
 import msgspec
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from schemas import DecodeError, Envelope, OutpostAnnouncement, Topology, decode, encode, redacted
-from schemas.base import new_id
-from schemas.topology import heartbeat_grace_multiplier, with_heartbeat, with_reconnect_interval
-
-from .errors import BrokerUnavailable
-from .server_state import RepliesRouter
+from jupyterhub_outpost_mq.schemas import DecodeError, Envelope, OutpostAnnouncement, Topology, decode, encode, redacted
+from jupyterhub_outpost_mq.schemas.base import new_id
+from jupyterhub_outpost_mq.schemas.topology import heartbeat_grace_multiplier, with_heartbeat, with_reconnect_interval
+from jupyterhub_outpost_mq.spawner.errors import BrokerUnavailable
+from jupyterhub_outpost_mq.spawner.server_state import RepliesRouter
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
 

@@ -12,7 +12,7 @@ Hierarchy::
 
 from __future__ import annotations
 
-from schemas import ErrorInfo
+from jupyterhub_outpost_mq.schemas import ErrorInfo
 
 
 class OutpostSpawnerError(Exception):

@@ -35,14 +35,22 @@ from typing import Any
 
 import msgspec
 
-from schemas import DecodeError, Envelope, FlavorsCommand, HttpOptions, OutpostTarget, decode, encode, outpost_key
-from schemas.base import new_id
-from schemas.topology import url_origin
-
-from .broker import HubBroker
-from .errors import BrokerUnavailable, HookError
-from .outpost_traits import OutpostTraits, outpost_settings
-from .plan import http_options
+from jupyterhub_outpost_mq.schemas import (
+    DecodeError,
+    Envelope,
+    FlavorsCommand,
+    HttpOptions,
+    OutpostTarget,
+    decode,
+    encode,
+    outpost_key,
+)
+from jupyterhub_outpost_mq.schemas.base import new_id
+from jupyterhub_outpost_mq.schemas.topology import url_origin
+from jupyterhub_outpost_mq.spawner.broker import HubBroker
+from jupyterhub_outpost_mq.spawner.errors import BrokerUnavailable, HookError
+from jupyterhub_outpost_mq.spawner.outpost_traits import OutpostTraits, outpost_settings
+from jupyterhub_outpost_mq.spawner.plan import http_options
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
 

@@ -7,7 +7,7 @@ Arguments are offered in the order the configuration reference documents them, f
 by the extra ones upstream passed (``extra_labels(spawner)`` is documented, upstream called
 ``extra_labels(spawner, user_options)``): a hook receives as many as its signature takes,
 so configurations written against either keep working.
-Any failure becomes a :class:`~spawner.errors.HookError` naming the trait, except when
+Any failure becomes a :class:`~jupyterhub_outpost_mq.spawner.errors.HookError` naming the trait, except when
 ``passthrough`` is set (``check_allowed``: its exception *is* the message for the user).
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from traitlets import TraitError
 
-from .errors import HookError
+from jupyterhub_outpost_mq.spawner.errors import HookError
 
 HOOK_TIMEOUT = 60.0
 

@@ -3,10 +3,10 @@
 Without this, the hub first connects when a spawner needs the broker: at start-up when it
 has running servers (JupyterHub polls each one), otherwise at the first spawn. Until then,
 two things wait: results that arrived while the hub was down (starts it no longer knows,
-which it stops at the Outpost), and the hub's roster (:mod:`spawner.roster`). One line in
+which it stops at the Outpost), and the hub's roster (:mod:`jupyterhub_outpost_mq.spawner.roster`). One line in
 ``jupyterhub_config.py`` removes that wait::
 
-    from spawner import connect_at_hub_start
+    from jupyterhub_outpost_mq.spawner import connect_at_hub_start
     connect_at_hub_start()
 
 JupyterHub reads its configuration file inside its event loop, so the call can schedule one
@@ -24,9 +24,9 @@ import logging
 import time
 from typing import Any
 
-from .broker import HubBroker
-from .errors import BrokerUnavailable
-from .outpost_traits import outpost_settings
+from jupyterhub_outpost_mq.spawner.broker import HubBroker
+from jupyterhub_outpost_mq.spawner.errors import BrokerUnavailable
+from jupyterhub_outpost_mq.spawner.outpost_traits import outpost_settings
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
 
@@ -53,7 +53,7 @@ def connect_at_hub_start() -> bool:
 async def connect_when_started(app: Any) -> None:
     from jupyterhub.user import UserDict
 
-    from .spawner import OutpostSpawner, connect_hub
+    from jupyterhub_outpost_mq.spawner.spawner import OutpostSpawner, connect_hub
 
     give_up = time.monotonic() + WAIT_FOR_HUB_SECONDS
     while getattr(app, "tornado_application", None) is None or not isinstance(getattr(app, "users", None), UserDict):

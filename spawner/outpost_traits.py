@@ -2,8 +2,8 @@
 
 Names, types, defaults and callable signatures follow the upstream OutpostSpawner, so an
 existing ``jupyterhub_config.py`` keeps its meaning; our own additions (the broker and the
-bridge's deadlines) come first. The SSH/Kubernetes traits live in :mod:`spawner.tunnel_traits`.
-Hooks named here are called by :func:`spawner.hooks.resolve` with the documented arguments.
+bridge's deadlines) come first. The SSH/Kubernetes traits live in :mod:`jupyterhub_outpost_mq.spawner.tunnel_traits`.
+Hooks named here are called by :func:`jupyterhub_outpost_mq.spawner.hooks.resolve` with the documented arguments.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Bool, Callable, Dict, Float, Integer, TraitError, Unicode, Union, default, validate
 from traitlets.config import Config, LoggingConfigurable
 
-from .hooks import callable_or_unset
+from jupyterhub_outpost_mq.spawner.hooks import callable_or_unset
 
 DEFAULT_CANCELLING_EVENT: dict[str, Any] = {
     "failed": False,
@@ -74,7 +74,7 @@ class OutpostTraits(LoggingConfigurable):
         15,
         help="""Seconds within which a silently dead broker link (no FIN, no RST) is noticed and
         replaced. Half of it is negotiated as the AMQP heartbeat, so that RabbitMQ lets go of the
-        dead connection in about this time too (``schemas.topology.negotiated_heartbeat``).""",
+        dead connection in about this time too (``jupyterhub_outpost_mq.schemas.topology.negotiated_heartbeat``).""",
     ).tag(config=True)
     poll_timeout = Float(
         30.0,

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from schemas import (
+from jupyterhub_outpost_mq.schemas import (
     HttpOptions,
     OutpostTarget,
     PollCommand,
@@ -23,10 +23,9 @@ from schemas import (
     TunnelSpec,
     outpost_key,
 )
-from schemas.topology import url_origin
-
-from .errors import HookError
-from .hooks import resolve
+from jupyterhub_outpost_mq.schemas.topology import url_origin
+from jupyterhub_outpost_mq.spawner.errors import HookError
+from jupyterhub_outpost_mq.spawner.hooks import resolve
 
 # tornado HTTPRequest arguments that describe Python objects or callbacks: they cannot
 # cross a process boundary, so they are refused with a clear message instead of ignored.

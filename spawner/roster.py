@@ -22,10 +22,9 @@ from typing import Any
 
 from jupyterhub import orm
 
-from schemas import ROSTER_PART_BYTES, ROSTER_PART_MAX, Envelope, HubRoster, RosterEntry
-from schemas.base import new_id
-
-from .errors import BrokerUnavailable
+from jupyterhub_outpost_mq.schemas import ROSTER_PART_BYTES, ROSTER_PART_MAX, Envelope, HubRoster, RosterEntry
+from jupyterhub_outpost_mq.schemas.base import new_id
+from jupyterhub_outpost_mq.spawner.errors import BrokerUnavailable
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
 

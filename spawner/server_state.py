@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from schemas import CommandResult, Envelope, ProgressEvent
+from jupyterhub_outpost_mq.schemas import CommandResult, Envelope, ProgressEvent
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
 

@@ -1,13 +1,14 @@
 """``OutpostSpawner``: the JupyterHub Spawner that starts servers at Outposts via RabbitMQ.
 
 The spawner never talks HTTP to an Outpost. ``start``/``poll``/``stop`` resolve the
-configured hooks into a typed command (:mod:`spawner.plan`, :mod:`spawner.tunnel_plan`),
-publish it through the process-wide broker connection (:mod:`spawner.broker`) and wait for
+configured hooks into a typed command (:mod:`~jupyterhub_outpost_mq.spawner.plan`,
+:mod:`~jupyterhub_outpost_mq.spawner.tunnel_plan`),
+publish it through the process-wide broker connection (:mod:`jupyterhub_outpost_mq.spawner.broker`) and wait for
 the bridge's result. Progress events from the bridge and from the Outpost land in
 ``self.events`` and are streamed to the spawn page by :meth:`progress`.
 
-The configuration (upstream names and meaning) is in :mod:`spawner.outpost_traits` and
-:mod:`spawner.tunnel_traits`.
+The configuration (upstream names and meaning) is in :mod:`jupyterhub_outpost_mq.spawner.outpost_traits` and
+:mod:`jupyterhub_outpost_mq.spawner.tunnel_traits`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tornado.ioloop import PeriodicCallback
 from traitlets import Any as AnyTrait
 from traitlets import Dict, Unicode, default
 
-from schemas import (
+from jupyterhub_outpost_mq.schemas import (
     CommandResult,
     Envelope,
     ErrorInfo,
@@ -39,18 +40,23 @@ from schemas import (
     TunnelCommand,
     TunnelSpec,
 )
-from schemas.base import new_id
-
-from . import progress as events
-from .broker import HubBroker
-from .broker import log as broker_log
-from .errors import BrokerUnavailable, HookError, OutpostCommandFailed, OutpostSpawnerError, ReplyTimeout
-from .hooks import call_hook, resolve
-from .outpost_traits import OutpostTraits
-from .plan import plan_poll, plan_start, plan_stop, resolve_target
-from .roster import RosterSender
-from .tunnel_plan import expand_name, remote_forward_spec, tunnel_spec
-from .tunnel_traits import TunnelTraits
+from jupyterhub_outpost_mq.schemas.base import new_id
+from jupyterhub_outpost_mq.spawner import progress as events
+from jupyterhub_outpost_mq.spawner.broker import HubBroker
+from jupyterhub_outpost_mq.spawner.broker import log as broker_log
+from jupyterhub_outpost_mq.spawner.errors import (
+    BrokerUnavailable,
+    HookError,
+    OutpostCommandFailed,
+    OutpostSpawnerError,
+    ReplyTimeout,
+)
+from jupyterhub_outpost_mq.spawner.hooks import call_hook, resolve
+from jupyterhub_outpost_mq.spawner.outpost_traits import OutpostTraits
+from jupyterhub_outpost_mq.spawner.plan import plan_poll, plan_start, plan_stop, resolve_target
+from jupyterhub_outpost_mq.spawner.roster import RosterSender
+from jupyterhub_outpost_mq.spawner.tunnel_plan import expand_name, remote_forward_spec, tunnel_spec
+from jupyterhub_outpost_mq.spawner.tunnel_traits import TunnelTraits
 
 # Errors that mean "the start request did not succeed" (upstream: the POST failed).
 REQUEST_FAILED = (OutpostCommandFailed, HookError, BrokerUnavailable, ReplyTimeout)
@@ -154,7 +160,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self._outpost_key = ""
 
     def roster_entry(self) -> RosterEntry | None:
-        """This server in the hub's roster (:mod:`spawner.roster`), if it has a start."""
+        """This server in the hub's roster (:mod:`jupyterhub_outpost_mq.spawner.roster`), if it has a start."""
         if not self.start_id:
             return None
         return RosterEntry(outpost=self._outpost_key, name=self.service_name, start_id=self.start_id)

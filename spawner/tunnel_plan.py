@@ -13,10 +13,9 @@ from typing import Any
 
 import msgspec
 
-from schemas import RemoteForwardSpec, ServiceSpec, SshEndpoint, TunnelSpec
-
-from .errors import HookError
-from .hooks import resolve
+from jupyterhub_outpost_mq.schemas import RemoteForwardSpec, ServiceSpec, SshEndpoint, TunnelSpec
+from jupyterhub_outpost_mq.spawner.errors import HookError
+from jupyterhub_outpost_mq.spawner.hooks import resolve
 
 _DNS_SAFE = frozenset(string.ascii_lowercase + string.digits)
 

@@ -15,7 +15,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Bool, Callable, Dict, Integer, Unicode, Union, default, validate
 from traitlets.config import LoggingConfigurable
 
-from .hooks import callable_or_unset
+from jupyterhub_outpost_mq.spawner.hooks import callable_or_unset
 
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m deploy.dev_outpost --port 8082 --bind 127.0.0.1 \\
+    python -m jupyterhub_outpost_mq.deploy.dev_outpost --port 8082 --bind 127.0.0.1 \\
         --credentials hubuser:secret [--credentials other:pw] [--log-level INFO]
 
 Credentials may also come from ``DEV_OUTPOST_CREDENTIALS="u1:p1,u2:p2"`` (command-line
@@ -27,8 +27,8 @@ from pathlib import Path
 from aiohttp import web
 from jupyterhub.utils import fmt_ip_url
 
-from deploy.dev_outpost.app import create_app
-from deploy.dev_outpost.services import ServiceRegistry
+from jupyterhub_outpost_mq.deploy.dev_outpost.app import create_app
+from jupyterhub_outpost_mq.deploy.dev_outpost.services import ServiceRegistry
 
 CREDENTIALS_ENV = "DEV_OUTPOST_CREDENTIALS"
 
@@ -47,7 +47,7 @@ def parse_credentials(cli_values: list[str], env_value: str | None) -> dict[str,
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m deploy.dev_outpost",
+        prog="python -m jupyterhub_outpost_mq.deploy.dev_outpost",
         description="Development JupyterHub Outpost running local jupyterhub-singleuser servers.",
     )
     parser.add_argument("--port", type=int, default=8082, help="TCP port (0: any free port)")

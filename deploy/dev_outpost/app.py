@@ -7,7 +7,7 @@ development Outpost answers ``GET /_dev/stats`` (Basic auth) with
 start was not repeated and that a process is gone, and ``GET /_dev/requests`` with the last
 start body per ``"<name>/<start_id>"`` (tokens redacted) and whether each stop
 (``"stop:<name>/<start_id>"``) was async, so tests can check what the hub sent. Fault injection is described in
-:mod:`deploy.dev_outpost.services`.
+:mod:`jupyterhub_outpost_mq.deploy.dev_outpost.services`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from deploy.dev_outpost.services import (
+from jupyterhub_outpost_mq.deploy.dev_outpost.services import (
     DuplicateStartError,
     ServiceRecord,
     ServiceRegistry,

@@ -2,7 +2,7 @@
 
 from jupyterhub import apihandlers
 
-from . import events, flavors, servers, tunnels
+from jupyterhub_outpost_mq.spawner.handlers import events, flavors, servers, tunnels
 
 _REGISTERED = False
 

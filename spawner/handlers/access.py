@@ -9,8 +9,8 @@ from typing import Any
 from jupyterhub.apihandlers.base import APIHandler
 from tornado import web
 
-from ..broker import HubBroker
-from ..outpost_traits import OutpostTraits, outpost_settings
+from jupyterhub_outpost_mq.spawner.broker import HubBroker
+from jupyterhub_outpost_mq.spawner.outpost_traits import OutpostTraits, outpost_settings
 
 
 def require_scope(handler: APIHandler, scope: str) -> None:

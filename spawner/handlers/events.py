@@ -15,7 +15,7 @@ from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.scopes import needs_scope
 from tornado import web
 
-from .access import find_spawner
+from jupyterhub_outpost_mq.spawner.handlers.access import find_spawner
 
 _FIELDS = {"progress": int, "message": str, "html_message": str, "failed": bool}
 

@@ -5,7 +5,7 @@
 ``{flavor: {max, current, maxPerUser, weight, display_name, ...}}``. ``GET /outpostflavors``
 (any authenticated user) returns ``{system: flavors}``, after fetching the initial flavors of
 systems that have not pushed yet (``OUTPOST_FLAVOR_INITIAL_SYSTEM_*``, see
-:mod:`spawner.flavors`); a user whose ``auth_state`` has ``outpost_flavors`` sees those
+:mod:`jupyterhub_outpost_mq.spawner.flavors`); a user whose ``auth_state`` has ``outpost_flavors`` sees those
 instead (``false`` hides a system), keeping the current counts. The table lives in the hub
 process, as upstream's did.
 """
@@ -17,8 +17,8 @@ import json
 from jupyterhub.apihandlers.base import APIHandler
 from tornado import web
 
-from ..flavors import FLAVORS, async_get_flavors, check_flavors, flavors_for
-from .access import hub_settings, json_object, require_scope
+from jupyterhub_outpost_mq.spawner.flavors import FLAVORS, async_get_flavors, check_flavors, flavors_for
+from jupyterhub_outpost_mq.spawner.handlers.access import hub_settings, json_object, require_scope
 
 __all__ = ["FLAVORS", "OutpostFlavorsHandler", "flavors_for"]
 

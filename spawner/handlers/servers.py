@@ -8,7 +8,7 @@ import json
 from jupyterhub import orm
 from jupyterhub.apihandlers.base import APIHandler
 
-from .access import require_scope
+from jupyterhub_outpost_mq.spawner.handlers.access import require_scope
 
 
 class ListServersHandler(APIHandler):

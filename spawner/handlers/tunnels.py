@@ -18,12 +18,11 @@ from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.scopes import needs_scope
 from tornado import web
 
-from schemas import Envelope, RecreateForwardCommand
-from schemas.base import new_id
-
-from ..errors import OutpostSpawnerError
-from ..progress import start_failed
-from .access import find_spawner, hub_broker, json_object, require_scope
+from jupyterhub_outpost_mq.schemas import Envelope, RecreateForwardCommand
+from jupyterhub_outpost_mq.schemas.base import new_id
+from jupyterhub_outpost_mq.spawner.errors import OutpostSpawnerError
+from jupyterhub_outpost_mq.spawner.handlers.access import find_spawner, hub_broker, json_object, require_scope
+from jupyterhub_outpost_mq.spawner.progress import start_failed
 
 _OVERRIDES: dict[str, type | tuple[type, ...]] = {
     "ssh_node": str,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from spawner.broker import HubBroker
+from jupyterhub_outpost_mq.spawner.broker import HubBroker
 
 from .services import AMQP_URL, Bridge, Hub, Outpost, port_open
 from .sshd import Sshd

@@ -22,7 +22,7 @@ from typing import Any
 
 import requests
 
-from schemas import CommandResult, StartCommand
+from jupyterhub_outpost_mq.schemas import CommandResult, StartCommand
 
 from .faultproxy import FaultProxy
 from .hubclient import CountingHub, start_body

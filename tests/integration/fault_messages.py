@@ -17,8 +17,8 @@ import aio_pika
 import msgpack
 import msgspec
 
-from bridge.consumer import check_command
-from schemas import (
+from jupyterhub_outpost_mq.bridge.consumer import check_command
+from jupyterhub_outpost_mq.schemas import (
     MAX_MESSAGE_BYTES,
     DecodeError,
     Envelope,
@@ -27,7 +27,7 @@ from schemas import (
     decode,
     encode,
 )
-from schemas.topology import DEAD_LETTER_REASON_HEADER
+from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER
 
 from .fault_harness import (
     CREDENTIALS,
@@ -76,7 +76,7 @@ def poison_messages(hub_id: str, url: str) -> dict[str, bytes]:
 
 
 def bridge_would_reject(body: bytes, hub_id: str) -> bool:
-    """The bridge's acceptance rule for Outpost queues (:func:`bridge.consumer.check_command`)."""
+    """The bridge's acceptance rule for Outpost queues (:func:`jupyterhub_outpost_mq.bridge.consumer.check_command`)."""
     try:
         check_command(decode(body), frozenset({hub_id}))
     except DecodeError:

@@ -1,6 +1,6 @@
 """A test stand-in for the hub's broker side that *counts*: every result and event it receives.
 
-It speaks the wire contract exactly like ``spawner.broker.HubBroker`` (same topology from
+It speaks the wire contract exactly like ``jupyterhub_outpost_mq.spawner.broker.HubBroker`` (same topology from
 ``schemas``: Outpost queue declared and announced, persistent confirmed mandatory publishes,
 a durable per-hub reply queue), but keeps every reply per command id, so the fault tests
 can tell a lost command (no result) from a duplicated one (two results). A publish that
@@ -20,7 +20,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from schemas import (
+from jupyterhub_outpost_mq.schemas import (
     CommandResult,
     DecodeError,
     Envelope,
@@ -38,10 +38,15 @@ from schemas import (
     encode,
     outpost_key,
 )
-from schemas.base import new_id
-from schemas.commands import HttpOptions
-from schemas.topology import heartbeat_grace_multiplier, url_origin, with_heartbeat, with_reconnect_interval
-from spawner.roster import split
+from jupyterhub_outpost_mq.schemas.base import new_id
+from jupyterhub_outpost_mq.schemas.commands import HttpOptions
+from jupyterhub_outpost_mq.schemas.topology import (
+    heartbeat_grace_multiplier,
+    url_origin,
+    with_heartbeat,
+    with_reconnect_interval,
+)
+from jupyterhub_outpost_mq.spawner.roster import split
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -209,7 +214,7 @@ class CountingHub:
 
     async def roster(self, url: str, servers: list[tuple[str, str]]) -> None:
         """Broadcast one complete roster of ``(name, start_id)`` servers at ``url``'s Outpost,
-        as ``spawner.roster.RosterSender`` does."""
+        as ``jupyterhub_outpost_mq.spawner.roster.RosterSender`` does."""
         assert self._channel is not None
         control = await self._channel.declare_exchange(
             self.topology.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True

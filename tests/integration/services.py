@@ -87,7 +87,7 @@ class Outpost(Process):
             [
                 sys.executable,
                 "-m",
-                "deploy.dev_outpost",
+                "jupyterhub_outpost_mq.deploy.dev_outpost",
                 "--port",
                 str(self.port),
                 "--credentials",

@@ -18,7 +18,7 @@ import aio_pika
 import pytest
 import pytest_asyncio
 
-from schemas import (
+from jupyterhub_outpost_mq.schemas import (
     CommandResult,
     Envelope,
     OutpostTarget,
@@ -30,9 +30,9 @@ from schemas import (
     encode,
     outpost_key,
 )
-from schemas.base import new_id
-from schemas.topology import DEAD_LETTER_REASON_HEADER, url_origin
-from spawner.broker import HubBroker
+from jupyterhub_outpost_mq.schemas.base import new_id
+from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER, url_origin
+from jupyterhub_outpost_mq.spawner.broker import HubBroker
 
 from .services import AMQP_URL, Bridge, Outpost, free_port
 

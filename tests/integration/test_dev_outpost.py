@@ -90,7 +90,7 @@ def launch_outpost(work_dir: Path) -> Outpost:
             [
                 sys.executable,
                 "-m",
-                "deploy.dev_outpost",
+                "jupyterhub_outpost_mq.deploy.dev_outpost",
                 "--port",
                 "0",
                 "--credentials",

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from traitlets.config import Config
 
-from spawner.flavors import FLAVORS, get_user_specific_flavors
-from spawner.outpost_traits import OutpostTraits
+from jupyterhub_outpost_mq.spawner.flavors import FLAVORS, get_user_specific_flavors
+from jupyterhub_outpost_mq.spawner.outpost_traits import OutpostTraits
 
 from .hubclient import basic
 from .services import AMQP_URL, Bridge, Outpost, free_port, second_hub

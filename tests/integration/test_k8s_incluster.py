@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bridge.errors import ConfigurationError, ServiceApiError
-from bridge.k8s_services import ServiceManager
-from bridge.retry import Backoff
-from schemas import ServiceSpec
+from jupyterhub_outpost_mq.bridge.errors import ConfigurationError, ServiceApiError
+from jupyterhub_outpost_mq.bridge.k8s_services import ServiceManager
+from jupyterhub_outpost_mq.bridge.retry import Backoff
+from jupyterhub_outpost_mq.schemas import ServiceSpec
 
 from .services import Process, free_port, port_open, wait_for
 

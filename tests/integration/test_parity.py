@@ -22,8 +22,8 @@ import aio_pika
 import pytest
 import requests
 
-from spawner import OutpostSpawner
-from spawner.errors import BrokerUnavailable, OutpostCommandFailed
+from jupyterhub_outpost_mq.spawner import OutpostSpawner
+from jupyterhub_outpost_mq.spawner.errors import BrokerUnavailable, OutpostCommandFailed
 
 from .services import AMQP_URL, Bridge, Outpost, wait_for
 
@@ -460,7 +460,7 @@ async def test_hub_side_rides_out_a_broker_restart(outpost: Outpost, tmp_path: P
 
 
 async def test_timeline_is_replayable_and_secret_free(outpost: Outpost, bridge: Bridge, prefix: str) -> None:
-    from bridge.replay import read_timeline, redrive
+    from jupyterhub_outpost_mq.bridge.replay import read_timeline, redrive
 
     spawner = make_spawner(outpost, prefix, "replayed", poll_status_max_age=0)
     await spawner.start()

@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 import requests
 
-from schemas import (
+from jupyterhub_outpost_mq.schemas import (
     CommandResult,
     Envelope,
     OutpostTarget,
@@ -37,9 +37,9 @@ from schemas import (
     TunnelSpec,
     outpost_key,
 )
-from schemas.base import new_id
-from schemas.topology import url_origin
-from spawner.broker import HubBroker
+from jupyterhub_outpost_mq.schemas.base import new_id
+from jupyterhub_outpost_mq.schemas.topology import url_origin
+from jupyterhub_outpost_mq.spawner.broker import HubBroker
 from tests.fakes.k8s_api import kubeconfig
 
 from .services import AMQP_URL, Bridge, Outpost, Process, free_port, port_open, wait_for

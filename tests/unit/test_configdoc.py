@@ -1,10 +1,10 @@
 """docs/configuration.md is generated from the traits and must be current."""
 
-from deploy.configdoc import TARGET, main, render
+from jupyterhub_outpost_mq.deploy.configdoc import TARGET, main, render
 
 
 def test_configuration_reference_is_current() -> None:
-    assert main(["--check"]) == 0, "run: python -m deploy.configdoc"
+    assert main(["--check"]) == 0, "run: python -m jupyterhub_outpost_mq.deploy.configdoc"
 
 
 def test_every_reference_trait_is_documented_with_an_example_where_upstream_had_one() -> None:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from traitlets.config import Config
 
-from bridge.app import OutpostBridge
+from jupyterhub_outpost_mq.bridge.app import OutpostBridge
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))

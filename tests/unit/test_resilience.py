@@ -9,15 +9,24 @@ from typing import Any
 
 import pytest
 
-from bridge.circuit import CircuitBreaker, wait_notices
-from bridge.deferred_stops import DeferredStops
-from bridge.errors import CircuitOpenError, OutpostAnswerError, TransientOutpostError
-from bridge.ledger import ServerLedger
-from bridge.metrics import BridgeMetrics
-from bridge.outcomes import Outcomes
-from bridge.retry import Backoff
-from bridge.stop_store import StopStore
-from schemas import CommandResult, Envelope, OutpostTarget, ServerRef, StartCommand, StopCommand, decode, encode
+from jupyterhub_outpost_mq.bridge.circuit import CircuitBreaker, wait_notices
+from jupyterhub_outpost_mq.bridge.deferred_stops import DeferredStops
+from jupyterhub_outpost_mq.bridge.errors import CircuitOpenError, OutpostAnswerError, TransientOutpostError
+from jupyterhub_outpost_mq.bridge.ledger import ServerLedger
+from jupyterhub_outpost_mq.bridge.metrics import BridgeMetrics
+from jupyterhub_outpost_mq.bridge.outcomes import Outcomes
+from jupyterhub_outpost_mq.bridge.retry import Backoff
+from jupyterhub_outpost_mq.bridge.stop_store import StopStore
+from jupyterhub_outpost_mq.schemas import (
+    CommandResult,
+    Envelope,
+    OutpostTarget,
+    ServerRef,
+    StartCommand,
+    StopCommand,
+    decode,
+    encode,
+)
 
 aio = pytest.mark.asyncio(loop_scope="session")
 
@@ -223,7 +232,7 @@ def test_ledger_learns_from_answered_commands(tmp_path: Path) -> None:
     )
     reply = Envelope(id="b", hub="hub", server=start.server, body=CommandResult(command="start", ok=True))
     outcomes.answered(start, reply)
-    from schemas import outpost_key
+    from jupyterhub_outpost_mq.schemas import outpost_key
 
     key = outpost_key(TARGET.url)
     assert ledger.state(key, "ann", "s1") == "running"
@@ -255,7 +264,7 @@ class ListingClient:
 
 @aio
 async def test_reconciler_stops_only_ended_services_after_the_grace(tmp_path: Path) -> None:
-    from bridge.reconcile import Reconciler
+    from jupyterhub_outpost_mq.bridge.reconcile import Reconciler
 
     ledger = ServerLedger(tmp_path / "j.sqlite")
     ledger.record(TARGET, "ann", "s1", "ended")
@@ -280,7 +289,7 @@ async def test_reconciler_stops_only_ended_services_after_the_grace(tmp_path: Pa
 
 @aio
 async def test_reconciler_dry_run_counts_once_and_stops_nothing(tmp_path: Path) -> None:
-    from bridge.reconcile import Reconciler
+    from jupyterhub_outpost_mq.bridge.reconcile import Reconciler
 
     ledger = ServerLedger(tmp_path / "j.sqlite")
     ledger.record(TARGET, "ann", "s1", "ended")

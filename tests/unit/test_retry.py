@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from bridge.errors import OutpostAnswerError, TransientOutpostError
-from bridge.retry import Backoff, DeadlinePassed, retry_until
+from jupyterhub_outpost_mq.bridge.errors import OutpostAnswerError, TransientOutpostError
+from jupyterhub_outpost_mq.bridge.retry import Backoff, DeadlinePassed, retry_until
 
 
 class Clock:

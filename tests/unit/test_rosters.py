@@ -9,11 +9,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from bridge.ledger import ServerLedger
-from bridge.metrics import BridgeMetrics
-from bridge.reconcile import Reconciler
-from bridge.rosters import PART_TIMEOUT, Rosters
-from schemas import (
+from jupyterhub_outpost_mq.bridge.ledger import ServerLedger
+from jupyterhub_outpost_mq.bridge.metrics import BridgeMetrics
+from jupyterhub_outpost_mq.bridge.reconcile import Reconciler
+from jupyterhub_outpost_mq.bridge.rosters import PART_TIMEOUT, Rosters
+from jupyterhub_outpost_mq.schemas import (
     ROSTER_PART_MAX,
     CommandResult,
     DecodeError,
@@ -26,7 +26,7 @@ from schemas import (
     encode,
     outpost_key,
 )
-from spawner.roster import split
+from jupyterhub_outpost_mq.spawner.roster import split
 
 from .test_resilience import ORIGIN, TARGET, Clock, ListingClient
 

@@ -8,7 +8,7 @@ import pathlib
 import msgpack
 import pytest
 
-from schemas import (
+from jupyterhub_outpost_mq.schemas import (
     DecodeError,
     Envelope,
     OutpostTarget,
@@ -82,4 +82,5 @@ def test_spawner_and_bridge_never_import_each_other() -> None:
                     names = [a.name for a in node.names]
                 elif isinstance(node, ast.ImportFrom) and node.level == 0:
                     names = [node.module or ""]
-                assert not any(n == forbidden or n.startswith(forbidden + ".") for n in names), path
+                other = f"jupyterhub_outpost_mq.{forbidden}"
+                assert not any(n == other or n.startswith(other + ".") for n in names), path

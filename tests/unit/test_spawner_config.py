@@ -14,12 +14,12 @@ import pytest
 from tornado import web
 from traitlets import TraitError
 
-from schemas import SshEndpoint
-from spawner import OutpostSpawner
-from spawner.handlers.flavors import FLAVORS, flavors_for
-from spawner.handlers.tunnels import parse_tunnel_body
-from spawner.hooks import call_hook
-from spawner.tunnel_plan import escape_dns, ssh_endpoint, tunnel_spec
+from jupyterhub_outpost_mq.schemas import SshEndpoint
+from jupyterhub_outpost_mq.spawner import OutpostSpawner
+from jupyterhub_outpost_mq.spawner.handlers.flavors import FLAVORS, flavors_for
+from jupyterhub_outpost_mq.spawner.handlers.tunnels import parse_tunnel_body
+from jupyterhub_outpost_mq.spawner.hooks import call_hook
+from jupyterhub_outpost_mq.spawner.tunnel_plan import escape_dns, ssh_endpoint, tunnel_spec
 
 # The upstream configuration reference (a snapshot of its rendered docs) the traits must match.
 REFERENCE = Path(__file__).with_name("data") / "OutpostSpawner-configuration-reference.txt"
@@ -253,7 +253,7 @@ def test_roster_entry_follows_the_state_and_the_interval_is_checked() -> None:
 
 
 def test_initial_flavor_systems_come_from_three_lists(monkeypatch: pytest.MonkeyPatch) -> None:
-    from spawner.flavors import initial_systems
+    from jupyterhub_outpost_mq.spawner.flavors import initial_systems
 
     monkeypatch.setenv("OUTPOST_FLAVOR_INITIAL_SYSTEM_NAMES", "a;b")
     monkeypatch.setenv("OUTPOST_FLAVOR_INITIAL_SYSTEM_URLS", "http://a/flavors/;http://b/flavors/")
@@ -268,13 +268,13 @@ def test_initial_flavor_systems_come_from_three_lists(monkeypatch: pytest.Monkey
     [([], "JSON object"), ({"s": 1}, "'s' of 'A' must be a JSON object"), ({"s": {"max": True}}, "'max'")],
 )
 def test_flavor_tables_are_checked(flavors: Any, reason: str) -> None:
-    from spawner.flavors import check_flavors
+    from jupyterhub_outpost_mq.spawner.flavors import check_flavors
 
     with pytest.raises(ValueError, match=reason):
         check_flavors("A", flavors)
 
 
 def test_connect_at_hub_start_does_nothing_outside_a_hub() -> None:
-    from spawner import connect_at_hub_start
+    from jupyterhub_outpost_mq.spawner import connect_at_hub_start
 
     assert connect_at_hub_start() is False

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from bridge.errors import TransientError, TransientTunnelError, TunnelSpecError
-from bridge.ssh_options import ACCEPTED, HONOURED, REJECTED, parse_address, settings_for
-from bridge.tunnel_store import StoredTunnel, TunnelStore
-from schemas import ServiceSpec, SshEndpoint, TunnelSpec
+from jupyterhub_outpost_mq.bridge.errors import TransientError, TransientTunnelError, TunnelSpecError
+from jupyterhub_outpost_mq.bridge.ssh_options import ACCEPTED, HONOURED, REJECTED, parse_address, settings_for
+from jupyterhub_outpost_mq.bridge.tunnel_store import StoredTunnel, TunnelStore
+from jupyterhub_outpost_mq.schemas import ServiceSpec, SshEndpoint, TunnelSpec
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "tunnels.md"
 

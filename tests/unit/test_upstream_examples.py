@@ -12,9 +12,9 @@ from typing import Any
 
 from traitlets.config import Config
 
-from spawner import OutpostSpawner
-from spawner.plan import plan_start, plan_stop
-from spawner.tunnel_plan import remote_forward_spec, tunnel_spec
+from jupyterhub_outpost_mq.spawner import OutpostSpawner
+from jupyterhub_outpost_mq.spawner.plan import plan_start, plan_stop
+from jupyterhub_outpost_mq.spawner.tunnel_plan import remote_forward_spec, tunnel_spec
 
 
 def upstream_examples() -> Config:

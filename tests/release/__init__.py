@@ -1,0 +1,1 @@
+"""The release check: build, inspect and install the distribution as a new user would."""
