@@ -27,6 +27,8 @@ from jupyterhub_outpost_mq.bridge.consumer import CommandConsumer
 from jupyterhub_outpost_mq.bridge.errors import ConfigurationError
 from jupyterhub_outpost_mq.bridge.journal import StartJournal
 from jupyterhub_outpost_mq.bridge.k8s_services import SERVICE_ACCOUNT_DIR, ServiceManager
+from jupyterhub_outpost_mq.bridge.keys import KeyTraits
+from jupyterhub_outpost_mq.bridge.outpost_access import OutpostAccessTraits
 from jupyterhub_outpost_mq.bridge.pipeline import Pipeline
 from jupyterhub_outpost_mq.bridge.reachability import Reachability
 from jupyterhub_outpost_mq.bridge.remote_forward import RemoteForwardRunner
@@ -40,7 +42,7 @@ from jupyterhub_outpost_mq.schemas import Topology
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
-class OutpostBridge(Application, ResilienceTraits):
+class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTraits):
     """Consumes JupyterHub commands from RabbitMQ and carries them out at Outposts."""
 
     name = "outpost-bridge"
@@ -106,10 +108,12 @@ class OutpostBridge(Application, ResilienceTraits):
 
     # -- tunnels (SSH forwards) ------------------------------------------------------------
     tunnel_bind_host = Unicode(
-        "0.0.0.0",
-        help="""Address the bridge's forwards listen on (``ssh -L bind_address``). ``0.0.0.0``:
-        every interface (needed when the hub or a Service reaches the bridge over the network);
-        ``127.0.0.1`` when hub and bridge share a host. Example: ``c.OutpostBridge.tunnel_bind_host = "10.0.0.5"``.""",
+        "127.0.0.1",
+        help="""Address the bridge's forwards listen on (``ssh -L bind_address``). The default,
+        ``127.0.0.1``, serves a hub on the same host only; ``0.0.0.0`` listens on every
+        interface, which the hub or a Kubernetes Service needs when it reaches the bridge over
+        the network (the Kubernetes manifest in ``deploy/kubernetes`` sets it for its
+        Services). Example: ``c.OutpostBridge.tunnel_bind_host = "10.0.0.5"``.""",
     ).tag(config=True)
     tunnel_public_host = Unicode(
         "127.0.0.1",
@@ -206,6 +210,8 @@ class OutpostBridge(Application, ResilienceTraits):
         "heartbeat": "OutpostBridge.heartbeat",
         "prefetch": "OutpostBridge.prefetch",
         "hub-id": "OutpostBridge.hub_ids",
+        "allowed-outpost": "OutpostBridge.allowed_outposts",
+        "key-file": "OutpostBridge.key_files",
         "log-level": "Application.log_level",
     }
     flags = {
@@ -224,6 +230,8 @@ class OutpostBridge(Application, ResilienceTraits):
         if self.config_file and os.path.exists(self.config_file):
             self.load_config_file(self.config_file)
         self._check_tunnel_config()
+        self._keyring = self.keyring()
+        self._outpost_access, self._ssh_access = self.outpost_access(self.log), self.ssh_access(self.log)
 
     def write_default_config(self) -> None:
         path = self.config_file
@@ -264,6 +272,7 @@ class OutpostBridge(Application, ResilienceTraits):
         tunnels = TunnelManager(
             pool,
             store,
+            access=self._ssh_access,
             bind_host=self.tunnel_bind_host,
             backlog=self.tunnel_listen_backlog,
             keepalive_interval=self.ssh_keepalive_interval,
@@ -282,11 +291,14 @@ class OutpostBridge(Application, ResilienceTraits):
             if self.k8s_enabled
             else None
         )
-        resilience = Resilience(self, journal_path=self.journal_path, limit_per_host=self.http_limit_per_host)
+        resilience = Resilience(
+            self, journal_path=self.journal_path, limit_per_host=self.http_limit_per_host, access=self._outpost_access
+        )
         client = resilience.client  # an OutpostClient behind per-Outpost circuits
         broker = BridgeBroker(
             self.amqp_url,
             Topology(self.name_prefix),
+            self._keyring,
             heartbeat=self.heartbeat,
             prefetch=self.prefetch,
         )
@@ -305,7 +317,13 @@ class OutpostBridge(Application, ResilienceTraits):
             reach = Reachability(tunnels, remote, services, public_host=self.tunnel_public_host)
             pipeline = Pipeline(client, journal, backoff=backoff, reach=reach, deferred_stops=resilience.deferred_stops)
             consumer = CommandConsumer(
-                broker, pipeline, hub_ids=frozenset(self.hub_ids), reach=reach, outcomes=resilience.outcomes
+                broker,
+                pipeline,
+                keyring=self._keyring,
+                hub_broker_users=frozenset(self.hub_broker_users),
+                hub_ids=frozenset(self.hub_ids),
+                reach=reach,
+                outcomes=resilience.outcomes,
             )
             await broker.consume_control(consumer.on_control)
             await broker.follow_registry(consumer.on_registry)

@@ -3,12 +3,15 @@
 One robust connection (aio-pika reconnects and re-declares what it declared, then resumes
 consumers). Publishing always waits for the broker's confirm and is retried across a
 reconnect (for up to ``PUBLISH_RETRY_SECONDS``) with the same message id, so a result is
-either durable or the command stays unacked and comes back.
+either durable or the command stays unacked and comes back. Results and events are signed
+with the bridges' key (:mod:`~jupyterhub_outpost_mq.schemas.trust`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 import uuid
@@ -24,20 +27,25 @@ from aio_pika.abc import (
 )
 
 from jupyterhub_outpost_mq.bridge.liveness import declare_dead_after, with_reconnect_interval
-from jupyterhub_outpost_mq.schemas import Envelope, Topology, encode
-from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER, with_heartbeat
+from jupyterhub_outpost_mq.schemas import Envelope, Keyring, Topology, encode_wire, peek, redacted
+from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER, broker_user, with_heartbeat
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
 OnMessage = Callable[[AbstractIncomingMessage], Awaitable[None]]
 PUBLISH_RETRY_SECONDS = 30.0
+DEAD_LETTER_MAX_BYTES = 64 * 1024
 
 
 class BridgeBroker:
     """Owns the connection, the publish channel and one channel per consumed queue."""
 
-    def __init__(self, url: str, topology: Topology, *, heartbeat: int = 15, prefetch: int = 50) -> None:
+    def __init__(
+        self, url: str, topology: Topology, keyring: Keyring, *, heartbeat: int = 15, prefetch: int = 50
+    ) -> None:
         self._url = with_reconnect_interval(with_heartbeat(url, heartbeat))
+        self.keyring = keyring
+        self._user_id = broker_user(url)  # set on every message: RabbitMQ vouches for it
         declare_dead_after(heartbeat)  # a silent link is noticed within ~2 heartbeats
         self.topology = topology
         self._prefetch = prefetch
@@ -121,19 +129,24 @@ class BridgeBroker:
     async def publish_reply(self, message: Envelope) -> None:
         """Publish a result or event to its hub's queue and wait for the broker's confirm."""
         assert self._replies is not None
-        await self._publish(self._replies, encode(message), message.hub, message.id, message.type)
+        await self._publish(self._replies, encode_wire(message, self.keyring), message.hub, message.id, message.type)
 
     async def dead_letter(self, incoming: AbstractIncomingMessage, reason: str) -> None:
-        """Move a poison message to the dead-letter queue with the reason in a header."""
+        """Put a redacted account of a poison message into the dead-letter queue, with the
+        reason in a header: never the message itself, which may carry secrets in clear."""
         assert self._dead is not None
-        headers = dict(incoming.headers or {})
+        headers: dict[str, Any] = {
+            k: v for k, v in (incoming.headers or {}).items() if isinstance(v, str | int | float | bool)
+        }
         headers[DEAD_LETTER_REASON_HEADER] = reason[:1000]
-        headers["x-outpost-mq-source-queue"] = incoming.routing_key or ""
+        headers["x-outpost-mq-source-queue"] = incoming.routing_key or incoming.exchange or ""
         message = aio_pika.Message(
-            body=incoming.body,
+            body=dead_letter_body(incoming.body),
+            content_type="application/json",
             headers=headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=incoming.message_id,
+            user_id=self._user_id,
         )
         await self._dead.publish(message, routing_key="dead", timeout=30)
 
@@ -151,6 +164,7 @@ class BridgeBroker:
             message_id=message_id,
             content_type="application/msgpack",
             type=kind,
+            user_id=self._user_id,
         )
         # A broker restart takes several seconds: keep retrying for PUBLISH_RETRY_SECONDS.
         end = time.monotonic() + PUBLISH_RETRY_SECONDS
@@ -179,3 +193,23 @@ class BridgeBroker:
                     raise
                 log.warning("publish of %s failed (%s); retrying after reconnect", message_id, exc)
                 await asyncio.sleep(min(attempt * 0.5, 2.0))
+
+
+def dead_letter_body(raw: bytes) -> bytes:
+    """What a dead letter keeps of a message: its size and digest, and where it decodes at
+    all, the redacted envelope (secret fields hidden, the signer's key id named)."""
+    account: dict[str, object] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    if len(raw) <= 1024 * 1024:
+        try:
+            envelope, signer = peek(raw)
+        except Exception:
+            pass
+        else:
+            account["signed_by"] = signer
+            account["envelope"] = redacted(envelope)
+    text = json.dumps(account, default=str)
+    if len(text) > DEAD_LETTER_MAX_BYTES:  # a huge but valid message: keep the account small
+        account.pop("envelope", None)
+        account["envelope_omitted"] = "larger than the dead-letter limit"
+        text = json.dumps(account, default=str)
+    return text.encode()

@@ -8,7 +8,9 @@ failure re-opens it. The breaker never fails a command early: a waiting call giv
 when its own time (the command's deadline) is spent, and then raises
 :class:`~jupyterhub_outpost_mq.bridge.errors.CircuitOpenError` (a transient error, so the retry loop ends with
 its usual "unreachable until the deadline" answer). While a command waits, the user sees a
-rate-limited "Outpost unreachable, retrying" progress event (see :data:`wait_notices`).
+rate-limited "Outpost unreachable, retrying" progress event (see :data:`wait_notices`; a fixed
+text: the last error's detail stays in the bridge log). A URL the bridge does not allow never
+reaches a circuit: :class:`~jupyterhub_outpost_mq.bridge.outpost.OutpostClient` refuses it first.
 
 Why a breaker on top of retries with backoff: 50 starts to a dead Outpost would otherwise
 be 50 independent retry loops, each opening connections; with the breaker one probe at a
@@ -127,7 +129,7 @@ class CircuitBreaker:
                 next_notice = now + self._notice_interval
                 notice = wait_notices.get()
                 if notice is not None:
-                    await notice(f"Outpost unreachable, retrying: {circuit.last_error}")
+                    await notice("Outpost unreachable, retrying.")
             if circuit.probe_since is None:
                 wake = circuit.open_until
             else:
@@ -178,13 +180,17 @@ class CircuitBreaker:
 
 
 class GuardedOutpostClient(OutpostClient):
-    """An :class:`OutpostClient` whose calls pass the Outpost's circuit first and report to it."""
+    """An :class:`OutpostClient` whose calls (once the allow-list let them through) pass the
+    Outpost's circuit first and report to it."""
 
     def __init__(self, breaker: CircuitBreaker, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.breaker = breaker
 
     async def call(self, method: str, url: str, *, time_left: float, **kwargs: Any) -> tuple[int, Any]:
+        # A refused URL never waits for, probes or counts against a circuit: the refusal
+        # says nothing about the Outpost.
+        self.access.check(url, kwargs.get("options"))
         origin = url_origin(url)
         began = time.monotonic()
         await self.breaker.admit(origin, time_left)

@@ -5,13 +5,22 @@ This module is the only place that acks a command. Commands for one server (one
 concurrently. A stop that arrives while a start for the same server is still being carried
 out cancels that start (which then reports ``cancelled``) before the stop runs. A flavors
 fetch is about no server and runs at once.
+
+Nothing acts unless it verifies (``decode_wire``: signed by a key listed for its hub). An
+envelope id seen before with other content is refused (one message id, one message), so a
+signed command cannot be re-used as another. Whatever goes wrong while carrying a command out
+ends in a failed result for the hub, and a message that cannot even be read ends in the
+dead-letter queue: no delivery stays unacked because of its content.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
+import uuid
+from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +39,7 @@ from jupyterhub_outpost_mq.schemas import (
     ErrorInfo,
     FlavorsCommand,
     HubRoster,
+    Keyring,
     OutpostAnnouncement,
     PollCommand,
     ProgressEvent,
@@ -37,7 +47,8 @@ from jupyterhub_outpost_mq.schemas import (
     StartCommand,
     StopCommand,
     TunnelCommand,
-    decode,
+    decode_wire,
+    encode,
 )
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
@@ -58,6 +69,31 @@ def check_command(envelope: Envelope, hub_ids: frozenset[str] = frozenset()) -> 
         raise DecodeError("invalid", f"hub id {envelope.hub!r} is not served by this bridge")
 
 
+SEEN_IDS = 200_000
+"""Message ids remembered to refuse re-use (about 20 MiB); older ones are past their deadline."""
+
+
+class SeenIds:
+    """Message id -> digest of its content, for the last ``limit`` messages: the same id with
+    the same content is a redelivery or a re-publish (carried out again, idempotently); with
+    other content it is a forgery re-using a real command's id."""
+
+    def __init__(self, limit: int = SEEN_IDS) -> None:
+        self._limit = limit
+        self._digests: OrderedDict[str, bytes] = OrderedDict()
+
+    def check(self, message_id: str, content: bytes) -> bool:
+        """Remember the id; False when it was seen with other content."""
+        digest = hashlib.blake2b(content, digest_size=16).digest()
+        known = self._digests.get(message_id)
+        if known is not None:
+            return known == digest
+        self._digests[message_id] = digest
+        if len(self._digests) > self._limit:
+            self._digests.popitem(last=False)
+        return True
+
+
 @dataclass
 class _Slot:
     tail: asyncio.Task[None] | None = None
@@ -73,11 +109,16 @@ class CommandConsumer:
         broker: BridgeBroker,
         pipeline: Pipeline,
         *,
+        keyring: Keyring,
+        hub_broker_users: frozenset[str] = frozenset(),
         hub_ids: frozenset[str] = frozenset(),
         reach: Reachability | None = None,
         outcomes: Outcomes | None = None,
     ) -> None:
         self._broker = broker
+        self._keyring = keyring
+        self._hub_broker_users = hub_broker_users
+        self._seen = SeenIds()
         self._reach = reach
         self._outcomes = outcomes or Outcomes()
         self._pipeline = pipeline
@@ -95,11 +136,17 @@ class CommandConsumer:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    def _verified(self, message: AbstractIncomingMessage) -> Envelope:
+        """The verified envelope of a hub's message, or ``DecodeError``."""
+        if self._hub_broker_users and message.user_id not in self._hub_broker_users:
+            raise DecodeError("forged", f"published by broker user {message.user_id!r}, not a hub's")
+        return decode_wire(message.body, self._keyring)
+
     # -- registry ------------------------------------------------------------------------
 
     async def on_registry(self, message: AbstractIncomingMessage) -> None:
         try:
-            envelope = decode(message.body)
+            envelope = self._verified(message)
             if not isinstance(envelope.body, OutpostAnnouncement):
                 raise DecodeError("invalid", f"registry holds a {envelope.type!r} message")
         except DecodeError as exc:
@@ -124,7 +171,7 @@ class CommandConsumer:
         """A broadcast: a hub's roster (kept), or a command (rebuild the SSH connection(s) to
         a node, answer); then ack."""
         try:
-            envelope = decode(message.body)
+            envelope = self._verified(message)
             if not isinstance(envelope.body, (RecreateForwardCommand, HubRoster)):
                 raise DecodeError("invalid", f"a {envelope.type!r} message is not a control message")
             if self._hub_ids and envelope.hub not in self._hub_ids:
@@ -133,6 +180,7 @@ class CommandConsumer:
             log.warning("dead-lettering control message %s: %s", message.message_id, exc)
             await self._broker.dead_letter(message, str(exc))
             await message.ack()
+            self._outcomes.dead_lettered(str(exc))
             return
         if isinstance(envelope.body, HubRoster):
             self._outcomes.roster(envelope.hub, envelope.body)
@@ -146,9 +194,12 @@ class CommandConsumer:
                 count = await self._reach.recreate(host)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a failure is data for the hub, never a consumer crash
-                log.exception("recreate_forward %s failed", host)
-                error = ErrorInfo(kind="unreachable", summary=f"Tunnel: recreating forwards via {host}: {exc}")
+            except Exception:  # a failure is data for the hub, never a consumer crash
+                error_id = uuid.uuid4().hex[:8]
+                log.exception("recreate_forward %s failed (error %s)", host, error_id)
+                error = ErrorInfo(
+                    kind="unreachable", summary=f"Tunnel: recreating forwards via {host} failed (error {error_id})"
+                )
                 result = CommandResult(command="recreate_forward", ok=False, error=error)
             else:
                 log.info("recreate_forward: reconnected to %s (%d forwards) %s", host, count, envelope.describe())
@@ -163,8 +214,12 @@ class CommandConsumer:
     async def on_command(self, message: AbstractIncomingMessage) -> None:
         """Delivery callback: validate quickly, then hand the work to the server's slot."""
         try:
-            envelope = decode(message.body)
+            envelope = self._verified(message)
             check_command(envelope, self._hub_ids)
+            # The opened content, not the frame: a hub re-publishing a command (after a broker
+            # hiccup) seals it afresh, so the same command arrives with other bytes.
+            if not self._seen.check(envelope.id, encode(envelope)):
+                raise DecodeError("forged", f"message id {envelope.id} was already used by another message")
         except DecodeError as exc:
             log.warning("dead-lettering message %s: %s", message.message_id, exc)
             await self._broker.dead_letter(message, str(exc))
@@ -209,16 +264,26 @@ class CommandConsumer:
         if previous is not None:
             await asyncio.wait({previous})  # order per server; its outcome is its own business
         try:
-            answer = await self._carry_out(envelope, message, cancel)
+            try:
+                answer = await self._carry_out(envelope, message, cancel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug or an input nobody foresaw: the hub gets a failed result (with an id
+                # that finds the traceback here), never a delivery that stays unacked.
+                error_id = uuid.uuid4().hex[:8]
+                log.exception("command failed unexpectedly (error %s) %s", error_id, envelope.describe())
+                answer = reply(envelope, internal_failure(envelope, error_id))
             self._outcomes.answered(envelope, answer)
             await self._broker.publish_reply(answer)
             await message.ack()
         except asyncio.CancelledError:
             raise
         except Exception:
-            # Not acked: the broker redelivers it (to us after a reconnect, or to the next
-            # bridge); the journal keeps the effect from happening twice.
-            log.exception("command failed before its result was published %s", envelope.describe())
+            # The result could not be published (the broker is going away): not acked, so the
+            # broker redelivers it (to us after a reconnect, or to the next bridge); the
+            # journal keeps the effect from happening twice.
+            log.exception("result not published; the command stays unacked %s", envelope.describe())
         finally:
             if cancel is not None and envelope.server is not None:
                 slot = self._slots.get(envelope.server.slot)
@@ -276,3 +341,13 @@ class CommandConsumer:
         if pending:
             await asyncio.wait(pending)
         return len(pending)
+
+
+def internal_failure(envelope: Envelope, error_id: str) -> CommandResult:
+    """The failed result for a command the bridge could not carry out because of itself."""
+    command = envelope.type
+    return CommandResult(
+        command=command,  # type: ignore[arg-type]  # check_command admits only commands
+        ok=False,
+        error=ErrorInfo(kind="internal", summary=f"The bridge failed to carry out the {command} (error {error_id})."),
+    )

@@ -5,10 +5,18 @@ A start runs: remote forward (if asked) -> Outpost POST -> forward/Service
 stop removes forward, Service and remote forward, then DELETEs at the Outpost. A tunnel
 command leads a server's (reserved) port to the address the single-user server reported.
 
-Reads top to bottom per command type. Transient failures are retried until the command's
-deadline (:mod:`jupyterhub_outpost_mq.bridge.retry`); final answers (4xx, 419) are reported at once. Progress
-events go out through ``emit`` while the work runs. The caller (``consumer``) publishes the
-returned reply and acks; nothing here touches the broker.
+Reads top to bottom per command type. A command whose Outpost URL the bridge does not allow
+(:mod:`jupyterhub_outpost_mq.bridge.outpost_access`) is answered with a final failure before
+anything else happens. Transient failures are retried until the command's deadline
+(:mod:`jupyterhub_outpost_mq.bridge.retry`); final answers (4xx, 419) are reported at once.
+Progress events go out through ``emit`` while the work runs. The caller (``consumer``)
+publishes the returned reply and acks; nothing here touches the broker.
+
+What a failure tells the hub (and so the user) is a short fixed reason (``exc.public``, see
+:mod:`jupyterhub_outpost_mq.bridge.errors`) plus an error id; the detail (exception and
+parser texts, a remote command's stderr, file paths) goes to the bridge log under the same
+id. An Outpost's 4xx answer shows at most a short message from its JSON, a 419 its bounded
+summary and traceback (upstream's contract).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import asyncio
 import html
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
@@ -25,14 +34,16 @@ import msgspec
 
 from jupyterhub_outpost_mq.bridge.deferred_stops import DeferredStops
 from jupyterhub_outpost_mq.bridge.errors import (
+    BridgeError,
     OutpostAnswerError,
     ServiceApiError,
+    TargetNotAllowed,
     TransientError,
     TunnelError,
     TunnelSpecError,
 )
 from jupyterhub_outpost_mq.bridge.journal import StartJournal
-from jupyterhub_outpost_mq.bridge.outpost import OutpostClient, summarize_419
+from jupyterhub_outpost_mq.bridge.outpost import OutpostClient, answer_message, summarize_419
 from jupyterhub_outpost_mq.bridge.reachability import Reachability
 from jupyterhub_outpost_mq.bridge.retry import Backoff, DeadlinePassed, retry_until
 from jupyterhub_outpost_mq.schemas import (
@@ -40,6 +51,7 @@ from jupyterhub_outpost_mq.schemas import (
     Envelope,
     ErrorInfo,
     FlavorsCommand,
+    OutpostTarget,
     PollCommand,
     ProgressEvent,
     StartCommand,
@@ -70,23 +82,40 @@ def reply(command: Envelope, body: CommandResult | ProgressEvent) -> Envelope:
     )
 
 
-def _tunnel_error(command: str, exc: BaseException) -> CommandResult:
-    """A failed forward/Service/remote-forward step as data (never retried by the hub)."""
-    if isinstance(exc, DeadlinePassed):
-        error = ErrorInfo(
-            kind="unreachable",
-            summary=f"Tunnel: unreachable until the deadline ({exc.attempts} attempts): {exc.last}",
-            retryable=True,
-        )
-    elif isinstance(exc, TransientError):
-        error = ErrorInfo(kind="unreachable", summary=f"Tunnel: {exc}", retryable=True)
-    elif isinstance(exc, TunnelSpecError):
-        error = ErrorInfo(kind="invalid", summary=f"Tunnel: {exc}")
-    elif isinstance(exc, ServiceApiError):
-        error = ErrorInfo(kind="rejected", summary=f"Tunnel: {exc}", http_status=exc.status)
+def public(exc: BaseException) -> str:
+    """The short reason for ``exc`` that may reach a user (never an exception's own text)."""
+    return exc.public if isinstance(exc, BridgeError) else "internal bridge error"
+
+
+def _logged(command: Envelope, what: str, exc: BaseException) -> str:
+    """Log ``exc`` in full under a new error id; the id (never the text) goes to the hub."""
+    error_id = uuid.uuid4().hex[:8]
+    if isinstance(exc, (BridgeError, DeadlinePassed)):
+        log.warning("%s failed [error id %s]: %s %s", what, error_id, exc, command.describe())
     else:
-        error = ErrorInfo(kind="rejected", summary=f"Tunnel: {exc}")
-    return CommandResult(command=command, ok=False, error=error)  # type: ignore[arg-type]
+        log.error("%s failed [error id %s] %s", what, error_id, command.describe(), exc_info=exc)
+    return error_id
+
+
+def _tunnel_error(command: Envelope, name: str, exc: BaseException) -> CommandResult:
+    """A failed forward/Service/remote-forward step as data (never retried by the hub)."""
+    error_id = _logged(command, f"{name}: tunnel", exc)
+    summary = f"Tunnel: {public(exc)} (error id {error_id})"
+    if isinstance(exc, DeadlinePassed):
+        summary = (
+            f"Tunnel: unreachable until the deadline ({exc.attempts} attempts; last: {public(exc.last)})"
+            f" (error id {error_id})"
+        )
+        error = ErrorInfo(kind="unreachable", summary=summary, retryable=True)
+    elif isinstance(exc, TransientError):
+        error = ErrorInfo(kind="unreachable", summary=summary, retryable=True)
+    elif isinstance(exc, TunnelSpecError):
+        error = ErrorInfo(kind="invalid", summary=summary)
+    elif isinstance(exc, ServiceApiError):
+        error = ErrorInfo(kind="rejected", summary=summary, http_status=exc.status)
+    else:
+        error = ErrorInfo(kind="rejected", summary=summary)
+    return CommandResult(command=name, ok=False, error=error)  # type: ignore[arg-type]
 
 
 TUNNEL_FAILURES = (TunnelError, ServiceApiError, DeadlinePassed, TransientError)
@@ -97,25 +126,41 @@ def forward_key(command: Envelope, name: str) -> str:
     return f"{command.hub}/{name}"
 
 
-def _error_result(command: str, exc: BaseException) -> CommandResult:
-    if isinstance(exc, DeadlinePassed):
-        error = ErrorInfo(
-            kind="unreachable",
-            summary=f"Outpost unreachable until the deadline ({exc.attempts} attempts): {exc.last}",
-            retryable=True,
-            http_status=getattr(exc.last, "status", None),
-        )
-    elif isinstance(exc, OutpostAnswerError) and exc.status == 419:
+def refused(name: str, exc: TargetNotAllowed) -> CommandResult:
+    """The final answer for a command whose Outpost URL (or options) the bridge refuses."""
+    error = ErrorInfo(kind="invalid", summary=f"Bridge: {exc.public}")
+    return CommandResult(command=name, ok=False, error=error)  # type: ignore[arg-type]
+
+
+def _error_result(command: Envelope, name: str, exc: BaseException) -> CommandResult:
+    if isinstance(exc, TargetNotAllowed):
+        log.warning("%s refused: %s %s", name, exc.public, command.describe())
+        return refused(name, exc)
+    if isinstance(exc, OutpostAnswerError) and exc.status == 419:
         summary, details = summarize_419(exc.body)
         error = ErrorInfo(kind="outpost_error", summary=summary, details=details, http_status=419)
     elif isinstance(exc, OutpostAnswerError) and exc.status == 404:
-        error = ErrorInfo(kind="not_found", summary=str(exc), http_status=404)
+        error = ErrorInfo(kind="not_found", summary="the Outpost does not know this server (HTTP 404)", http_status=404)
+    elif isinstance(exc, DeadlinePassed):
+        error_id = _logged(command, name, exc)
+        error = ErrorInfo(
+            kind="unreachable",
+            summary=f"Outpost unreachable until the deadline ({exc.attempts} attempts; last: {public(exc.last)})"
+            f" (error id {error_id})",
+            retryable=True,
+            http_status=getattr(exc.last, "status", None),
+        )
     elif isinstance(exc, OutpostAnswerError):
-        detail = exc.body if isinstance(exc.body, str) else repr(exc.body)
-        error = ErrorInfo(kind="rejected", summary=str(exc), details=detail[:4096], http_status=exc.status or None)
+        error_id = _logged(command, name, exc)
+        error = ErrorInfo(
+            kind="rejected",
+            summary=f"{public(exc)} (error id {error_id})",
+            details=answer_message(exc.body),
+            http_status=exc.status or None,
+        )
     else:  # pragma: no cover - programming errors surface as data, not as a crash loop
-        error = ErrorInfo(kind="invalid", summary=f"{type(exc).__name__}: {exc}")
-    return CommandResult(command=command, ok=False, error=error)  # type: ignore[arg-type]
+        error = ErrorInfo(kind="invalid", summary=f"internal bridge error (error id {_logged(command, name, exc)})")
+    return CommandResult(command=name, ok=False, error=error)  # type: ignore[arg-type]
 
 
 class Pipeline:
@@ -141,6 +186,12 @@ class Pipeline:
     async def run(self, command: Envelope, *, redelivered: bool, emit: Emit) -> Envelope:
         """Carry out one command; return the reply to publish."""
         body = command.body
+        try:
+            self._check_target(command)
+        except TargetNotAllowed as exc:
+            # Before the journal, a tunnel, an event or a request: nothing happens for it.
+            log.warning("refused %s: %s %s", command.type, exc.public, command.describe())
+            return reply(command, refused(command.type, exc))
         if isinstance(body, StartCommand):
             return await self._start(command, body, redelivered=redelivered, emit=emit)
         if isinstance(body, PollCommand):
@@ -152,6 +203,24 @@ class Pipeline:
         if isinstance(body, FlavorsCommand):
             return reply(command, await self._flavors(command, body))
         raise TypeError(f"not a command: {command.type}")
+
+    def _check_target(self, command: Envelope) -> None:
+        """Raise :class:`TargetNotAllowed` unless every URL the command leads to is allowed."""
+        body = command.body
+        access = self._client.access
+        if isinstance(body, FlavorsCommand):
+            access.check(body.target.url, body.target.http)
+        elif isinstance(body, (StartCommand, PollCommand, StopCommand)):
+            access.check(body.target.url, body.target.http)
+            access.check(self._server_url(command, body.target, body.name), body.target.http)
+            if isinstance(body, StartCommand) and body.http is not None:
+                access.check(body.target.url, body.http)
+
+    @staticmethod
+    def _server_url(command: Envelope, target: OutpostTarget, name: str) -> str:
+        """``{url}/{name}/{start_id}``: where polls and stops of one server go."""
+        start_id = command.server.start_id if command.server is not None else ""
+        return f"{target.url}/{quote(name, safe='')}/{quote(start_id or '0', safe='')}"
 
     # -- start ---------------------------------------------------------------------------
 
@@ -170,7 +239,7 @@ class Pipeline:
             try:
                 exists = await self._exists(command, start)
             except (DeadlinePassed, OutpostAnswerError) as exc:
-                return self._finish(key, command, _error_result("start", exc))
+                return self._finish(key, command, _error_result(command, "start", exc))
             if exists:
                 return self._finish(key, command, await self._found_started(command, start))
 
@@ -178,12 +247,12 @@ class Pipeline:
             # Bad SSH options fail before anything is started anywhere.
             self._reachability_check(start)
         except TunnelSpecError as exc:
-            return self._finish(key, command, _tunnel_error("start", exc))
+            return self._finish(key, command, _tunnel_error(command, "start", exc))
         if start.remote_forward is not None:
             try:
                 await self._reachability().remote_start(start.remote_forward, command.deadline)
             except TUNNEL_FAILURES as exc:
-                return self._finish(key, command, _tunnel_error("start", exc))
+                return self._finish(key, command, _tunnel_error(command, "start", exc))
 
         self._journal.begin(*key)
         await emit(
@@ -200,7 +269,7 @@ class Pipeline:
                 ProgressEvent(
                     source="bridge",
                     message=f"Outpost unreachable, retrying in {wait:.0f} s (attempt {attempt}).",
-                    html_message=html.escape(f"Outpost unreachable, retrying: {exc}"),
+                    html_message=html.escape(f"Outpost unreachable, retrying: {public(exc)}"),
                 )
             )
 
@@ -241,7 +310,7 @@ class Pipeline:
             )
         except (DeadlinePassed, OutpostAnswerError) as exc:
             await self._undo_start(command, start)
-            return self._finish(key, command, _error_result("start", exc))
+            return self._finish(key, command, _error_result(command, "start", exc))
         if answer is _REACHED:
             log.warning("start reached the Outpost but its answer was lost %s", command.describe())
             found = await self._found_started(command, start)
@@ -264,9 +333,8 @@ class Pipeline:
                     forward_key(command, start.name), start.tunnel, service, command.deadline
                 )
             except TUNNEL_FAILURES as exc:
-                log.warning("start: making the server reachable failed (%s) %s", exc, command.describe())
                 await self._undo_start(command, start)
-                return self._finish(key, command, _tunnel_error("start", exc))
+                return self._finish(key, command, _tunnel_error(command, "start", exc))
             if address:
                 await emit(ProgressEvent(source="bridge", progress=35, message=f"Bridge: forward ready at {address}."))
         return self._finish(key, command, CommandResult(command="start", ok=True, service=service, address=address))
@@ -283,7 +351,7 @@ class Pipeline:
             )
         except TUNNEL_FAILURES as exc:
             await self._undo_start(command, start)
-            return _tunnel_error("start", exc)
+            return _tunnel_error(command, "start", exc)
         return msgspec.structs.replace(found, address=address)
 
     def _reachability_check(self, start: StartCommand) -> None:
@@ -296,7 +364,8 @@ class Pipeline:
 
     def _reachability(self) -> Reachability:
         if self._reach is None:
-            raise TunnelSpecError("this bridge was started without tunnel support")
+            text = "this bridge was started without tunnel support"
+            raise TunnelSpecError(text, public=text)
         return self._reach
 
     async def _undo_start(self, command: Envelope, start: StartCommand) -> None:
@@ -316,12 +385,14 @@ class Pipeline:
         try:
             await self._reach.remove(forward_key(command, name), tunnel, deadline)
         except TUNNEL_FAILURES as exc:
-            problems.append(f"Bridge: could not remove the forward/Service: {exc}")
+            error_id = _logged(command, "removing the forward/Service", exc)
+            problems.append(f"Bridge: could not remove the forward/Service: {public(exc)} (error id {error_id})")
         if remote_forward is not None:
             try:
                 await self._reach.remote_stop(remote_forward, deadline)
             except TUNNEL_FAILURES as exc:
-                problems.append(f"Bridge: could not stop the remote forward: {exc}")
+                error_id = _logged(command, "stopping the remote forward", exc)
+                problems.append(f"Bridge: could not stop the remote forward: {public(exc)} (error id {error_id})")
         return problems
 
     async def _tunnel(self, command: Envelope, tunnel: TunnelCommand) -> CommandResult:
@@ -330,8 +401,7 @@ class Pipeline:
                 forward_key(command, tunnel.name), tunnel.tunnel, tunnel.service, command.deadline
             )
         except TUNNEL_FAILURES as exc:
-            log.warning("tunnel failed (%s) %s", exc, command.describe())
-            return _tunnel_error("tunnel", exc)
+            return _tunnel_error(command, "tunnel", exc)
         return CommandResult(command="tunnel", ok=True, service=tunnel.service, address=address)
 
     def _finish(self, key: tuple[str, str, str], command: Envelope, result: CommandResult) -> Envelope:
@@ -358,8 +428,7 @@ class Pipeline:
 
     async def _reached(self, command: Envelope, start: StartCommand, time_left: float) -> bool:
         """One GET: does the Outpost know this start? Transient failures propagate (retried)."""
-        assert command.server is not None
-        url = f"{start.target.url}/{quote(start.name, safe='')}/{quote(command.server.start_id or '0', safe='')}"
+        url = self._server_url(command, start.target, start.name)
         try:
             await self._client.call(
                 "GET", url, headers=dict(start.target.headers), options=start.target.http, time_left=time_left
@@ -386,7 +455,7 @@ class Pipeline:
         try:
             body = await self._call(command, "GET", poll.target, poll.name, poll.target.http, query)
         except (DeadlinePassed, OutpostAnswerError) as exc:
-            return _error_result("poll", exc)
+            return _error_result(command, "poll", exc)
         body = body if isinstance(body, dict) else {}
         status = body.get("status")
         logs = body.get("logs") or []
@@ -416,11 +485,11 @@ class Pipeline:
         except OutpostAnswerError as exc:
             if exc.status == 404:  # already gone: that is what a stop wants
                 return CommandResult(command="stop", ok=True)
-            return _error_result("stop", exc)
+            return _error_result(command, "stop", exc)
         except DeadlinePassed as exc:
             if self._deferred_stops is not None:
                 return self._deferred_stops.defer(command, str(exc.last))
-            return _error_result("stop", exc)
+            return _error_result(command, "stop", exc)
         logs = body.get("logs") if isinstance(body, dict) else None
         return CommandResult(command="stop", ok=True, logs=[str(x) for x in logs] if isinstance(logs, list) else [])
 
@@ -430,7 +499,7 @@ class Pipeline:
         try:
             body = await self._request(command, method, target.url, dict(target.headers), target.http, flavors.body)
         except (DeadlinePassed, OutpostAnswerError) as exc:
-            return _error_result("flavors", exc)
+            return _error_result(command, "flavors", exc)
         if not isinstance(body, dict):
             summary = f"the Outpost's flavors are not a JSON object: {type(body).__name__}"
             return CommandResult(command="flavors", ok=False, error=ErrorInfo(kind="rejected", summary=summary))
@@ -447,7 +516,7 @@ class Pipeline:
         extra_headers: dict[str, str] | None = None,
     ) -> Any:
         assert command.server is not None
-        url = f"{target.url}/{quote(name, safe='')}/{quote(command.server.start_id or '0', safe='')}{query}"
+        url = f"{self._server_url(command, target, name)}{query}"
         return await self._request(command, method, url, {**target.headers, **(extra_headers or {})}, options)
 
     async def _request(

@@ -54,7 +54,8 @@ class Reachability:
     async def setup_tunnel(self, key: str, tunnel: TunnelSpec, service: str, deadline: float) -> str:
         """Lead the server's forward (reserved or not) to ``service``."""
         if tunnel.ssh is None:
-            raise TunnelSpecError("the tunnel command has no SSH endpoint (ssh_node) to forward through")
+            text = "the tunnel command has no SSH endpoint (ssh_node) to forward through"
+            raise TunnelSpecError(text, public=text)
         forward = await self.tunnels.ensure(key, tunnel, service, timeout=deadline - self._clock())
         return await self._publish(tunnel.service, forward.port, deadline)
 

@@ -22,6 +22,11 @@ An orphan is stopped once it has been seen for ``grace`` seconds (an async stop,
 that raced a start, settles within that). With ``dry_run`` it is only logged and counted
 (``outpost_bridge_orphans_total{action="dry_run"}``), so an admin can watch the metric
 before letting the bridge act.
+
+Every list and stop goes through the client's allow-list: a ledger target the bridge may not
+call (a row from before ``allowed_outposts``, or from a forged command) is never requested
+and is forgotten by the ledger; a target whose credentials the Outpost refuses (401/403) is
+marked in the ledger and not listed again until a command through it succeeds.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 from jupyterhub_outpost_mq.bridge.circuit import CircuitBreaker
-from jupyterhub_outpost_mq.bridge.errors import OutpostAnswerError, TransientError
+from jupyterhub_outpost_mq.bridge.errors import OutpostAnswerError, TargetNotAllowed, TransientError
 from jupyterhub_outpost_mq.bridge.ledger import ServerLedger
 from jupyterhub_outpost_mq.bridge.metrics import BridgeMetrics
 from jupyterhub_outpost_mq.bridge.outpost import OutpostClient
+from jupyterhub_outpost_mq.bridge.outpost_access import redact_url
 from jupyterhub_outpost_mq.bridge.periodic import Periodic
 from jupyterhub_outpost_mq.bridge.rosters import Rosters
 from jupyterhub_outpost_mq.schemas import OutpostTarget, outpost_key
@@ -44,6 +50,7 @@ from jupyterhub_outpost_mq.schemas.topology import url_origin
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
 CALL_SECONDS = 20.0
+REFUSED_CREDENTIALS = frozenset({401, 403})
 OrphanKey = tuple[str, str, str]
 
 
@@ -188,16 +195,38 @@ class Reconciler:
         return True
 
     async def _list(self, target: OutpostTarget) -> list[dict[str, object]] | None:
+        if not self._ledger.admits(target):
+            self._drop(target, "not a target this bridge may call (userinfo, or outside allowed_outposts)")
+            return None
         if self._breaker is not None and not self._breaker.ready(url_origin(target.url)):
             return None
         try:
             _, body = await self._client.call(
                 "GET", f"{target.url}/", headers=dict(target.headers), options=target.http, time_left=CALL_SECONDS
             )
-        except (TransientError, OutpostAnswerError) as exc:
-            log.info("reconcile: cannot list services at %s: %s", target.url, exc)
+        except TargetNotAllowed as exc:  # refused before any request
+            self._drop(target, exc.public)
+            return None
+        except OutpostAnswerError as exc:
+            if exc.status in REFUSED_CREDENTIALS:
+                self._ledger.refuse(target, exc.status)
+                log.warning(
+                    "reconcile: the Outpost at %s refused the credentials (HTTP %d); not listing it again until"
+                    " a command through it succeeds",
+                    redact_url(target.url),
+                    exc.status,
+                )
+            else:
+                log.info("reconcile: cannot list services at %s: %s", redact_url(target.url), exc)
+            return None
+        except TransientError as exc:
+            log.info("reconcile: cannot list services at %s: %s", redact_url(target.url), exc)
             return None
         return [s for s in body if isinstance(s, dict)] if isinstance(body, list) else []
+
+    def _drop(self, target: OutpostTarget, reason: str) -> None:
+        self._ledger.forget(target)
+        log.warning("reconcile: dropped the Outpost target %s from the ledger: %s", redact_url(target.url), reason)
 
     def _count(self, action: str) -> None:
         if self._metrics is not None:

@@ -4,7 +4,7 @@ The remote side is prepared by the admin (a forced command, as upstream document
 bridge only runs the command and reads its exit status with upstream's meaning:
 
 - ``start`` exiting **217** means the remote forward runs; any other exit status is a final
-  failure naming the status and the command's stderr;
+  failure naming the status (the command's stderr goes to the bridge log, never to the user);
 - when ``start`` does not answer in time, ``status`` decides: 217 = running (the start
   worked), anything else = failed;
 - ``stop`` exiting 0 (or 217) is success.
@@ -59,10 +59,12 @@ class RemoteForwardRunner:
             log.warning("remote forward start on %s timed out; asking status", label)
             status, stderr = await self._run(spec, "status", deadline)
             if status != STARTED:
-                raise TunnelError(f"remote forward on {label}: start timed out and status exited {status}") from None
+                text = f"remote forward on {label}: start timed out and status exited {status}"
+                raise TunnelError(text, public=text) from None
             return
         if status != STARTED:
-            raise TunnelError(f"remote forward start on {label} exited {status} (217 means started): {stderr}")
+            text = f"remote forward start on {label} exited {status} (217 means started)"
+            raise TunnelError(f"{text}: {stderr}", public=text)
         log.info("remote forward on %s started", label)
 
     async def stop(self, spec: RemoteForwardSpec, deadline: float) -> None:
@@ -70,7 +72,8 @@ class RemoteForwardRunner:
         label = self._settings(spec.ssh).label
         status, stderr = await self._run(spec, "stop", deadline)
         if status not in (0, STARTED):
-            raise TunnelError(f"remote forward stop on {label} exited {status}: {stderr}")
+            text = f"remote forward stop on {label} exited {status}"
+            raise TunnelError(f"{text}: {stderr}", public=text)
         log.info("remote forward on %s stopped", label)
 
     async def _run(self, spec: RemoteForwardSpec, command: str, deadline: float) -> tuple[int | None, str]:
@@ -90,8 +93,14 @@ class RemoteForwardRunner:
         try:
             result = await asyncio.wait_for(conn.run(command, check=False), timeout)
         except asyncssh.ChannelOpenError as exc:
-            raise TransientTunnelError(f"{node.settings.label}: cannot run {command}: {exc.reason}") from None
+            raise TransientTunnelError(
+                f"{node.settings.label}: cannot run {command}: {exc.reason}",
+                public=f"{node.settings.label}: cannot run the remote-forward command {command}",
+            ) from None
         except asyncssh.ConnectionLost as exc:
-            raise TransientTunnelError(f"{node.settings.label}: connection lost running {command}: {exc}") from None
+            raise TransientTunnelError(
+                f"{node.settings.label}: connection lost running {command}: {exc}",
+                public=f"{node.settings.label}: connection lost running the remote-forward command {command}",
+            ) from None
         stderr = result.stderr if isinstance(result.stderr, str) else (result.stderr or b"").decode(errors="replace")
         return result.exit_status, stderr.strip()[-500:]

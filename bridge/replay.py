@@ -1,12 +1,14 @@
 """``outpost-mq-replay``: read a server's timeline from the replay stream and re-drive
 selected messages into a debug queue.
 
-The hub writes a secret-free copy of every command it publishes to the ``P.audit`` stream,
-and the stream is bound to the hub's replies, so results and progress events land there too
-(retention: 7 days or 1 GiB, whichever comes first). Re-driven messages go to
-``P.debug.<name>``, never to an Outpost queue: their secrets are redacted.
+The hub writes the signed copy of every command it publishes to the ``P.audit`` stream (its
+secrets sealed for the bridges), and the stream is bound to the hub's replies, so results and
+progress events land there too (retention: 7 days or 1 GiB, whichever comes first). Each line
+says whether the message is genuine: ``--trust`` names the public keys to check signatures
+with (the hubs' and the bridges'); without them a line names only the signing key's id.
+Re-driven messages go to ``P.debug.<name>``, never to an Outpost queue.
 
-    outpost-mq-replay --name-prefix outpost-mq --server alice/gpu
+    outpost-mq-replay --name-prefix outpost-mq --server alice/gpu --trust hub:... --trust bridge:...:...
     outpost-mq-replay --name-prefix outpost-mq --start-id 3f2a... --redrive <message id> --to incident-42
 """
 
@@ -22,7 +24,18 @@ from dataclasses import dataclass
 
 import aio_pika
 
-from jupyterhub_outpost_mq.schemas import CommandResult, DecodeError, Envelope, ProgressEvent, Topology, decode
+from jupyterhub_outpost_mq.schemas import (
+    CommandResult,
+    DecodeError,
+    Envelope,
+    KeyError_,
+    Keyring,
+    ProgressEvent,
+    PublicKey,
+    Topology,
+    decode_wire,
+    peek,
+)
 
 IDLE_SECONDS = 1.5  # a stream has no end: stop once nothing new arrived for this long
 
@@ -34,6 +47,7 @@ class Recorded:
     offset: int
     envelope: Envelope
     raw: bytes
+    trust: str = ""  # "verified", "FORGED (...)", "unverified key=<id>" or "unsigned"
 
 
 def matches(envelope: Envelope, server: str | None, start_id: str | None) -> bool:
@@ -43,8 +57,35 @@ def matches(envelope: Envelope, server: str | None, start_id: str | None) -> boo
     return start_id is None or (ref is not None and ref.start_id == start_id)
 
 
+def trust_of(raw: bytes, keyring: Keyring | None, signer: str) -> str:
+    """Whether a recorded message is genuine, as far as the given public keys can tell."""
+    if not signer:
+        return "unsigned"
+    if keyring is None:
+        return f"unverified key={signer[:8]}"
+    try:
+        decode_wire(raw, keyring, open_sealed=False)
+    except DecodeError as exc:
+        return f"FORGED ({exc})"
+    return "verified"
+
+
+def trusting(public_keys: Sequence[str]) -> Keyring | None:
+    """A keyring that only verifies: hub keys for any hub id, and bridge keys."""
+    if not public_keys:
+        return None
+    keys = [PublicKey.parse(text, hub="*") for text in public_keys]
+    return Keyring([], {key.id: key for key in keys})
+
+
 async def read_timeline(
-    url: str, prefix: str, *, server: str | None = None, start_id: str | None = None, idle: float = IDLE_SECONDS
+    url: str,
+    prefix: str,
+    *,
+    server: str | None = None,
+    start_id: str | None = None,
+    idle: float = IDLE_SECONDS,
+    keyring: Keyring | None = None,
 ) -> list[Recorded]:
     """Every recorded message (oldest first) about ``server`` ("user/name") and/or ``start_id``."""
     topology = Topology(prefix)
@@ -63,12 +104,13 @@ async def read_timeline(
             raw_offset = (message.headers or {}).get("x-stream-offset", -1)
             offset = raw_offset if isinstance(raw_offset, int) else -1
             try:
-                envelope = decode(message.body)
+                envelope, signer = peek(message.body)
             except DecodeError:
                 pass
             else:
                 if matches(envelope, server, start_id):
-                    found.append(Recorded(offset, envelope, message.body))
+                    trust = trust_of(message.body, keyring, signer)
+                    found.append(Recorded(offset, envelope, message.body, trust))
             await message.ack()
 
         tag = await queue.consume(on_message, arguments={"x-stream-offset": "first"})
@@ -102,7 +144,7 @@ def describe(recorded: Recorded) -> str:
     """One line per message: when, what, which server, and the outcome."""
     envelope = recorded.envelope
     when = datetime.datetime.fromtimestamp(envelope.created, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    line = f"{when} #{recorded.offset} {envelope.describe()} id={envelope.id}"
+    line = f"{when} #{recorded.offset} {envelope.describe()} id={envelope.id} [{recorded.trust}]"
     body = envelope.body
     if isinstance(body, CommandResult):
         outcome = "ok" if body.ok else f"failed ({body.error.kind}: {body.error.summary})" if body.error else "failed"
@@ -120,14 +162,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name-prefix", default="outpost-mq", help="OutpostSpawner.name_prefix (default outpost-mq)")
     parser.add_argument("--server", help='"user/servername" ("user/" for a default server)')
     parser.add_argument("--start-id", help="only this start attempt")
+    parser.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="PUBLIC_KEY",
+        help="a public key (hub:... or bridge:...:...) to verify signatures with; repeat for several",
+    )
     parser.add_argument("--redrive", nargs="*", default=[], metavar="MESSAGE_ID", help="message ids to re-drive")
     parser.add_argument("--to", default="replay", help="debug queue suffix for --redrive (default: replay)")
     args = parser.parse_args(argv)
     if args.server is None and args.start_id is None and not args.redrive:
         parser.error("name a --server or a --start-id (or message ids to --redrive)")
     try:
+        keyring = trusting(args.trust)
+    except KeyError_ as exc:
+        parser.error(f"--trust: {exc}")
+    try:
         timeline = asyncio.run(
-            read_timeline(args.amqp_url, args.name_prefix, server=args.server, start_id=args.start_id)
+            read_timeline(args.amqp_url, args.name_prefix, server=args.server, start_id=args.start_id, keyring=keyring)
         )
     except aio_pika.exceptions.ChannelNotFoundEntity:
         print(f"no replay stream {Topology(args.name_prefix).audit_stream}: is --name-prefix right?", file=sys.stderr)

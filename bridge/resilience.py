@@ -18,6 +18,7 @@ from jupyterhub_outpost_mq.bridge.deferred_stops import DeferredStops
 from jupyterhub_outpost_mq.bridge.ledger import ServerLedger
 from jupyterhub_outpost_mq.bridge.metrics import BridgeMetrics, MetricsServer
 from jupyterhub_outpost_mq.bridge.outcomes import Outcomes
+from jupyterhub_outpost_mq.bridge.outpost_access import OutpostAccess
 from jupyterhub_outpost_mq.bridge.reconcile import Reconciler
 from jupyterhub_outpost_mq.bridge.retry import Backoff
 from jupyterhub_outpost_mq.bridge.rosters import Rosters
@@ -69,6 +70,18 @@ class ResilienceTraits(HasTraits):
         600.0,
         help="Seconds an orphaned service must be seen before it is stopped.",
     ).tag(config=True)
+    roster_confirm_drop = Float(
+        0.5,
+        help="""Share (0-1) of a hub's previously listed servers that a new roster may drop at
+        once and be taken as is. A roster that drops more (a hub that lost its database, a
+        bug, or a forgery signed with a stolen key) is held until a second, later roster
+        confirms it; meanwhile the previous one stays in force. 1 turns the check off.""",
+    ).tag(config=True)
+    roster_min_interval = Float(
+        2.0,
+        help="""Seconds that must pass between two complete rosters of one hub; rosters that
+        arrive faster are ignored (counted in ``outpost_bridge_rosters_ignored_total``).""",
+    ).tag(config=True)
     reconcile_dry_run = Bool(
         False,
         help="""Only log and count orphans (``outpost_bridge_orphans_total{action="dry_run"}``),
@@ -83,14 +96,22 @@ class ResilienceTraits(HasTraits):
 class Resilience:
     """Owns the circuit breaker, guarded client, deferred stops, ledger, reconciler and metrics."""
 
-    def __init__(self, settings: ResilienceTraits, *, journal_path: str, limit_per_host: int) -> None:
+    def __init__(
+        self,
+        settings: ResilienceTraits,
+        *,
+        journal_path: str,
+        limit_per_host: int,
+        access: OutpostAccess | None = None,
+    ) -> None:
         self.metrics = BridgeMetrics()
         self.breaker = CircuitBreaker(
             threshold=settings.circuit_threshold,
             cooldown=Backoff(initial=1.0, maximum=settings.circuit_cooldown_max, jitter=0.2),
             on_change=self.metrics.circuit_changed,
         )
-        self.client = GuardedOutpostClient(self.breaker, limit_per_host=limit_per_host)
+        # Every Outpost call passes the allow-list (pipeline, reconciler, deferred stops).
+        self.client = GuardedOutpostClient(self.breaker, limit_per_host=limit_per_host, access=access)
         self._stop_store = StopStore(journal_path)
         self.deferred_stops: DeferredStops | None = None
         if settings.defer_stops:
@@ -103,8 +124,10 @@ class Resilience:
                 interval=settings.deferred_stop_interval,
                 metrics=self.metrics,
             )
-        self._ledger = ServerLedger(journal_path)
-        self.rosters = Rosters(journal_path)
+        self._ledger = ServerLedger(journal_path, access=access)  # records only allowed targets
+        self.rosters = Rosters(
+            journal_path, confirm_drop=settings.roster_confirm_drop, min_interval=settings.roster_min_interval
+        )
         self.reconciler = Reconciler(
             self._ledger,
             self.client,

@@ -20,6 +20,11 @@ orphan reconciler (:mod:`jupyterhub_outpost_mq.bridge.reconcile`):
 
 Snapshots are forgotten when their hub has been silent for ``retention_seconds``; services
 only such a hub could own are then *unknown* again (counted, never touched).
+
+Rosters are signed by their hub (the consumer verifies them). As a second line against a hub
+gone wrong or a stolen key: a snapshot that drops more than ``confirm_drop`` of the hub's
+previous one is held until a later snapshot confirms the drop (the previous stays in force
+meanwhile), and a hub's snapshots closer together than ``min_interval`` are ignored.
 """
 
 from __future__ import annotations
@@ -73,8 +78,14 @@ class Rosters:
         path: str | Path,
         *,
         retention_seconds: float = 14 * 86400,
+        confirm_drop: float = 0.5,
+        min_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._confirm_drop = confirm_drop
+        self._min_interval = min_interval
+        self._held: dict[str, float] = {}  # hub -> receipt time of a big drop awaiting confirmation
+        self.ignored = 0  # snapshots ignored (too fast)
         self._db = open_db(
             path,
             "CREATE TABLE IF NOT EXISTS rosters (hub TEXT PRIMARY KEY, servers BLOB NOT NULL,"
@@ -119,6 +130,12 @@ class Rosters:
 
     def _complete(self, hub: str, entries: list[RosterEntry], now: float) -> None:
         previous = self._hubs.get(hub)
+        if previous is not None and previous.received and now - previous.received[-1] < self._min_interval:
+            self.ignored += 1
+            log.warning("roster of hub %s ignored: less than %.0f s after the last one", hub, self._min_interval)
+            return
+        if previous is not None and not self._accepts_drop(hub, previous, _keys(entries), now):
+            return
         outposts = (previous.outposts if previous else set()) | {e.outpost for e in entries if e.outpost}
         received = ([*previous.received[-1:], now]) if previous else [now]
         snapshot = self._hubs[hub] = _Snapshot(_keys(entries), outposts, received)
@@ -133,6 +150,26 @@ class Rosters:
             "INSERT OR REPLACE INTO rosters VALUES (?, ?, ?, ?)",
             (hub, _entries_encoder.encode(entries), _entries_encoder.encode(sorted(outposts)), self._written[hub]),
         )
+
+    def _accepts_drop(self, hub: str, previous: _Snapshot, servers: frozenset[ServerKey], now: float) -> bool:
+        """Whether a snapshot may replace ``previous``: it drops at most ``confirm_drop`` of
+        it, or an earlier snapshot dropping that much was already held (this confirms it)."""
+        dropped = len(previous.servers - servers)
+        if not previous.servers or dropped <= self._confirm_drop * len(previous.servers):
+            self._held.pop(hub, None)
+            return True
+        if hub in self._held and self._held[hub] < now:
+            del self._held[hub]
+            log.warning("roster of hub %s confirms dropping %d of %d servers", hub, dropped, len(previous.servers))
+            return True
+        self._held[hub] = now
+        log.warning(
+            "roster of hub %s drops %d of %d servers: held until a later roster confirms it",
+            hub,
+            dropped,
+            len(previous.servers),
+        )
+        return False
 
     def owner(self, name: str, start_id: str) -> str | None:
         """A hub whose latest snapshot lists the server, if any."""

@@ -9,7 +9,10 @@ the current one per client connection, so they work again as soon as the node is
 
 Host keys follow OpenSSH's ``StrictHostKeyChecking=accept-new``: an unknown host's key is
 appended to the known-hosts file; a known host presenting another key is refused
-(:class:`~jupyterhub_outpost_mq.bridge.errors.HostKeyMismatch`).
+(:class:`~jupyterhub_outpost_mq.bridge.errors.HostKeyMismatch`). Every file used here comes
+from the bridge's configuration (:class:`~jupyterhub_outpost_mq.bridge.ssh_options.SshAccess`
+resolved it): only the default known-hosts file (``known_hosts_path``) and its directory are
+created. The texts of asyncssh's errors (which may quote a line of a file) go to the log only.
 """
 
 from __future__ import annotations
@@ -65,11 +68,9 @@ class SshNode:
     def __init__(self, settings: SshSettings, *, known_hosts: str, backoff: Backoff) -> None:
         self.settings = settings
         self._known_hosts = settings.known_hosts or known_hosts
-        if settings.host_key_policy != "no":
-            # asyncssh reads the file on every connect: it must exist, even when empty.
-            path = Path(self._known_hosts)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch(mode=0o600, exist_ok=True)
+        # Only the bridge's own default file is created when missing; a file named in
+        # ssh_known_hosts is the admin's and must exist.
+        self._create_known_hosts = not settings.known_hosts
         self._backoff = backoff
         self._conn: asyncssh.SSHClientConnection | None = None
         self._last_error: TunnelError | None = None
@@ -132,7 +133,10 @@ class SshNode:
                 await asyncio.wait_for(self._changed.wait_for(settled), max(timeout, 0.01))
         except TimeoutError:
             reason = self._last_error or "no answer yet"
-            raise TransientTunnelError(f"SSH node {self.settings.label} unreachable: {reason}") from None
+            raise TransientTunnelError(
+                f"SSH node {self.settings.label} unreachable: {reason}",
+                public=f"SSH node {self.settings.label} unreachable",
+            ) from None
         if self._conn is not None:
             return self._conn
         assert self._last_error is not None
@@ -195,11 +199,17 @@ class SshNode:
             try:
                 options["client_keys"] = [asyncssh.read_private_key(s.key)]
             except (OSError, asyncssh.KeyImportError) as exc:
-                raise TunnelSpecError(f"SSH key {s.key} for {s.label} cannot be read: {exc}") from None
+                raise TunnelSpecError(
+                    f"SSH key {s.key} for {s.label} cannot be read: {exc}",
+                    public=f"the bridge cannot use its SSH key for {s.label}",
+                ) from None
+        else:
+            options["client_keys"] = None  # no key configured: none is offered (never ~/.ssh's defaults)
         client: _AcceptNewClient | None = None
         if s.host_key_policy == "no":
             options["known_hosts"] = None
         else:
+            self._ensure_known_hosts()
             options["known_hosts"] = self._known_hosts
             if s.host_key_policy == "accept-new":
                 client = _AcceptNewClient(s, self._known_hosts)
@@ -210,17 +220,47 @@ class SshNode:
             if client is not None and client.mismatch:
                 raise HostKeyMismatch(
                     f"the host key of {s.label} differs from its entry in {self._known_hosts}"
-                    " (StrictHostKeyChecking=accept-new refuses changed keys)"
+                    " (StrictHostKeyChecking=accept-new refuses changed keys)",
+                    public=f"the host key of {s.label} differs from the known one (accept-new refuses changed keys)",
                 ) from None
-            raise HostKeyMismatch(f"the host key of {s.label} is not in {self._known_hosts}: {exc.reason}") from None
+            raise HostKeyMismatch(
+                f"the host key of {s.label} is not in {self._known_hosts}: {exc.reason}",
+                public=f"the host key of {s.label} is not known to the bridge",
+            ) from None
         except asyncssh.PermissionDenied as exc:
-            raise TunnelSpecError(f"SSH login as {s.label} refused: {exc.reason}") from None
+            raise TunnelSpecError(
+                f"SSH login as {s.label} refused: {exc.reason}", public=f"SSH login as {s.label} refused"
+            ) from None
         except (asyncssh.Error, OSError, TimeoutError) as exc:
             reason = getattr(exc, "reason", "") or str(exc) or type(exc).__name__
-            raise TransientTunnelError(f"cannot connect to {s.label}: {reason}") from None
-        except ValueError as exc:  # asyncssh raises it for unknown algorithm names
-            raise TunnelSpecError(f"SSH settings for {s.label} rejected: {exc}") from None
+            raise TransientTunnelError(
+                f"cannot connect to {s.label}: {reason}", public=f"cannot connect to the SSH node {s.label}"
+            ) from None
+        except ValueError as exc:
+            # asyncssh raises it for unknown algorithm names and for an unparsable known-hosts
+            # file, quoting the offending line: never more than the log gets to see it.
+            raise TunnelSpecError(
+                f"SSH settings for {s.label} rejected: {exc}", public=f"the SSH settings for {s.label} were rejected"
+            ) from None
         return conn
+
+    def _ensure_known_hosts(self) -> None:
+        """asyncssh reads the known-hosts file on every connect: it must exist, even when empty."""
+        path = Path(self._known_hosts)
+        if path.is_file():
+            return
+        if not self._create_known_hosts:
+            raise TunnelSpecError(
+                f"known-hosts file {path} for {self.settings.label} does not exist",
+                public=f"the bridge's known-hosts file for {self.settings.label} is missing",
+            )
+        try:
+            path.touch(mode=0o600, exist_ok=True)
+        except OSError as exc:
+            raise TunnelSpecError(
+                f"cannot create the known-hosts file {path}: {exc}",
+                public="the bridge cannot create its known-hosts file",
+            ) from None
 
 
 class SshPool:
@@ -230,7 +270,7 @@ class SshPool:
         self._known_hosts = known_hosts
         self._backoff = backoff or Backoff(initial=0.5, maximum=15.0)
         self._nodes: dict[SshSettings, SshNode] = {}
-        if known_hosts:
+        if known_hosts:  # the bridge's own file (known_hosts_path): its directory is made here
             os.makedirs(os.path.dirname(os.path.abspath(known_hosts)), exist_ok=True)
 
     def acquire(self, settings: SshSettings) -> SshNode:

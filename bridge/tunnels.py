@@ -26,7 +26,7 @@ import asyncssh
 
 from jupyterhub_outpost_mq.bridge.errors import TransientTunnelError, TunnelError, TunnelSpecError
 from jupyterhub_outpost_mq.bridge.ssh_connections import SshNode, SshPool
-from jupyterhub_outpost_mq.bridge.ssh_options import SshSettings, parse_address, settings_for
+from jupyterhub_outpost_mq.bridge.ssh_options import SshAccess, SshSettings, parse_address, settings_for
 from jupyterhub_outpost_mq.bridge.tunnel_store import StoredTunnel, TunnelStore
 from jupyterhub_outpost_mq.schemas import SshEndpoint, TunnelSpec
 
@@ -216,7 +216,8 @@ class TunnelManager:
         pool: SshPool,
         store: TunnelStore,
         *,
-        bind_host: str = "0.0.0.0",
+        access: SshAccess | None = None,
+        bind_host: str = "127.0.0.1",
         backlog: int = 4096,
         keepalive_interval: float = 15.0,
         keepalive_count_max: int = 3,
@@ -225,6 +226,8 @@ class TunnelManager:
     ) -> None:
         self._pool = pool
         self._store = store
+        # None: no checks, for managers built by hand (benchmarks); the bridge passes its configuration.
+        self._access = access if access is not None else SshAccess(unrestricted=True)
         self._bind_host = bind_host
         self._backlog = backlog
         self._keepalive = (keepalive_interval, keepalive_count_max)
@@ -234,9 +237,11 @@ class TunnelManager:
         self._lock = asyncio.Lock()
 
     def settings(self, endpoint: SshEndpoint) -> SshSettings:
-        """Connection settings for ``endpoint`` (raises :class:`TunnelSpecError` on a bad option)."""
+        """Connection settings for ``endpoint`` (raises :class:`TunnelSpecError` on a bad or refused
+        option, key, known-hosts file or node)."""
         return settings_for(
             endpoint,
+            access=self._access,
             keepalive_interval=self._keepalive[0],
             keepalive_count_max=self._keepalive[1],
             connect_timeout=self._connect_timeout,
@@ -310,7 +315,10 @@ class TunnelManager:
                 break
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE or candidate == 0:
-                    raise TunnelSpecError(f"cannot listen on {self._bind_host}:{candidate}: {exc.strerror}") from None
+                    raise TunnelSpecError(
+                        f"cannot listen on {self._bind_host}:{candidate}: {exc.strerror}",
+                        public=f"the bridge cannot listen on port {candidate}",
+                    ) from None
                 log.info("port %d is taken; the forward %s gets a free port", candidate, key)
         assert server is not None
         sock = next(s for s in server.sockets if s.family in (socket.AF_INET, socket.AF_INET6))

@@ -18,6 +18,9 @@ from typing import Any
 from traitlets import HasTraits, TraitType, Union
 
 from jupyterhub_outpost_mq.bridge.app import OutpostBridge
+from jupyterhub_outpost_mq.bridge.keys import KeyTraits
+from jupyterhub_outpost_mq.bridge.outpost_access import OutpostAccessTraits
+from jupyterhub_outpost_mq.bridge.resilience import ResilienceTraits
 from jupyterhub_outpost_mq.spawner import OutpostSpawner
 from jupyterhub_outpost_mq.spawner.outpost_traits import OutpostTraits
 from jupyterhub_outpost_mq.spawner.tunnel_traits import TunnelTraits
@@ -120,6 +123,24 @@ def render() -> str:
         OutpostBridge,
         "OutpostBridge",
         own_traits(OutpostBridge),
+    )
+    lines += section(
+        "OutpostBridge: keys (signatures and sealed secrets, docs/security.md)",
+        OutpostBridge,
+        "OutpostBridge",
+        own_traits(KeyTraits),
+    )
+    lines += section(
+        "OutpostBridge: what commands may reach (Outposts, credentials, SSH)",
+        OutpostBridge,
+        "OutpostBridge",
+        own_traits(OutpostAccessTraits),
+    )
+    lines += section(
+        "OutpostBridge: outages (circuits, deferred stops, rosters, orphans, metrics)",
+        OutpostBridge,
+        "OutpostBridge",
+        own_traits(ResilienceTraits),
     )
     return "\n".join(lines).rstrip() + "\n"
 

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from jupyterhub_outpost_mq.schemas import PrivateKey
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -33,6 +35,17 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, log: Path, t
     sys.exit(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s; see {log}")
 
 
+def stack_keys(state: Path) -> tuple[Path, Path]:
+    """The hub's and the bridges' key files in the state folder (made on the first run)."""
+    keys = state / "keys"
+    keys.mkdir(mode=0o700, exist_ok=True)
+    paths = keys / "hub.key", keys / "bridge.key"
+    for path, role in zip(paths, ("hub", "bridge"), strict=True):
+        if not path.exists():
+            PrivateKey.generate(role).write(str(path))  # type: ignore[arg-type]
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8000, help="JupyterHub's public port (default 8000)")
@@ -46,8 +59,16 @@ def main() -> None:
     token = os.environ.get("OUTPOST_MQ_ADMIN_TOKEN") or secrets.token_hex(24)
     password = os.environ.get("DEMO_PASSWORD", "demo")
     amqp = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    hub_key, bridge_key = stack_keys(state)
     env = {
         **os.environ,
+        # Message signing and sealing (docs/security.md): the stack's own keys, made once.
+        "OUTPOST_MQ_HUB_KEY_FILE": str(hub_key),
+        "OUTPOST_MQ_BRIDGE_KEY_FILES": str(bridge_key),
+        "OUTPOST_MQ_BRIDGE_PUBLIC_KEYS": PrivateKey.load(str(bridge_key)).public.text(),
+        "OUTPOST_MQ_HUB_PUBLIC_KEYS": f"*={PrivateKey.load(str(hub_key)).public.text()}",
+        # The dev Outpost is the one Outpost this stack's bridge may call.
+        "OUTPOST_MQ_ALLOWED_OUTPOSTS": f"http://127.0.0.1:{args.outpost_port}",
         "AMQP_URL": amqp,
         "OUTPOST_URL": f"http://127.0.0.1:{args.outpost_port}/services/",
         "OUTPOST_CREDENTIALS": credentials,

@@ -7,7 +7,7 @@ package and never each other.
 """
 
 from jupyterhub_outpost_mq.schemas.base import SCHEMA_VERSION, Envelope, ServerRef
-from jupyterhub_outpost_mq.schemas.codec import MAX_MESSAGE_BYTES, decode, encode
+from jupyterhub_outpost_mq.schemas.codec import MAX_MESSAGE_BYTES, decode, decode_wire, encode, encode_wire, peek
 from jupyterhub_outpost_mq.schemas.commands import (
     Command,
     FlavorsCommand,
@@ -33,6 +33,7 @@ from jupyterhub_outpost_mq.schemas.events import (
 from jupyterhub_outpost_mq.schemas.secrets import redacted
 from jupyterhub_outpost_mq.schemas.specs import RemoteForwardSpec, ServiceSpec, SshEndpoint, TunnelSpec
 from jupyterhub_outpost_mq.schemas.topology import Topology, outpost_key
+from jupyterhub_outpost_mq.schemas.trust import KeyError_, Keyring, PrivateKey, PublicKey
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -47,10 +48,14 @@ __all__ = [
     "FlavorsCommand",
     "HttpOptions",
     "HubRoster",
+    "KeyError_",
+    "Keyring",
     "OutpostAnnouncement",
     "OutpostTarget",
     "PollCommand",
+    "PrivateKey",
     "ProgressEvent",
+    "PublicKey",
     "RecreateForwardCommand",
     "RemoteForwardSpec",
     "RosterEntry",
@@ -64,7 +69,10 @@ __all__ = [
     "TunnelCommand",
     "TunnelSpec",
     "decode",
+    "decode_wire",
     "encode",
+    "encode_wire",
     "outpost_key",
+    "peek",
     "redacted",
 ]

@@ -24,6 +24,7 @@ from jupyterhub_outpost_mq.schemas.commands import (
 )
 from jupyterhub_outpost_mq.schemas.events import CommandResult, HubRoster, OutpostAnnouncement, ProgressEvent
 from jupyterhub_outpost_mq.schemas.secrets import RedactedRepr
+from jupyterhub_outpost_mq.schemas.trust import Sealed
 
 SCHEMA_VERSION = 1
 
@@ -74,6 +75,9 @@ class Envelope(RedactedRepr, msgspec.Struct, frozen=True, kw_only=True):
     # 0 means "no deadline" (announcements).
     deadline: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     created: float = msgspec.field(default_factory=time.time)
+    # The body's secret-marked fields, encrypted for the bridges (schemas.trust); on the wire
+    # those fields are empty. None once opened, or when the body holds no secret.
+    sealed: Sealed | None = None
 
     @property
     def type(self) -> str:

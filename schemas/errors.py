@@ -5,14 +5,17 @@ Hierarchy::
     SchemaError                 base of everything raised by ``schemas``
     └── DecodeError             bytes from the broker are not a valid message; ``reason``
                                 says why in one line, ``kind`` classifies it:
-                                "too_large", "undecodable", "unsupported_version", "invalid"
+                                "too_large", "undecodable", "unsupported_version", "invalid",
+                                "unsigned" (no signature), "forged" (a signature by no
+                                trusted key, a wrong one, or a sender saying what it may not)
+    └── KeyError_               (schemas.trust) a key file or public key is missing or malformed
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-DecodeErrorKind = Literal["too_large", "undecodable", "unsupported_version", "invalid"]
+DecodeErrorKind = Literal["too_large", "undecodable", "unsupported_version", "invalid", "unsigned", "forged"]
 
 
 class SchemaError(Exception):

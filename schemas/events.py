@@ -20,6 +20,7 @@ ErrorKind = Literal[
     "unreachable",  # transient failures (connection, 5xx, timeouts) until the deadline
     "cancelled",  # a stop overtook the start
     "invalid",  # the command could not be carried out as given
+    "internal",  # the bridge failed because of itself; the summary's error id finds the detail in its log
 ]
 Text = Annotated[str, msgspec.Meta(max_length=65536)]
 

@@ -11,7 +11,8 @@ Layout (``P`` is the configurable name prefix)::
                                    a hub restart
     P.outposts   direct exchange -> P.outposts (stream): which Outpost queues exist; bridges
                                    read it from the start and follow it
-    P.dead       fanout exchange -> P.dead-letters: poison messages, with a reason header
+    P.dead       fanout exchange -> P.dead-letters.capped: poison messages, with a reason header
+                                   (redacted accounts, capped in bytes and age)
     P.control    fanout exchange -> one exclusive queue per bridge: commands every bridge
                                    carries out (``recreate_forward`` after an SSH node restart)
                                    and each hub's roster of the servers it owns
@@ -32,6 +33,11 @@ DEAD_LETTER_REASON_HEADER = "x-outpost-mq-reason"
 DELIVERY_LIMIT = 20
 """Quorum queues in RabbitMQ < 4.0 have no default delivery limit: without one a message
 that crashes its consumer is redelivered forever."""
+
+
+DEAD_LETTER_MAX_BYTES = 256 * 1024 * 1024
+DEAD_LETTER_MAX_COUNT = 100_000
+DEAD_LETTER_TTL_MS = 14 * 24 * 3600 * 1000
 
 
 def outpost_key(url: str) -> str:
@@ -87,6 +93,16 @@ def with_reconnect_interval(url: str, seconds: float = 1.0) -> str:
     return f"{url}{'&' if '?' in url else '?'}reconnect_interval={seconds:g}"
 
 
+def broker_user(amqp_url: str) -> str | None:
+    """The RabbitMQ user an AMQP URL logs in as, to set as every published message's
+    ``user_id`` (RabbitMQ refuses a ``user_id`` that is not the connection's user, so receivers
+    can trust it); None when the URL names none (default or EXTERNAL authentication)."""
+    from urllib.parse import unquote
+
+    name = urlsplit(amqp_url).username
+    return unquote(name) if name else None
+
+
 def url_origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
@@ -120,7 +136,9 @@ class Topology:
 
     @property
     def dead_letter_queue(self) -> str:
-        return f"{self.prefix}.dead-letters"
+        # Not "P.dead-letters": that name was declared without caps by 0.1, and RabbitMQ
+        # refuses to re-declare a queue with other arguments (PRECONDITION_FAILED).
+        return f"{self.prefix}.dead-letters.capped"
 
     @property
     def control_exchange(self) -> str:
@@ -177,4 +195,12 @@ class Topology:
         }
 
     def dead_letter_arguments(self) -> dict[str, Any]:
-        return {"x-queue-type": "quorum"}
+        # Capped, so that poison messages (from a broken or hostile publisher) cannot fill the
+        # broker's disk; when full, further dead letters are refused rather than old ones lost.
+        return {
+            "x-queue-type": "quorum",
+            "x-max-length-bytes": DEAD_LETTER_MAX_BYTES,
+            "x-max-length": DEAD_LETTER_MAX_COUNT,
+            "x-message-ttl": DEAD_LETTER_TTL_MS,
+            "x-overflow": "reject-publish",
+        }

@@ -4,6 +4,10 @@ Every ``OutpostSpawner`` in a hub process shares one :class:`HubBroker` (per eve
 hence one robust connection, one confirmed publish channel and one consumer on the hub's
 durable reply queue. Commands are published persistent, ``mandatory`` and confirmed: when
 ``publish`` returns, the broker has the command on disk in its Outpost's queue.
+
+Everything published is signed with the hub's key, secrets sealed for the bridges
+(:mod:`~jupyterhub_outpost_mq.schemas.trust`); a reply counts only when a bridge key signed
+it, and it is dead-lettered otherwise.
 """
 
 from __future__ import annotations
@@ -14,13 +18,27 @@ from typing import Any, ClassVar
 
 import aio_pika
 import aiormq
-import msgspec
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from jupyterhub_outpost_mq.schemas import DecodeError, Envelope, OutpostAnnouncement, Topology, decode, encode, redacted
+from jupyterhub_outpost_mq.schemas import (
+    DecodeError,
+    Envelope,
+    KeyError_,
+    Keyring,
+    OutpostAnnouncement,
+    PrivateKey,
+    Topology,
+    decode_wire,
+    encode_wire,
+)
 from jupyterhub_outpost_mq.schemas.base import new_id
-from jupyterhub_outpost_mq.schemas.topology import heartbeat_grace_multiplier, with_heartbeat, with_reconnect_interval
-from jupyterhub_outpost_mq.spawner.errors import BrokerUnavailable
+from jupyterhub_outpost_mq.schemas.topology import (
+    broker_user,
+    heartbeat_grace_multiplier,
+    with_heartbeat,
+    with_reconnect_interval,
+)
+from jupyterhub_outpost_mq.spawner.errors import BrokerUnavailable, KeysMissing
 from jupyterhub_outpost_mq.spawner.server_state import RepliesRouter
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
@@ -34,14 +52,31 @@ def raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+def hub_keyring(settings: Any) -> Keyring:
+    """The hub's keys from its ``OutpostSpawner`` settings, or :class:`KeysMissing` naming the trait."""
+    try:
+        own = PrivateKey.load(settings.hub_key_file, env="OUTPOST_MQ_HUB_KEY")
+    except KeyError_ as exc:
+        raise KeysMissing(
+            f"OutpostSpawner.hub_key_file: {exc} (make one with `outpost-mq-keys hub --out FILE`; docs/security.md)"
+        ) from None
+    try:
+        return Keyring.for_hub(own, settings.bridge_public_keys)
+    except KeyError_ as exc:
+        raise KeysMissing(f"OutpostSpawner.bridge_public_keys / hub_key_file: {exc}") from None
+
+
 class HubBroker:
     """One per (hub process, event loop, URL, prefix, hub id); get it with :meth:`shared`."""
 
     _instances: ClassVar[dict[tuple[int, str, str, str], HubBroker]] = {}
 
-    def __init__(self, url: str, topology: Topology, hub_id: str, heartbeat: int) -> None:
+    def __init__(self, url: str, topology: Topology, hub_id: str, heartbeat: int, keyring: Keyring) -> None:
         self._url = with_reconnect_interval(with_heartbeat(url, heartbeat))
         self._heartbeat = heartbeat
+        self.keyring = keyring
+        self._user_id = broker_user(url)  # set on every message: RabbitMQ vouches for it
+        self.bridge_broker_users: frozenset[str] = frozenset()  # who may publish replies; empty: anyone
         self.topology = topology
         self.hub_id = hub_id
         self.router = RepliesRouter()
@@ -56,18 +91,20 @@ class HubBroker:
         self.roster: Any = None  # the hub's RosterSender, started by the first spawner
 
     @classmethod
-    def shared(cls, url: str, prefix: str, hub_id: str, heartbeat: int) -> HubBroker:
+    def of(cls, settings: Any) -> HubBroker:
+        """The shared broker for an ``OutpostSpawner`` (or its :class:`OutpostTraits` settings);
+        raises :class:`KeysMissing` when the hub has no usable keys."""
         loop = asyncio.get_running_loop()
-        key = (id(loop), url, prefix, hub_id)
+        key = (id(loop), settings.amqp_url, settings.name_prefix, settings.hub_id)
         broker = cls._instances.get(key)
         if broker is None:
-            broker = cls._instances[key] = cls(url, Topology(prefix), hub_id, heartbeat)
+            keyring = hub_keyring(settings)
+            broker = cls(
+                settings.amqp_url, Topology(settings.name_prefix), settings.hub_id, settings.broker_heartbeat, keyring
+            )
+            broker.bridge_broker_users = frozenset(settings.bridge_broker_users)
+            cls._instances[key] = broker
         return broker
-
-    @classmethod
-    def of(cls, settings: Any) -> HubBroker:
-        """The shared broker for an ``OutpostSpawner`` (or its :class:`OutpostTraits` settings)."""
-        return cls.shared(settings.amqp_url, settings.name_prefix, settings.hub_id, settings.broker_heartbeat)
 
     async def close(self, timeout: float = 5) -> None:
         """Close the connection (tests; a hub process keeps it for its lifetime)."""
@@ -147,9 +184,13 @@ class HubBroker:
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         try:
-            envelope = decode(message.body)
+            if self.bridge_broker_users and message.user_id not in self.bridge_broker_users:
+                raise DecodeError("forged", f"published by broker user {message.user_id!r}, not a bridge's")
+            envelope = decode_wire(message.body, self.keyring)
+            if envelope.hub != self.hub_id:
+                raise DecodeError("forged", f"a reply for hub {envelope.hub!r} on hub {self.hub_id!r}'s queue")
         except DecodeError as exc:
-            log.warning("dropping an invalid reply: %s", exc)
+            log.warning("dead-lettering a reply %s: %s", message.message_id, exc)
             await message.reject(requeue=False)  # goes to the dead-letter exchange
             return
         try:
@@ -170,7 +211,11 @@ class HubBroker:
             await queue.bind(self._commands, routing_key=key, timeout=15)
             announcement = Envelope(id=new_id(), hub=self.hub_id, body=OutpostAnnouncement(key=key, origin=origin))
             await self._registry.publish(
-                aio_pika.Message(encode(announcement), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                aio_pika.Message(
+                    encode_wire(announcement, self.keyring),
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    user_id=self._user_id,
+                ),
                 routing_key="announce",
                 timeout=15,
             )
@@ -183,22 +228,23 @@ class HubBroker:
 
     async def publish(self, command: Envelope, outpost: str) -> None:
         """Publish a command to an Outpost's queue; returns once the broker confirmed it.
-        A secret-free copy goes to the replay stream (its failure never fails the command)."""
+        The same signed bytes (secrets sealed) go to the replay stream (its failure never
+        fails the command)."""
         assert self._commands is not None
-        await self._publish(self._commands, command, outpost, mandatory=True)
-        await self._record(command)
+        body = await self._publish(self._commands, command, outpost, mandatory=True)
+        await self._record(command, body)
 
-    async def _record(self, command: Envelope) -> None:
+    async def _record(self, command: Envelope, body: bytes) -> None:
         if self._audit is None:
             return
         try:
-            # The redacted plain form encodes to the same envelope layout; no struct round trip.
             await self._audit.publish(
                 aio_pika.Message(
-                    msgspec.msgpack.encode(redacted(command)),
+                    body,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     message_id=command.id,
                     type=command.type,
+                    user_id=self._user_id,
                 ),
                 routing_key="",
                 timeout=5,
@@ -214,13 +260,15 @@ class HubBroker:
 
     async def _publish(
         self, exchange: aio_pika.abc.AbstractExchange, command: Envelope, routing_key: str, *, mandatory: bool
-    ) -> None:
+    ) -> bytes:
+        body = encode_wire(command, self.keyring)
         message = aio_pika.Message(
-            encode(command),
+            body,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=command.id,
             content_type="application/msgpack",
             type=command.type,
+            user_id=self._user_id,
         )
         try:
             await exchange.publish(message, routing_key=routing_key, mandatory=mandatory, timeout=15)
@@ -230,3 +278,4 @@ class HubBroker:
             raise BrokerUnavailable(f"the connection to RabbitMQ broke during the {command.type} publish") from None
         except Exception as exc:
             raise BrokerUnavailable(f"RabbitMQ did not accept the {command.type} command: {exc}") from exc
+        return body

@@ -6,6 +6,8 @@ Hierarchy::
     ├── HookError                an admin-configured hook raised or returned a wrong type;
     │                            names the trait
     ├── BrokerUnavailable        RabbitMQ cannot be reached or did not confirm a publish
+    │   └── KeysMissing          no usable signing key / bridge public keys: a configuration
+    │                            error naming the trait (the hub sends nothing unsigned)
     ├── ReplyTimeout             no result for a command before its deadline
     └── OutpostCommandFailed     the bridge reported the command failed; carries ErrorInfo
 """
@@ -25,6 +27,10 @@ class HookError(OutpostSpawnerError):
 
 class BrokerUnavailable(OutpostSpawnerError):
     """RabbitMQ could not be reached or did not confirm a publish."""
+
+
+class KeysMissing(BrokerUnavailable):
+    """``hub_key_file`` or ``bridge_public_keys`` is missing or unusable; names the trait."""
 
 
 class ReplyTimeout(OutpostSpawnerError):

@@ -119,10 +119,10 @@ async def fetch(
     command = FlavorsCommand(target=OutpostTarget(url=url, headers=headers, http=http), body=body)
     envelope = Envelope(id=new_id(), hub=broker.hub_id, deadline=time.time() + seconds, body=command)
     try:  # what the bridge would refuse, refused here, with the reason
-        decode(encode(envelope))
+        decode(encode(envelope))  # the local form: the same schema checks as the wire
     except (DecodeError, TypeError, msgspec.EncodeError) as exc:
         raise FlavorsUnavailable(f"invalid flavors request for {url!r}: {exc}") from None
-    answer = broker.router.expect(envelope.id)
+    answer = broker.router.expect(envelope)
     key = outpost_key(url)
     try:
         await broker.ensure_outpost(key, url_origin(url))

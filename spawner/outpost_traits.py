@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Callable, Dict, Float, Integer, TraitError, Unicode, Union, default, validate
+from traitlets import Bool, Callable, Dict, Float, Integer, List, TraitError, Unicode, Union, default, validate
 from traitlets.config import Config, LoggingConfigurable
 
 from jupyterhub_outpost_mq.spawner.hooks import callable_or_unset
@@ -69,6 +69,57 @@ class OutpostTraits(LoggingConfigurable):
     @default("hub_id")
     def _default_hub_id(self) -> str:
         return os.environ.get("OUTPOST_MQ_HUB_ID", "jupyterhub")
+
+    hub_key_file = Unicode(
+        help="""Path of this hub's signing key (a JSON file of mode 0600 written by
+        ``outpost-mq-keys hub --out FILE``). Every message the hub publishes is signed with it,
+        and the bridges act only on messages signed by a key their
+        ``OutpostBridge.hub_public_keys`` lists for this ``hub_id`` (docs/security.md).
+        Default: the ``OUTPOST_MQ_HUB_KEY_FILE`` environment variable; else the key's JSON
+        itself from ``OUTPOST_MQ_HUB_KEY``. The hub refuses to talk to RabbitMQ without one.
+
+        Example::
+
+            c.OutpostSpawner.hub_key_file = "/etc/jupyterhub/outpost-mq-hub.key"
+        """,
+    ).tag(config=True)
+
+    @default("hub_key_file")
+    def _default_hub_key_file(self) -> str:
+        return os.environ.get("OUTPOST_MQ_HUB_KEY_FILE", "")
+
+    bridge_public_keys = List(
+        Unicode(),
+        help="""The bridges' public keys (``bridge:<base64>:<base64>``, printed by
+        ``outpost-mq-keys bridge``). Results and events count only when one of them signed
+        them; secrets in commands (the ``Authorization`` header, ``env`` with the user's API
+        token, certificates) are sealed for the first one. List two while rotating: the new
+        key first. Default: the ``OUTPOST_MQ_BRIDGE_PUBLIC_KEYS`` environment variable
+        (comma-separated).
+
+        Example::
+
+            c.OutpostSpawner.bridge_public_keys = ["bridge:Hn1x...=:Qm9v...="]
+        """,
+    ).tag(config=True)
+
+    bridge_broker_users = List(
+        Unicode(),
+        help="""A second check behind the signatures: the RabbitMQ users the bridges log in as
+        (docs/broker.md). Bridges set every reply's ``user_id`` to their broker user and
+        RabbitMQ refuses a ``user_id`` that is not the publisher's own, so a result or event
+        published by any other broker user is dead-lettered. Empty (the default): not checked
+        (signatures still are).
+
+        Example::
+
+            c.OutpostSpawner.bridge_broker_users = ["outpost-mq-bridge"]
+        """,
+    ).tag(config=True)
+
+    @default("bridge_public_keys")
+    def _default_bridge_public_keys(self) -> list[str]:
+        return [k.strip() for k in os.environ.get("OUTPOST_MQ_BRIDGE_PUBLIC_KEYS", "").split(",") if k.strip()]
 
     broker_heartbeat = Integer(
         15,
@@ -157,6 +208,14 @@ class OutpostTraits(LoggingConfigurable):
             c.OutpostSpawner.request_url = request_url
         """,
     ).tag(config=True)
+
+    @validate("request_url")
+    def _check_request_url(self, proposal: Any) -> Any:
+        value = proposal["value"]
+        if isinstance(value, str) and userinfo_in(value):
+            raise TraitError(USERINFO_REFUSED)
+        return value
+
     request_headers = Union(
         [Dict(), Callable()],
         help="""Headers of every request to the Outpost, e.g. ``Authorization: Basic ...``.
@@ -278,6 +337,19 @@ class OutpostTraits(LoggingConfigurable):
         ``pod_name_template`` (= ``svc_name_template``), ``internal_ssl``, ``ip`` ("0.0.0.0"),
         ``port``, ``services_enabled`` (True) and ``extra_labels``. By default they are added
         and override the custom ones.""",
+    ).tag(config=True)
+    user_options_max_bytes = Integer(
+        64 * 1024,
+        min=0,
+        help="""Most bytes a start's ``user_options`` (what the user posted, as MessagePack)
+        may have; a larger start fails at once with a message naming this option, before any
+        hook runs or anything is sent. 0 = no limit of its own; the whole start command must
+        still fit into one message (``schemas.codec.MAX_MESSAGE_BYTES``, 1 MiB).
+
+        Example::
+
+            c.OutpostSpawner.user_options_max_bytes = 16 * 1024
+        """,
     ).tag(config=True)
     additional_cafile = AnyTrait(
         None,
@@ -443,10 +515,108 @@ class OutpostTraits(LoggingConfigurable):
             c.OutpostSpawner.cancelling_event = cancel_click_event
         """,
     ).tag(config=True)
+    events_allow_raw_html = Bool(
+        False,
+        help="""Show the ``html_message`` of events from outside as it was sent. Events come
+        from Outposts, from the bridge, and from anyone holding a server's token (any user can
+        post to the events API of their own servers), and the spawn page, also an admin's view
+        of another user's spawn page, writes ``html_message`` into the page as HTML. So by
+        default it is sanitized (with nh3): only ``a`` (an http(s) ``href``, with
+        ``rel="noopener noreferrer"``), ``b``, ``br``, ``code``, ``details``, ``em``, ``i``,
+        ``p``, ``pre``, ``span``, ``strong`` and ``summary`` stay, without other attributes;
+        scripts, styles, images and event handlers go. The result of ``filter_events`` is
+        sanitized too. ``message`` is always text. Set this only when every server and
+        Outpost that can post events is trusted as much as the hub's own code.
+
+        Example::
+
+            c.OutpostSpawner.events_allow_raw_html = False
+        """,
+    ).tag(config=True)
+    events_max_count = Integer(
+        200,
+        min=10,
+        help="""Most progress events one start keeps (shown on the spawn page, returned by
+        the events API, stored in the server's state). When a new event does not fit, the
+        oldest ones are dropped; the last ``failed``/``ready`` event, which says how the start
+        ended, is kept. Also the number of recent events remembered to recognise an
+        Outpost's repeated posts.
+
+        Example::
+
+            c.OutpostSpawner.events_max_count = 500
+        """,
+    ).tag(config=True)
+    events_max_bytes = Integer(
+        256 * 1024,
+        min=16 * 1024,
+        help="""Most bytes (as JSON) of all progress events one start keeps; the oldest events
+        are dropped first, as for ``events_max_count``. Bounds the hub's memory and the
+        server's stored state whatever is posted.
+
+        Example::
+
+            c.OutpostSpawner.events_max_bytes = 1024 * 1024
+        """,
+    ).tag(config=True)
+    event_field_max_bytes = Integer(
+        4096,
+        min=256,
+        help="""Most UTF-8 bytes of an event's ``message`` and of its ``html_message``
+        (each) from outside; longer texts are cut and end in "…". Also bounds the
+        user_options shown in the first event of a start. Texts over 64 KiB are refused
+        (HTTP 400), as before.
+
+        Example::
+
+            c.OutpostSpawner.event_field_max_bytes = 8192
+        """,
+    ).tag(config=True)
+    events_post_rate = Float(
+        20.0,
+        min=0.0,
+        help="""Posts per second the events API accepts for one server, on average
+        (``events_post_burst`` at once); more are answered ``429 Too Many Requests``. An
+        Outpost sends a few events per start. 0 = no limit.
+
+        Example::
+
+            c.OutpostSpawner.events_post_rate = 5.0
+        """,
+    ).tag(config=True)
+    events_post_burst = Integer(
+        40,
+        min=1,
+        help="""Posts the events API accepts for one server at once, before
+        ``events_post_rate`` applies.
+
+        Example::
+
+            c.OutpostSpawner.events_post_burst = 10
+        """,
+    ).tag(config=True)
 
     @validate(*HOOK_TRAITS)
     def _hook_is_callable(self, proposal: Any) -> Any:
         return callable_or_unset(self, proposal)
+
+
+USERINFO_REFUSED = (
+    "OutpostSpawner.request_url must not hold credentials (http://user:password@...): they would"
+    " reach logs and the audit stream. Put them in request_headers (sealed for the bridges) or,"
+    " better, in the bridge's c.OutpostBridge.outpost_credentials"
+)
+
+
+def userinfo_in(url: str) -> bool:
+    """Whether a URL carries ``user[:password]@`` (refused: see :data:`USERINFO_REFUSED`)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False  # not a URL at all: the command's own checks refuse it
+    return parts.username is not None or parts.password is not None
 
 
 def outpost_settings(config: Config, spawner_class: Any) -> OutpostTraits:

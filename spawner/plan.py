@@ -23,9 +23,11 @@ from jupyterhub_outpost_mq.schemas import (
     TunnelSpec,
     outpost_key,
 )
+from jupyterhub_outpost_mq.schemas.codec import MAX_MESSAGE_BYTES
 from jupyterhub_outpost_mq.schemas.topology import url_origin
 from jupyterhub_outpost_mq.spawner.errors import HookError
 from jupyterhub_outpost_mq.spawner.hooks import resolve
+from jupyterhub_outpost_mq.spawner.outpost_traits import USERINFO_REFUSED, userinfo_in
 
 # tornado HTTPRequest arguments that describe Python objects or callbacks: they cannot
 # cross a process boundary, so they are refused with a clear message instead of ignored.
@@ -49,6 +51,12 @@ _UNSENDABLE = frozenset(
         "url",
     }
 )
+
+
+ENVELOPE_ALLOWANCE = 8 * 1024
+"""Bytes of a message kept for what wraps the command: the envelope (ids, server ref,
+deadline) and its signed frame. A command must fit into the rest, else the bridge would
+dead-letter it (with its secrets) and the start would wait for nothing until its timeout."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,8 @@ async def resolve_target(spawner: Any, *, for_start: bool = False) -> tuple[Targ
         raise HookError(f"{owner}.request_url is not set: it must name the Outpost's /services/ URL")
     if not url.startswith(("http://", "https://")):
         raise HookError(f"{owner}.request_url must be an http(s) URL, got {url!r}")
+    if userinfo_in(url):  # a hook's answer; a static value is refused when it is configured
+        raise HookError(USERINFO_REFUSED)
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     extra = await resolve(spawner, "request_headers", options, expect=dict)
     headers.update({str(k): str(v) for k, v in extra.items()})
@@ -108,6 +118,7 @@ async def plan_start(
     authentication: dict[str, Any] | None = None,
 ) -> tuple[StartCommand, Target]:
     """Everything the bridge needs to POST the start (and to build the forwards)."""
+    _check_user_options(spawner)
     user_options = copy.deepcopy(spawner.user_options or {})
     target, start_http = await resolve_target(spawner, for_start=True)
     custom_env = await resolve(spawner, "custom_env", user_options, env.get("JUPYTERHUB_API_URL", ""), expect=dict)
@@ -136,14 +147,41 @@ async def plan_start(
     return command, target
 
 
+def _check_user_options(spawner: Any) -> None:
+    """The user's own ``user_options`` within ``user_options_max_bytes``, checked before any
+    hook runs: what a user posts must not grow into a message the broker refuses."""
+    owner = type(spawner).__name__
+    size = len(_encoded(owner, spawner.user_options or {}))
+    limit = spawner.user_options_max_bytes
+    if limit and size > limit:
+        raise HookError(
+            f"{owner}: the user_options are {size} bytes, more than {owner}.user_options_max_bytes ({limit}) allows"
+        )
+
+
 def _check_encodable(owner: str, command: StartCommand) -> None:
+    """The command encodes, and fits into one message (``MAX_MESSAGE_BYTES`` less the
+    envelope's :data:`ENVELOPE_ALLOWANCE`)."""
+    size = len(_encoded(owner, command))
+    limit = MAX_MESSAGE_BYTES - ENVELOPE_ALLOWANCE
+    if size > limit:
+        raise HookError(
+            f"{owner}: the start command is {size} bytes, more than the {limit} bytes it may have"
+            f" (a message is at most {MAX_MESSAGE_BYTES} bytes, schemas.codec.MAX_MESSAGE_BYTES);"
+            " user_options, custom_env, custom_misc or the certificates are too large"
+        )
+
+
+def _encoded(owner: str, value: Any) -> bytes:
     try:
-        msgspec.msgpack.encode(command)
+        return msgspec.msgpack.encode(value)
     except (TypeError, msgspec.EncodeError) as exc:
         raise HookError(
             f"{owner}: user_options, custom_user_options and custom_misc must hold plain data"
             f" (str, numbers, bools, lists, dicts): {exc}"
         ) from None
+    except RecursionError:
+        raise HookError(f"{owner}: user_options, custom_user_options or custom_misc are nested too deeply") from None
 
 
 async def plan_poll(spawner: Any) -> tuple[PollCommand, Target]:

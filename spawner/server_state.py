@@ -3,7 +3,9 @@
 ``RepliesRouter`` is fed by the broker consumer; spawners register what they wait for:
 a future per command id (results) and a listener per (user, server, start_id) (events).
 Events for a start nobody listens to any more (an earlier start, a late duplicate) are
-dropped here, so they never land in the current start's progress.
+dropped here, so they never land in the current start's progress. A result settles a waiting
+command only when it answers exactly that command: same hub, same server (user, name,
+start_id) and the command's type; anything else is logged and ignored.
 """
 
 from __future__ import annotations
@@ -25,15 +27,24 @@ class RepliesRouter:
 
     def __init__(self) -> None:
         self._results: dict[str, asyncio.Future[CommandResult]] = {}
+        self._commands: dict[str, Envelope] = {}
         self._listeners: dict[tuple[str, str, str], EventListener] = {}
         # Called with results nobody waits for (e.g. a start that finished while the hub
         # was restarting): the spawner side decides whether the server must be stopped.
         self.on_unclaimed: UnclaimedHandler | None = None
 
-    def expect(self, command_id: str) -> asyncio.Future[CommandResult]:
+    def expect(self, command: Envelope) -> asyncio.Future[CommandResult]:
+        """A future for the result answering ``command``."""
         future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+        command_id = command.id
         self._results[command_id] = future
-        future.add_done_callback(lambda _f: self._results.pop(command_id, None))
+        self._commands[command_id] = command
+
+        def forget(_f: object) -> None:
+            self._results.pop(command_id, None)
+            self._commands.pop(command_id, None)
+
+        future.add_done_callback(forget)
         return future
 
     def listen(self, user: str, server: str, start_id: str, listener: EventListener) -> Callable[[], None]:
@@ -50,6 +61,10 @@ class RepliesRouter:
         body = envelope.body
         if isinstance(body, CommandResult):
             future = self._results.get(envelope.correlation_id or "")
+            command = self._commands.get(envelope.correlation_id or "")
+            if future is not None and command is not None and not answers(envelope, command):
+                log.warning("ignoring a result that does not answer its command: %s", envelope.describe())
+                return
             if future is not None and not future.done():
                 future.set_result(body)
             else:
@@ -68,3 +83,14 @@ class RepliesRouter:
                 log.debug("event for a start nobody follows: %s", envelope.describe())
         else:
             log.warning("unexpected %s message on the hub queue", envelope.type)
+
+
+def answers(result: Envelope, command: Envelope) -> bool:
+    """Whether ``result`` is an answer to ``command`` (hub, server and command type agree)."""
+    body = result.body
+    return (
+        isinstance(body, CommandResult)
+        and result.hub == command.hub
+        and result.server == command.server
+        and body.command == command.type
+    )

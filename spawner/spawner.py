@@ -54,6 +54,7 @@ from jupyterhub_outpost_mq.spawner.errors import (
 from jupyterhub_outpost_mq.spawner.hooks import call_hook, resolve
 from jupyterhub_outpost_mq.spawner.outpost_traits import OutpostTraits
 from jupyterhub_outpost_mq.spawner.plan import plan_poll, plan_start, plan_stop, resolve_target
+from jupyterhub_outpost_mq.spawner.progress import EventLog
 from jupyterhub_outpost_mq.spawner.roster import RosterSender
 from jupyterhub_outpost_mq.spawner.tunnel_plan import expand_name, remote_forward_spec, tunnel_spec
 from jupyterhub_outpost_mq.spawner.tunnel_traits import TunnelTraits
@@ -82,8 +83,12 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._changed = asyncio.Event()
-        self._seen_seq: set[tuple[str, int]] = set()
-        self._seen_raw: list[dict[str, Any]] = []  # external events as posted, for repeats
+        # Bounded windows for recognising repeats: (source, seq) keys, and digests of events
+        # posted without a seq. Their size follows events_max_count (older keys are forgotten).
+        self._seen_seq = events.RecentKeys(self.events_max_count)
+        self._seen_raw = events.RecentKeys(self.events_max_count)
+        self._events_log: events.EventLog | None = None
+        self._event_posts: events.PostRate | None = None
         self._request_pending = False
         self._exit_code: int | None = None
         self._outpost_name = ""
@@ -245,25 +250,53 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         external: bool = False,
     ) -> bool:
         """Add a progress event of the current start; ``False`` if it belongs to another
-        start, repeats one already shown, or ``filter_events`` hid it."""
+        start, repeats one already shown, or ``filter_events`` hid it.
+
+        An ``external`` event (posted to the events API, or relayed by the bridge) is shown
+        bounded: its texts cut to ``event_field_max_bytes`` and its ``html_message``
+        sanitized (unless ``events_allow_raw_html``), also after ``filter_events``, whose
+        result may embed posted text. The start's log keeps ``events_max_count`` events and
+        ``events_max_bytes`` at most (:class:`~jupyterhub_outpost_mq.spawner.progress.EventLog`)."""
         if start_id is not None and start_id != self.start_id:
             return False
+        if external:
+            event = events.bounded_event(event, self.event_field_max_bytes, raw_html=self.events_allow_raw_html)
         if key is not None:
-            if key in self._seen_seq:
+            if not self._seen_seq.add(key):
                 return False
-            self._seen_seq.add(key)
-        elif external:
-            if any(events.same_event(event, seen) for seen in self._seen_raw):
-                return False
-            self._seen_raw.append(dict(event))
+        elif external and not self._seen_raw.add(events.event_digest(event)):
+            return False
         if external and self.filter_events is not None:
             event = call_hook(self.filter_events, self, event)
             if not event:
                 return False
-        self.events.append(event)
+            if isinstance(event, dict):
+                event = events.bounded_event(event, self.event_field_max_bytes, raw_html=self.events_allow_raw_html)
+        self._event_log().append(event)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         return True
+
+    def _event_log(self) -> EventLog:  # (``events`` names the trait in the class body)
+        """The bounded log around ``self.events`` (a new one whenever the list is replaced:
+        a new start, or state loaded); serial numbers go on from the previous log."""
+        log = self._events_log
+        if log is None or log.events is not self.events:
+            log = EventLog(
+                self.events,
+                max_count=self.events_max_count,
+                max_bytes=self.events_max_bytes,
+                first_serial=log.next_serial if log is not None else 0,
+            )
+            self._events_log = log
+        return log
+
+    def allow_event_post(self, now: float) -> bool:
+        """Whether one more POST to this server's events API fits ``events_post_rate`` and
+        ``events_post_burst`` (``now``: monotonic seconds); the handler answers 429 if not."""
+        if self._event_posts is None:
+            self._event_posts = events.PostRate(self.events_post_rate, self.events_post_burst, now)
+        return self._event_posts.allow(now)
 
     def _on_bridge_event(self, event: ProgressEvent) -> None:
         shown: dict[str, Any] = {
@@ -293,13 +326,14 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
 
     async def progress(self) -> AsyncGenerator[dict[str, Any], None]:
         """Stream this start's events (hub, bridge and Outpost) as they arrive, until a
-        failed one."""
-        seen = 0
+        failed one. Follows the events' serial numbers: when the bounded log drops old
+        events, nothing is skipped or shown twice."""
+        seen = -1
         while True:
             changed = self._changed
-            while seen < len(self.events):
-                event = dict(self.events[seen])
-                seen += 1
+            for serial, stored in self._event_log().after(seen):
+                seen = serial
+                event = dict(stored)
                 event.pop("ready", None)
                 yield event
                 if event.get("failed"):
@@ -348,7 +382,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     ) -> CommandResult:
         broker = await self._broker(15 if patient else 5)
         envelope = self._envelope(body, deadline)
-        result = broker.router.expect(envelope.id)
+        result = broker.router.expect(envelope)
         try:
             await self._publish(broker, envelope, key, origin, patient=patient)
             self.log.debug("published %s", envelope.describe())
@@ -388,7 +422,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self.logs = []
         self.port_forward_info = {}
         self._first_poll = False
-        self.add_event(events.sending_request(self._log_name, self.user_options or {}))
+        self.add_event(events.sending_request(self._log_name, self.user_options or {}, self.event_field_max_bytes))
         broker_listen = None
         self._request_pending = True
         try:
@@ -530,14 +564,20 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         return result.address or service
 
     async def setup_tunnel(self, info: dict[str, Any]) -> None:
-        """The delayed case: the server (or its Outpost) reports where it runs."""
-        self.port_forward_info = {**self.port_forward_info, **info}
+        """The delayed case: the server (or its Outpost) reports where it runs. ``info`` was
+        checked by the handler (only ``service`` and the overrides the admin allows).
+
+        The new forward info is built and used first; ``port_forward_info`` (kept in the
+        state, used by every later forward and by stop) changes only once the forward was
+        made, so a request that fails leaves the server as it was."""
+        new_info = {**self.port_forward_info, **info}
         if self.ssh_custom_forward:
-            await resolve(self, "ssh_custom_forward", self.port_forward_info)
+            await resolve(self, "ssh_custom_forward", new_info)
         else:
-            await self.send_tunnel(str(info["service"]), self.port_forward_info)
+            await self.send_tunnel(str(info["service"]), new_info)
         if self.ssh_custom_svc:
-            await resolve(self, "ssh_custom_svc", self.port_forward_info)
+            await resolve(self, "ssh_custom_svc", new_info)
+        self.port_forward_info = new_info
 
     async def _run_failed_spawn_request_hook(self, exc: Exception) -> None:
         if not self.failed_spawn_request_hook:

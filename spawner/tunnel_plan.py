@@ -1,9 +1,12 @@
 """Resolves the ``ssh_*``/``svc_*`` traits into the tunnel specs the bridge carries out.
 
 ``port_forward_info`` (upstream's name, kept in the server's state) holds the Outpost's
-``service`` answer and the overrides a server sent to the setup-tunnel API (``ssh_node``,
-``ssh_port``, ``ssh_username``, ``ssh_key``, ``ssh_forward_options``); as upstream, a
-trait set to a plain value yields to such an override, a callable trait decides itself.
+``service`` answer and the overrides the setup-tunnel API let through: ``ssh_node``,
+``ssh_port`` and ``ssh_username``, only for a node ``ssh_allowed_nodes`` lists
+(:mod:`jupyterhub_outpost_mq.spawner.handlers.tunnels`); ``ssh_key`` and
+``ssh_forward_options`` never come from a request (state written by an upstream hub may
+still hold them). As upstream, a trait set to a plain value yields to such an override, a
+callable trait decides itself.
 """
 
 from __future__ import annotations

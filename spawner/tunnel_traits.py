@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Callable, Dict, Integer, Unicode, Union, default, validate
+from traitlets import Bool, Callable, Dict, Integer, List, Unicode, Union, default, validate
 from traitlets.config import LoggingConfigurable
 
 from jupyterhub_outpost_mq.spawner.hooks import callable_or_unset
@@ -78,7 +78,8 @@ class TunnelTraits(LoggingConfigurable):
         allow_none=True,
         help="""The SSH host the forwards go through. A string, or a (possibly async) callable
         ``ssh_node(spawner) -> str`` (it may also take the forward info as second argument).
-        A ``ssh_node`` given to the setup-tunnel API overrides the string."""
+        A ``ssh_node`` given to the setup-tunnel API overrides the string only when
+        ``ssh_allowed_nodes`` allows that node."""
         + _example("ssh_node", '                return "outpost.namespace.svc"'),
     ).tag(config=True)
     ssh_node_mapping = Callable(
@@ -93,6 +94,26 @@ class TunnelTraits(LoggingConfigurable):
                 return {"internal-host": "external.example.org"}.get(ssh_node, ssh_node)
 
             c.OutpostSpawner.ssh_node_mapping = ssh_node_mapping
+        """,
+    ).tag(config=True)
+    ssh_allowed_nodes = List(
+        Unicode(),
+        default_value=[],
+        help="""SSH nodes a server or its Outpost may name in a setup-tunnel request
+        (``POST /hub/api/users/setuptunnel/...``): host names or shell-style patterns
+        (``*``, ``?``, ``[...]``), compared case-insensitively with the ``ssh_node`` of the
+        request, before ``ssh_node_mapping``. Only with such a node are ``ssh_port`` and
+        ``ssh_username`` accepted from the request as well. Empty (default): a request may give
+        nothing but ``service`` ("host:port" of the user's own server); any ``ssh_*`` field is
+        refused with 400. Anyone holding a server's token can call that API, so list only nodes
+        where that is harmless. ``ssh_key``, ``ssh_forward_options`` and other key, path or
+        option fields are never taken from a request: ``ssh_key`` and ``ssh_forward_options``
+        (or hooks deciding them) stay the hub's.
+
+        Example::
+
+            # Outposts on the HPC systems announce which login node a server is behind.
+            c.OutpostSpawner.ssh_allowed_nodes = ["login-*.hpc.example.org", "gw.example.org"]
         """,
     ).tag(config=True)
     ssh_port = Union(
@@ -115,7 +136,7 @@ class TunnelTraits(LoggingConfigurable):
         allow_none=True,
         help="""Path of the SSH private key for ``ssh_node`` **on the bridge's host** (the
         bridge makes the connection): a string, or a (possibly async) callable
-        ``ssh_key(spawner) -> str``."""
+        ``ssh_key(spawner) -> str``. Never taken from a setup-tunnel request."""
         + _example("ssh_key", '                return "/mnt/private_keys/a"'),
     ).tag(config=True)
     ssh_forward_options = Union(
@@ -189,7 +210,8 @@ class TunnelTraits(LoggingConfigurable):
         allow_none=True,
         help="""A (possibly async) callable ``ssh_custom_forward(spawner, port_forward_info)``
         that makes the forward itself (e.g. by asking an external pod) instead of the bridge.
-        ``port_forward_info`` holds ``service`` ("host:port") and the ``ssh_*`` overrides.
+        ``port_forward_info`` holds ``service`` ("host:port") and the ``ssh_node``,
+        ``ssh_port`` and ``ssh_username`` overrides ``ssh_allowed_nodes`` let through.
 
         Example::
 

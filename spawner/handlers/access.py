@@ -23,6 +23,16 @@ def require_scope(handler: APIHandler, scope: str) -> None:
         raise web.HTTPError(403, f"the token lacks the {scope!r} scope")
 
 
+def parse_json(raw: bytes) -> Any:
+    """``raw`` parsed as JSON; 400 when it is not (invalid UTF-8 or JSON, numbers past
+    Python's digit limit, nesting past the recursion limit). The parser's text is not
+    repeated: the caller knows what they sent."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise web.HTTPError(400, "the body is not valid JSON") from None
+
+
 def json_object(handler: APIHandler, *, required: bool = True) -> dict[str, Any]:
     """The request body as a JSON object; 400 naming what is wrong."""
     raw = handler.request.body
@@ -30,10 +40,7 @@ def json_object(handler: APIHandler, *, required: bool = True) -> dict[str, Any]
         if required:
             raise web.HTTPError(400, "the request needs a JSON object body")
         return {}
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise web.HTTPError(400, f"the body is not JSON: {exc}") from None
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise web.HTTPError(400, f"the body must be a JSON object, got {type(body).__name__}")
     return body

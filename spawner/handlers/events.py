@@ -4,28 +4,35 @@
 one event to the server's current start; ``?start_id=`` scopes it, so a late event from an
 earlier start is dropped. ``GET`` (scope ``read:servers``) returns
 ``{"events": [...], "active": bool, "ready": bool}`` like upstream.
+
+Anyone holding a server's token can post, so a post is checked before anything changes:
+the server's post rate (``events_post_rate``, else 429), the body's shape (else 400, never
+a 500), and ``?seq=``. What is shown is bounded and sanitized by
+:meth:`OutpostSpawner.add_event <jupyterhub_outpost_mq.spawner.spawner.OutpostSpawner.add_event>`.
 """
 
 from __future__ import annotations
 
-import json
+import math
+import re
+import time
 from typing import Any
 
 from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.scopes import needs_scope
 from tornado import web
 
-from jupyterhub_outpost_mq.spawner.handlers.access import find_spawner
+from jupyterhub_outpost_mq.spawner.handlers.access import find_spawner, parse_json
 
 _FIELDS = {"progress": int, "message": str, "html_message": str, "failed": bool}
+MAX_TEXT = 65536
+"""Characters of a text field above which a post is refused rather than cut (the wire's limit)."""
+_SEQ = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also accepts "²"
 
 
 def parse_event(raw: bytes) -> dict[str, Any]:
     """Validate a posted event; raises 400 naming what is wrong."""
-    try:
-        event = json.loads(raw or b"null")
-    except ValueError as exc:
-        raise web.HTTPError(400, f"event body is not JSON: {exc}") from None
+    event = parse_json(raw or b"null")
     if not isinstance(event, dict):
         raise web.HTTPError(400, "event must be a JSON object")
     clean: dict[str, Any] = {}
@@ -33,28 +40,47 @@ def parse_event(raw: bytes) -> dict[str, Any]:
         if key not in event:
             continue
         value = event[key]
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise web.HTTPError(400, f"event field {key!r} must be a number")
-        if kind is not int and not isinstance(value, kind):
+        if kind is int:
+            clean[key] = _progress(value)
+            continue
+        if not isinstance(value, kind):
             raise web.HTTPError(400, f"event field {key!r} must be a {kind.__name__}")
-        if kind is str and len(value) > 65536:
-            raise web.HTTPError(400, f"event field {key!r} is longer than 65536 characters")
-        clean[key] = max(0, min(100, int(value))) if kind is int else value
+        if isinstance(value, str) and len(value) > MAX_TEXT:
+            raise web.HTTPError(400, f"event field {key!r} is longer than {MAX_TEXT} characters")
+        clean[key] = value
     if not clean.get("message") and not clean.get("html_message"):
         raise web.HTTPError(400, "event needs a 'message' or an 'html_message'")
     return clean  # "ready" is never taken from outside: only the hub decides readiness
+
+
+def _progress(value: Any) -> int:
+    """A percentage: a finite number from 0 to 100 (JSON's ``Infinity``/``NaN`` are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise web.HTTPError(400, "event field 'progress' must be a number")
+    if not math.isfinite(value) or not 0 <= value <= 100:
+        raise web.HTTPError(400, "event field 'progress' must be a number from 0 to 100")
+    return int(value)
+
+
+def parse_seq(value: str | None) -> int | None:
+    """``?seq=``: 1 to 18 ASCII digits (a number an Outpost counts up), or absent."""
+    if value is None:
+        return None
+    if not _SEQ.fullmatch(value):
+        raise web.HTTPError(400, "seq must be a non-negative integer of at most 18 digits")
+    return int(value)
 
 
 class ProgressEventsHandler(APIHandler):
     @needs_scope("access:servers")
     async def post(self, user_name: str, server_name: str = "") -> None:
         spawner = find_spawner(self, user_name, server_name or "")
+        if not spawner.allow_event_post(time.monotonic()):
+            raise web.HTTPError(429, f"too many events for {spawner._log_name}; slow down")
         event = parse_event(self.request.body)
         start_id = self.get_argument("start_id", None)
-        seq = self.get_argument("seq", None)
-        if seq is not None and not seq.isdigit():
-            raise web.HTTPError(400, f"seq must be a non-negative integer, got {seq!r:.50}")
-        key = ("http", int(seq)) if seq is not None else None
+        seq = parse_seq(self.get_argument("seq", None))
+        key = ("http", seq) if seq is not None else None
         if not spawner.add_event(event, start_id=start_id, key=key, external=True):
             self.log.info("ignored an event for %s (earlier start, repeated or filtered)", spawner._log_name)
         self.set_status(204)

@@ -22,12 +22,15 @@ from jupyterhub_outpost_mq.schemas import (
     MAX_MESSAGE_BYTES,
     DecodeError,
     Envelope,
+    Keyring,
+    PrivateKey,
     ServerRef,
     Topology,
-    decode,
+    decode_wire,
     encode,
 )
 from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER
+from tests.keys import bridge_keyring, hub_keyring
 
 from .fault_harness import (
     CREDENTIALS,
@@ -66,19 +69,28 @@ def poison_messages(hub_id: str, url: str) -> dict[str, bytes]:
     big = msgspec.structs.replace(
         big, body=msgspec.structs.replace(big.body, env={"BIG": "x" * (MAX_MESSAGE_BYTES + 1)})
     )
+    sign = hub_keyring().sign  # well signed, wrong inside: the envelope's own checks must hold
+    stranger = Keyring.for_hub(PrivateKey.generate("hub"), [bridge_public()])
     return {
         "undecodable": b"\xc1\xff not msgpack at all",
-        "invalid": encode(good).replace(b"poll", b"pull"),
-        "unsupported_version": wrong_version,
-        "too_large": encode(big),
-        "invalid hub id": encode(msgspec.structs.replace(good, hub="intruder")),
+        "invalid": sign(encode(good).replace(b"poll", b"pull")),
+        "unsupported_version": sign(wrong_version),
+        "too_large": sign(encode(big)),
+        "invalid hub id": sign(encode(msgspec.structs.replace(good, hub="intruder"))),
+        "unsigned": encode(good),
+        "forged": stranger.sign(encode(good)),
     }
+
+
+def bridge_public() -> str:
+    (key,) = [k for k in hub_keyring().trusted.values() if k.role == "bridge"]
+    return key.text()
 
 
 def bridge_would_reject(body: bytes, hub_id: str) -> bool:
     """The bridge's acceptance rule for Outpost queues (:func:`jupyterhub_outpost_mq.bridge.consumer.check_command`)."""
     try:
-        check_command(decode(body), frozenset({hub_id}))
+        check_command(decode_wire(body, bridge_keyring()), frozenset({hub_id}))
     except DecodeError:
         return True
     return False
@@ -130,8 +142,12 @@ def fuzz_messages(count: int, hub_id: str, url: str) -> list[bytes]:
         ]
     )
 
+    ids = iter(range(10**9))
+
     def mutate(path: tuple[str, ...], value: Any, delete: bool) -> bytes:
         message = json.loads(json.dumps(base))
+        # One id per message: the bridge refuses an id re-used with other content (forgery).
+        message["id"] = f"fuzz-{next(ids)}"
         holder = message
         for key in path[:-1]:
             holder = holder[key]
@@ -162,7 +178,8 @@ def fuzz_messages(count: int, hub_id: str, url: str) -> list[bytes]:
 
     collect()
     assert len(out) == count, len(out)
-    return out
+    sign = hub_keyring().sign  # behind a valid signature: the envelope decoder is what is fuzzed
+    return [sign(m) for m in out]
 
 
 async def dead_letters(amqp_url: str, queue: str, arguments: dict[str, Any], want: int, timeout: float) -> list[Any]:
@@ -194,7 +211,7 @@ async def poison_and_fuzz(
     """Five kinds of poison and ``fuzz`` generated messages at a live bridge that serves one
     hub id, while ``real`` starts keep succeeding: each bad message is dead-lettered once
     with its reason, the bridge keeps running, valid generated polls are answered."""
-    tally = Tally(f"Poison messages (5 kinds) + {fuzz} fuzzed, {real} real starts meanwhile")
+    tally = Tally(f"Poison messages (7 kinds) + {fuzz} fuzzed, {real} real starts meanwhile")
     async with stack(workdir, "poison", amqp_url) as st:
         outpost = await st.outpost()
         url = outpost.url
@@ -225,7 +242,9 @@ async def poison_and_fuzz(
         drained = time.monotonic() - began
         reasons = {m.message_id: str((m.headers or {}).get(DEAD_LETTER_REASON_HEADER, "")) for m in letters}
         # Valid generated polls get answered (results for their command ids).
-        valid_ids = Counter(decode(m).id for m in generated if not bridge_would_reject(m, st.hub_id))
+        valid_ids = Counter(
+            decode_wire(m, bridge_keyring()).id for m in generated if not bridge_would_reject(m, st.hub_id)
+        )
         unanswered = await wait_until(lambda: all(len(hub.results.get(i, [])) >= n for i, n in valid_ids.items()), 60)
         counts = await asyncio.to_thread(post_counts, outpost)
         tally.attempted = len(poison) + len(generated) + real

@@ -34,8 +34,8 @@ from jupyterhub_outpost_mq.schemas import (
     StartCommand,
     StopCommand,
     Topology,
-    decode,
-    encode,
+    decode_wire,
+    encode_wire,
     outpost_key,
 )
 from jupyterhub_outpost_mq.schemas.base import new_id
@@ -47,6 +47,7 @@ from jupyterhub_outpost_mq.schemas.topology import (
     with_reconnect_interval,
 )
 from jupyterhub_outpost_mq.spawner.roster import split
+from tests.keys import hub_keyring
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -99,6 +100,7 @@ class CountingHub:
         self._heartbeat = heartbeat
         self.topology = Topology(prefix)
         self.hub_id = hub_id
+        self.keyring = hub_keyring()
         self.results: dict[str, list[CommandResult]] = defaultdict(list)
         self.result_times: dict[str, float] = {}
         self.events: dict[str, list[ProgressEvent]] = defaultdict(list)  # by "user/start_id"
@@ -138,7 +140,7 @@ class CountingHub:
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         try:
-            envelope = decode(message.body)
+            envelope = decode_wire(message.body, self.keyring)
         except DecodeError:
             await message.reject(requeue=False)
             return
@@ -171,7 +173,7 @@ class CountingHub:
         announcement = Envelope(id=new_id(), hub=self.hub_id, body=OutpostAnnouncement(key=key, origin=url_origin(url)))
         registry = await self._channel.get_exchange(t.registry_exchange)
         await registry.publish(
-            aio_pika.Message(encode(announcement), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            aio_pika.Message(encode_wire(announcement, self.keyring), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
             routing_key="announce",
         )
         self._outposts.add(key)
@@ -183,7 +185,7 @@ class CountingHub:
         self._waiters[envelope.id] = future
         key = await self.ensure_outpost(url)
         message = aio_pika.Message(
-            encode(envelope),
+            encode_wire(envelope, self.keyring),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=envelope.id,
             content_type="application/msgpack",
@@ -223,7 +225,7 @@ class CountingHub:
         snapshot, parts = new_id(), split(entries)
         for part, chunk in enumerate(parts):
             body = HubRoster(snapshot=snapshot, part=part, parts=len(parts), servers=chunk)
-            message = aio_pika.Message(encode(Envelope(id=new_id(), hub=self.hub_id, body=body)))
+            message = aio_pika.Message(encode_wire(Envelope(id=new_id(), hub=self.hub_id, body=body), self.keyring))
             await control.publish(message, routing_key="", mandatory=False, timeout=15)
 
     async def publish_raw(self, body: bytes, routing_key: str, message_id: str) -> None:

@@ -15,6 +15,12 @@ from typing import Any
 
 import requests
 
+from tests.keys import ensure_env
+
+ensure_env()  # hubs and bridges started from here find their keys in the environment
+# The bridges these tests start may call the Outposts they start: loopback, any port.
+os.environ.setdefault("OUTPOST_MQ_ALLOWED_OUTPOSTS", "http://127.0.0.1:*")
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

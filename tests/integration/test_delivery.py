@@ -33,6 +33,7 @@ from jupyterhub_outpost_mq.schemas import (
 from jupyterhub_outpost_mq.schemas.base import new_id
 from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER, url_origin
 from jupyterhub_outpost_mq.spawner.broker import HubBroker
+from tests.keys import hub_keyring
 
 from .services import AMQP_URL, Bridge, Outpost, free_port
 
@@ -58,7 +59,7 @@ class CommandSender:
         return Envelope(id=new_id(), hub=self.broker.hub_id, server=ref, deadline=time.time() + seconds, body=body)
 
     async def send(self, envelope: Envelope, url: str) -> asyncio.Future[CommandResult]:
-        future = self.broker.router.expect(envelope.id)
+        future = self.broker.router.expect(envelope)
         await self.broker.ensure_outpost(outpost_key(url), url_origin(url))
         await self.broker.publish(envelope, outpost_key(url))
         return future
@@ -80,7 +81,7 @@ def stop_body(outpost: Outpost, name: str) -> StopCommand:
 
 @pytest_asyncio.fixture(loop_scope="session", scope="session")
 async def test_hub(bridge: Bridge, prefix: str) -> AsyncIterator[CommandSender]:
-    broker = HubBroker(AMQP_URL, Topology(prefix), f"{prefix}-delivery", 15)
+    broker = HubBroker(AMQP_URL, Topology(prefix), f"{prefix}-delivery", 15, hub_keyring())
     await broker.ready()
     yield CommandSender(broker)
 
@@ -150,7 +151,10 @@ async def test_poison_messages_are_dead_lettered_with_a_reason(
         exchange = await channel.get_exchange(topology.command_exchange)
         poison = {
             "undecodable": b"\xc1\xff not msgpack",
-            "schema": encode(test_hub.envelope(start_body(outpost, "x", "1"), "x", "1")).replace(b"start", b"stort"),
+            "schema": hub_keyring().sign(
+                encode(test_hub.envelope(start_body(outpost, "x", "1"), "x", "1")).replace(b"start", b"stort")
+            ),
+            "unsigned": encode(test_hub.envelope(start_body(outpost, "x", "1"), "x", "1")),
         }
         ids = {}
         for label, body in poison.items():
@@ -171,6 +175,7 @@ async def test_poison_messages_are_dead_lettered_with_a_reason(
                     reasons[label] = str(message.headers[DEAD_LETTER_REASON_HEADER])
     assert reasons["undecodable"].startswith("undecodable"), reasons
     assert reasons["schema"].startswith("invalid"), reasons
+    assert reasons["unsigned"].startswith("unsigned"), reasons
     # The bridge keeps serving.
     name = f"after{uuid.uuid4().hex[:6]}"
     poll = PollCommand(target=OutpostTarget(url=outpost.url.rstrip("/"), headers=basic(outpost.credentials)), name=name)
@@ -184,7 +189,7 @@ async def test_bridge_killed_mid_start_loses_and_duplicates_nothing(outpost: Out
     bridge.name = prefix
     bridge.log_path = workdir / f"{prefix}.log"
     bridge.start()
-    broker = HubBroker(AMQP_URL, Topology(prefix), f"{prefix}-hub", 15)
+    broker = HubBroker(AMQP_URL, Topology(prefix), f"{prefix}-hub", 15, hub_keyring())
     await broker.ready()
     hub = CommandSender(broker)
     name, start_id = f"kill{uuid.uuid4().hex[:6]}", uuid.uuid4().hex

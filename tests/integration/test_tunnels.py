@@ -41,6 +41,7 @@ from jupyterhub_outpost_mq.schemas.base import new_id
 from jupyterhub_outpost_mq.schemas.topology import url_origin
 from jupyterhub_outpost_mq.spawner.broker import HubBroker
 from tests.fakes.k8s_api import kubeconfig
+from tests.keys import hub_keyring
 
 from .services import AMQP_URL, Bridge, Outpost, Process, free_port, port_open, wait_for
 from .sshd import Sshd
@@ -90,14 +91,14 @@ class TunnelHub:
     async def send(self, body: object, user: str, start_id: str, seconds: float = 40) -> CommandResult:
         envelope = self.envelope(body, user, start_id, seconds)
         url = self.outpost.url
-        future = self.broker.router.expect(envelope.id)
+        future = self.broker.router.expect(envelope)
         await self.broker.ensure_outpost(outpost_key(url), url_origin(url))
         await self.broker.publish(envelope, outpost_key(url))
         return await asyncio.wait_for(future, seconds + 30)
 
     async def broadcast(self, body: object, seconds: float = 30) -> CommandResult:
         envelope = Envelope(id=new_id(), hub=self.broker.hub_id, deadline=time.time() + seconds, body=body)
-        future = self.broker.router.expect(envelope.id)
+        future = self.broker.router.expect(envelope)
         await self.broker.broadcast(envelope)
         return await asyncio.wait_for(future, seconds)
 
@@ -172,6 +173,13 @@ def restart(bridge: Bridge) -> None:
     assert bridge.alive(), bridge.log()[-3000:]
 
 
+def ssh_keys(workdir: Path, *roots: str) -> dict[str, str]:
+    """``ssh_keys`` naming the client and remote-forward keys of the sshds under ``roots``."""
+    return {
+        f"{root}-{kind}": str(workdir / root / f"{kind}_ed25519") for root in roots for kind in ("client", "remote")
+    }
+
+
 def new_name(label: str) -> tuple[str, str]:
     return f"{label}{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
 
@@ -207,6 +215,10 @@ def tunnel_bridge(
         "c.OutpostBridge.k8s_enabled = True\n"
         f"c.OutpostBridge.kubeconfig = {str(fake_k8s.kubeconfig)!r}\n"
         f"c.OutpostBridge.service_selector = {SELECTOR!r}\n"
+        # What commands may use for SSH: the throwaway sshds' keys (the tests send their paths,
+        # as upstream hubs do) and any port on loopback.
+        f"c.OutpostBridge.ssh_keys = {ssh_keys(workdir, 'sshd', 'sshd-changed-key')!r}\n"
+        "c.OutpostBridge.ssh_allowed_hosts = ['127.0.0.1']\n"
     )
     bridge = Bridge(workdir, tunnel_prefix, workdir / f"{tunnel_prefix}.sqlite", [f"--config={config}"])
     bridge.name = tunnel_prefix
@@ -220,7 +232,7 @@ def tunnel_bridge(
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def hub(tunnel_bridge: Bridge, tunnel_prefix: str, outpost: Outpost) -> AsyncIterator[TunnelHub]:
-    broker = HubBroker(AMQP_URL, Topology(tunnel_prefix), f"{tunnel_prefix}-hub", 15)
+    broker = HubBroker(AMQP_URL, Topology(tunnel_prefix), f"{tunnel_prefix}-hub", 15, hub_keyring())
     await broker.ready()
     yield TunnelHub(broker, outpost)
 
@@ -388,7 +400,7 @@ async def test_remote_forward_start_and_stop(hub: TunnelHub, sshd: Sshd) -> None
 
 
 async def test_remote_forward_start_failure_is_reported_and_nothing_starts(
-    hub: TunnelHub, sshd: Sshd, outpost: Outpost
+    hub: TunnelHub, sshd: Sshd, outpost: Outpost, tunnel_bridge: Bridge
 ) -> None:
     name, start_id = new_name("rff")
     fail_flag = sshd.remote_fail_flag
@@ -400,7 +412,10 @@ async def test_remote_forward_start_failure_is_reported_and_nothing_starts(
         fail_flag.unlink()
     assert not result.ok and result.error is not None
     assert result.error.kind == "rejected"
-    assert "exited 3" in result.error.summary and "no port free on the node" in result.error.summary
+    assert "exited 3" in result.error.summary and "no port free on the node" not in result.error.summary
+    # The remote command's stderr is in the bridge log, under the error id the hub got.
+    error_id = result.error.summary.rsplit("(error id ", 1)[1].rstrip(")")
+    assert re.search(rf"\[error id {error_id}\].*?no port free on the node", tunnel_bridge.log(), re.S)
     assert f"{name}/{start_id}" not in outpost.get("/_dev/stats")["starts"]  # never POSTed
 
 

@@ -34,6 +34,9 @@ def e2e_bridge(rabbitmq: str, workdir: Path, e2e_prefix: str) -> Iterator[Bridge
         f"c.OutpostBridge.known_hosts_path = {str(workdir / 'e2e_known_hosts')!r}\n"
         "c.OutpostBridge.tunnel_bind_host = '127.0.0.1'\n"
         "c.OutpostBridge.tunnel_public_host = '127.0.0.1'\n"
+        # The hub sends the throwaway sshd's key path (OutpostSpawner.ssh_key): list it.
+        f"c.OutpostBridge.ssh_keys = {{'sshd': {str(workdir / 'sshd' / 'client_ed25519')!r}}}\n"
+        "c.OutpostBridge.ssh_allowed_hosts = ['127.0.0.1']\n"
     )
     bridge = Bridge(workdir, e2e_prefix, workdir / f"{e2e_prefix}.sqlite", [f"--config={config}"])
     bridge.name = e2e_prefix

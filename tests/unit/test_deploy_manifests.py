@@ -1,17 +1,24 @@
 """The Kubernetes manifests in deploy/kubernetes: valid against the API schemas (offline,
-kubernetes-validate, strict), and consistent with what the bridge needs."""
+kubernetes-validate, strict), consistent with what the bridge needs, and with one
+least-privilege RabbitMQ user per role, the bridge connecting as its own."""
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import kubernetes_validate
 import pytest
 import yaml
 from traitlets.config import Config
 
+from jupyterhub_outpost_mq.bridge import broker_users
 from jupyterhub_outpost_mq.bridge.app import OutpostBridge
+from jupyterhub_outpost_mq.schemas import Topology
+from jupyterhub_outpost_mq.schemas.permissions import accounts, admin_account, bridge_account
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
@@ -23,7 +30,9 @@ def documents(path: Path) -> list[dict[str, Any]]:
 
 
 def bridge_objects() -> dict[str, dict[str, Any]]:
-    return {d["kind"]: d for d in documents(ROOT / "deploy" / "kubernetes" / "outpost-bridge.yaml")}
+    """The bridge's objects by kind (Secrets, of which there are several, by "Secret/<name>")."""
+    objects = documents(ROOT / "deploy" / "kubernetes" / "outpost-bridge.yaml")
+    return {d["kind"] if d["kind"] != "Secret" else f"Secret/{d['metadata']['name']}": d for d in objects}
 
 
 def bridge_config() -> Config:
@@ -71,3 +80,91 @@ def test_the_deployment_matches_the_bridge_config() -> None:
 def test_the_role_allows_what_the_service_manager_does() -> None:
     [rule] = bridge_objects()["Role"]["rules"]
     assert rule["resources"] == ["services"] and {"create", "delete"} <= set(rule["verbs"])
+
+
+# -- RabbitMQ users (rabbitmq.yaml) ---------------------------------------------------------
+
+
+def rabbitmq_objects() -> dict[str, list[dict[str, Any]]]:
+    found: dict[str, list[dict[str, Any]]] = {}
+    for doc in documents(ROOT / "deploy" / "kubernetes" / "rabbitmq.yaml"):
+        found.setdefault(doc["kind"], []).append(doc)
+    return found
+
+
+def definitions_step() -> tuple[dict[str, Any], argparse.Namespace]:
+    """The init container that writes the definitions, and its arguments as the command reads them."""
+    [statefulset] = rabbitmq_objects()["StatefulSet"]
+    [init] = [c for c in statefulset["spec"]["template"]["spec"]["initContainers"] if c["name"] == "definitions"]
+    assert init["command"] == ["outpost-mq-broker-users"]
+    return init, broker_users.build_parser().parse_args(init["args"])
+
+
+def test_rabbitmq_creates_a_user_per_role_from_the_generated_definitions(tmp_path: Path) -> None:
+    objects = rabbitmq_objects()
+    [statefulset] = objects["StatefulSet"]
+    pod = statefulset["spec"]["template"]["spec"]
+    init, args = definitions_step()
+    assert args.command == "print-definitions" and set(args.roles) == {"hub", "bridge", "replay", "admin"}
+    assert args.prefix == bridge_config().OutpostBridge.name_prefix
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secrets = {s["metadata"]["name"]: s for s in objects["Secret"]}
+    # Every password file is a key of the users' Secret, mounted into the init container.
+    mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+    files = {}
+    for spec in args.password_file:
+        key, path = spec.split("=", 1)
+        volume = volumes[mounts[str(Path(path).parent)]]
+        assert Path(path).name in secrets[volume["secret"]["secretName"]]["stringData"], spec
+        files[key] = path
+    # The definitions land in a memory volume that RabbitMQ reads through load_definitions.
+    output = Path(args.output)
+    assert volumes[mounts[str(output.parent)]]["emptyDir"]["medium"] == "Memory"
+    [rabbitmq] = [c for c in pod["containers"] if c["name"] == "rabbitmq"]
+    rabbit_mounts = {m["mountPath"]: m for m in rabbitmq["volumeMounts"]}
+    assert rabbit_mounts[str(output.parent)]["name"] == mounts[str(output.parent)]
+    [conf_mount] = [m for path, m in rabbit_mounts.items() if path.startswith("/etc/rabbitmq/conf.d/")]
+    configmaps = {c["metadata"]["name"]: c for c in objects["ConfigMap"]}
+    conf = configmaps[volumes[conf_mount["name"]]["configMap"]["name"]]["data"][conf_mount["subPath"]]
+    assert f"load_definitions = {output}" in conf.splitlines()
+    # Nothing runs as a default administrator: no default user, and the users come from the command.
+    assert not {e["name"] for e in rabbitmq.get("env", [])} & {"RABBITMQ_DEFAULT_USER", "RABBITMQ_DEFAULT_PASS"}
+    for key in files:
+        (tmp_path / key.replace(":", "-")).write_text(f"pw-{key}\n")
+    kept = [a for a in init["args"] if not a.startswith(("--password-file", "--output"))]
+    argv = [*kept, *(f"--password-file={k}={tmp_path / k.replace(':', '-')}" for k in files)]
+    argv.append(f"--output={tmp_path / 'definitions.json'}")
+    assert broker_users.main(argv) == 0
+    made = json.loads((tmp_path / "definitions.json").read_text())
+    expected = accounts(Topology(args.prefix), args.hub_id)
+    assert {u["name"] for u in made["users"]} == {a.user for a in expected}
+    assert all(u["password_hash"] for u in made["users"])
+    assert {p["user"]: p["write"] for p in made["permissions"]} == {a.user: a.write for a in expected}
+    assert made["vhosts"] == [{"name": args.vhost}]
+
+
+def test_the_bridge_connects_as_the_bridge_user() -> None:
+    _, args = definitions_step()
+    url = urlsplit(bridge_objects()["Secret/outpost-mq-amqp"]["stringData"]["bridge-url"])
+    assert url.username == bridge_account(Topology(args.prefix)).user
+    assert url.username != admin_account(Topology(args.prefix)).user
+    assert (unquote(url.path[1:]) or "/") == args.vhost
+
+
+def test_forwards_listen_on_every_interface_of_the_pod() -> None:
+    # The code's default becomes 127.0.0.1; the hub and the Services reach the pod's address.
+    assert bridge_config().OutpostBridge.tunnel_bind_host == "0.0.0.0"
+
+
+def test_the_bridge_has_its_key_trusts_hubs_and_allows_outposts() -> None:
+    config = bridge_config().OutpostBridge
+    mounts = {
+        m["name"]: m["mountPath"]
+        for m in bridge_objects()["Deployment"]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
+    volumes = {v["name"]: v for v in bridge_objects()["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    (key_file,) = config.key_files
+    assert key_file.startswith(mounts["keys"] + "/")
+    assert volumes["keys"]["secret"]["secretName"] == "outpost-bridge-keys"
+    assert key_file.rsplit("/", 1)[1] in bridge_objects()["Secret/outpost-bridge-keys"]["stringData"]
+    assert config.hub_public_keys and config.allowed_outposts

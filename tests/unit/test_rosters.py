@@ -41,7 +41,7 @@ def roster(snapshot: str, *servers: tuple[str, str], part: int = 0, parts: int =
 
 
 def test_a_snapshot_in_parts_counts_once_every_part_arrived(tmp_path: Path) -> None:
-    rosters = Rosters(tmp_path / "j.sqlite", clock=Clock())
+    rosters = Rosters(tmp_path / "j.sqlite", clock=Clock(), min_interval=0)
     assert not rosters.receive("hub", roster("s1", ("bob", "2"), part=1, parts=2))
     assert rosters.owner("bob", "2") is None  # half a snapshot is no snapshot
     assert rosters.receive("hub", roster("s1", ("ann", "1"), part=0, parts=2))
@@ -54,7 +54,7 @@ def test_a_snapshot_in_parts_counts_once_every_part_arrived(tmp_path: Path) -> N
 
 def test_parts_of_an_unfinished_snapshot_expire(tmp_path: Path) -> None:
     clock = Clock()
-    rosters = Rosters(tmp_path / "j.sqlite", clock=clock)
+    rosters = Rosters(tmp_path / "j.sqlite", clock=clock, min_interval=0)
     rosters.receive("hub", roster("s1", ("ann", "1"), part=0, parts=2))
     clock.now += PART_TIMEOUT + 1
     assert not rosters.receive("hub", roster("s1", ("bob", "2"), part=1, parts=2))
@@ -63,18 +63,18 @@ def test_parts_of_an_unfinished_snapshot_expire(tmp_path: Path) -> None:
 
 def test_snapshots_survive_a_restart_but_are_not_fresh(tmp_path: Path) -> None:
     clock = Clock()
-    rosters = Rosters(tmp_path / "j.sqlite", clock=clock)
+    rosters = Rosters(tmp_path / "j.sqlite", clock=clock, min_interval=0)
     rosters.receive("hub", roster("s1", ("ann", "1")))
     rosters.receive("hub", roster("s2", ("ann", "1")))
     rosters.close()
-    again = Rosters(tmp_path / "j.sqlite", clock=clock)
+    again = Rosters(tmp_path / "j.sqlite", clock=clock, min_interval=0)
     assert again.owner("ann", "1") == "hub" and again.claimants(KEY) == {"hub"}
     assert not again.disowned(frozenset({"hub"}), since=0)  # two new snapshots are needed
 
 
 def test_disowned_needs_two_snapshots_after_first_sight_from_every_hub(tmp_path: Path) -> None:
     clock = Clock()
-    rosters = Rosters(tmp_path / "j.sqlite", clock=clock)
+    rosters = Rosters(tmp_path / "j.sqlite", clock=clock, min_interval=0)
     seen = clock.now
     for n in range(2):
         clock.now += 1
@@ -128,7 +128,7 @@ def world(tmp_path: Path, services: list[tuple[str, str]], hubs: tuple[str, ...]
     ledger = ServerLedger(tmp_path / "j.sqlite")
     for hub in hubs:
         teach(ledger, hub)
-    rosters = Rosters(tmp_path / "j.sqlite", clock=clock)
+    rosters = Rosters(tmp_path / "j.sqlite", clock=clock, min_interval=0)
     client = ListingClient([{"name": name, "start_id": sid} for name, sid in services])
     metrics = BridgeMetrics()
     reconciler = Reconciler(ledger, client, metrics=metrics, rosters=rosters, clock=clock, **kwargs)  # type: ignore[arg-type]
@@ -215,3 +215,33 @@ def test_the_ledger_records_which_hubs_use_an_account(tmp_path: Path) -> None:
     teach(ledger, "a")
     ledger.close()
     assert ServerLedger(tmp_path / "j.sqlite").targets() == [(TARGET, frozenset({"a", "b"}))]
+
+
+def test_a_roster_dropping_most_servers_waits_for_confirmation(tmp_path: Path) -> None:
+    clock = Clock()
+    rosters = Rosters(tmp_path / "j.sqlite", clock=clock, min_interval=0, confirm_drop=0.5)
+    full = HubRoster(snapshot="s1", servers=[RosterEntry("o", f"u{i}", "1") for i in range(10)])
+    rosters.receive("hub", full)
+    clock.now += 1
+    rosters.receive("hub", HubRoster(snapshot="s2", servers=[]))  # drops 10 of 10: held
+    assert rosters.owner("u3", "1") == "hub"
+    clock.now += 1
+    rosters.receive("hub", HubRoster(snapshot="s3", servers=[RosterEntry("o", "u0", "1")]))  # confirms
+    assert rosters.owner("u3", "1") is None and rosters.owner("u0", "1") == "hub"
+    clock.now += 1
+    rosters.receive("hub", full)  # growing back is always taken
+    clock.now += 1
+    rosters.receive("hub", HubRoster(snapshot="s5", servers=full.servers[:6]))  # drops 4 of 10: taken
+    assert rosters.owner("u8", "1") is None and rosters.owner("u5", "1") == "hub"
+
+
+def test_rosters_faster_than_the_minimum_interval_are_ignored(tmp_path: Path) -> None:
+    clock = Clock()
+    rosters = Rosters(tmp_path / "j.sqlite", clock=clock, min_interval=5)
+    rosters.receive("hub", HubRoster(snapshot="s1", servers=[RosterEntry("o", "a", "1")]))
+    clock.now += 1
+    rosters.receive("hub", HubRoster(snapshot="s2", servers=[RosterEntry("o", "b", "1")]))
+    assert rosters.owner("a", "1") == "hub" and rosters.ignored == 1
+    clock.now += 5
+    rosters.receive("hub", HubRoster(snapshot="s3", servers=[RosterEntry("o", "a", "1"), RosterEntry("o", "b", "1")]))
+    assert rosters.owner("b", "1") == "hub"

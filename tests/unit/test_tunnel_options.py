@@ -7,17 +7,34 @@ from pathlib import Path
 import pytest
 
 from jupyterhub_outpost_mq.bridge.errors import TransientError, TransientTunnelError, TunnelSpecError
-from jupyterhub_outpost_mq.bridge.ssh_options import ACCEPTED, HONOURED, REJECTED, parse_address, settings_for
+from jupyterhub_outpost_mq.bridge.ssh_options import (
+    ACCEPTED,
+    HONOURED,
+    REJECTED,
+    SshAccess,
+    parse_address,
+    settings_for,
+)
 from jupyterhub_outpost_mq.bridge.tunnel_store import StoredTunnel, TunnelStore
 from jupyterhub_outpost_mq.schemas import ServiceSpec, SshEndpoint, TunnelSpec
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "tunnels.md"
 
 
+# What the bridge's configuration allows in these tests: the node "node" on any port, and the
+# key files an upstream configuration names.
+ACCESS = SshAccess(keys={"k": "/k", "id": "/keys/id"}, hosts=("node",))
+
+
 def settings(**options: str):  # type: ignore[no-untyped-def]
     endpoint = SshEndpoint(host="node", port=22, username="u", key="/k", options=options)
     return settings_for(
-        endpoint, keepalive_interval=15, keepalive_count_max=3, connect_timeout=15, ciphers=("aes128-gcm@openssh.com",)
+        endpoint,
+        access=ACCESS,
+        keepalive_interval=15,
+        keepalive_count_max=3,
+        connect_timeout=15,
+        ciphers=("aes128-gcm@openssh.com",),
     )
 
 
@@ -42,7 +59,7 @@ def test_upstream_default_options_are_accepted() -> None:
 
 
 def test_names_are_case_insensitive_and_values_checked() -> None:
-    assert settings(stricthostkeychecking="no").host_key_policy == "no"
+    assert settings(stricthostkeychecking="yes").host_key_policy == "yes"
     assert settings(Ciphers="chacha20-poly1305@openssh.com,aes128-ctr").ciphers == (
         "chacha20-poly1305@openssh.com",
         "aes128-ctr",
