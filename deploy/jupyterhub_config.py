@@ -42,10 +42,14 @@ from jupyterhub_outpost_mq.spawner import connect_at_hub_start  # noqa: E402
 
 connect_at_hub_start()
 c.OutpostSpawner.request_url = os.environ.get("OUTPOST_URL", "http://127.0.0.1:8082/services/")
+# The Outpost's credentials: held by the bridge (OutpostBridge.outpost_credentials, what the local
+# stack does, so none crosses the broker) when OUTPOST_CREDENTIALS is empty; else sent by the hub
+# like upstream's request_headers (sealed for the bridges).
 credentials = os.environ.get("OUTPOST_CREDENTIALS", "jupyterhub:outpost-dev")
-c.OutpostSpawner.request_headers = {
-    "Authorization": "Basic " + base64.b64encode(credentials.encode()).decode(),
-}
+if credentials:
+    c.OutpostSpawner.request_headers = {
+        "Authorization": "Basic " + base64.b64encode(credentials.encode()).decode(),
+    }
 c.OutpostSpawner.name_prefix = os.environ.get("OUTPOST_MQ_PREFIX", "outpost-mq")
 c.OutpostSpawner.start_timeout = int(os.environ.get("OUTPOST_MQ_START_TIMEOUT", "120"))
 c.OutpostSpawner.http_timeout = 60

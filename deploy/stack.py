@@ -8,6 +8,7 @@ started, in reverse order. State lives in ``.stack/`` (hub database, bridge jour
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import secrets
 import signal
@@ -46,6 +47,18 @@ def stack_keys(state: Path) -> tuple[Path, Path]:
     return paths
 
 
+def bridge_config(state: Path, outpost_port: int, credentials: str) -> Path:
+    """The bridge's config file: the dev Outpost's credentials held by the bridge (a headers
+    file of mode 0600), so that the hub sends none over the broker."""
+    headers = state / "keys" / "outpost.headers"
+    headers.write_text(f"Authorization: Basic {base64.b64encode(credentials.encode()).decode()}\n")
+    headers.chmod(0o600)
+    config = state / "outpost_bridge_config.py"
+    origin = f"http://127.0.0.1:{outpost_port}"
+    config.write_text(f"c.OutpostBridge.outpost_credentials = {{{origin!r}: {str(headers)!r}}}\n")
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8000, help="JupyterHub's public port (default 8000)")
@@ -71,7 +84,8 @@ def main() -> None:
         "OUTPOST_MQ_ALLOWED_OUTPOSTS": f"http://127.0.0.1:{args.outpost_port}",
         "AMQP_URL": amqp,
         "OUTPOST_URL": f"http://127.0.0.1:{args.outpost_port}/services/",
-        "OUTPOST_CREDENTIALS": credentials,
+        # The recommended setup: the bridge holds the Outpost's credentials, the hub sends none.
+        "OUTPOST_CREDENTIALS": "",
         "DEV_OUTPOST_CREDENTIALS": credentials,
         "OUTPOST_MQ_ADMIN_TOKEN": token,
         "HUB_PORT": str(args.port),
@@ -84,7 +98,15 @@ def main() -> None:
             [sys.executable, "-m", "jupyterhub_outpost_mq.deploy.dev_outpost", "--port", str(args.outpost_port)],
             args.outpost_port,
         ),
-        ("bridge", [str(BIN / "outpost-bridge"), f"--journal={state / 'bridge-journal.sqlite'}"], None),
+        (
+            "bridge",
+            [
+                str(BIN / "outpost-bridge"),
+                f"--journal={state / 'bridge-journal.sqlite'}",
+                f"--config={bridge_config(state, args.outpost_port, credentials)}",
+            ],
+            None,
+        ),
         ("jupyterhub", [str(BIN / "jupyterhub"), "-f", str(ROOT / "deploy" / "jupyterhub_config.py")], args.port),
     ]
     running: list[tuple[str, subprocess.Popen[bytes]]] = []
