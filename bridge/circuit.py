@@ -10,7 +10,10 @@ when its own time (the command's deadline) is spent, and then raises
 its usual "unreachable until the deadline" answer). While a command waits, the user sees a
 rate-limited "Outpost unreachable, retrying" progress event (see :data:`wait_notices`; a fixed
 text: the last error's detail stays in the bridge log). A URL the bridge does not allow never
-reaches a circuit: :class:`~jupyterhub_outpost_mq.bridge.outpost.OutpostClient` refuses it first.
+reaches a circuit: :class:`~jupyterhub_outpost_mq.bridge.outpost.OutpostClient` refuses it first;
+nor does a command whose own request settings cannot work
+(:class:`~jupyterhub_outpost_mq.bridge.errors.RequestSettingsError`: a missing CA file, say):
+that is one hub's mistake, and it must not open the circuit every hub of the Outpost shares.
 
 Why a breaker on top of retries with backoff: 50 starts to a dead Outpost would otherwise
 be 50 independent retry loops, each opening connections; with the breaker one probe at a
@@ -27,7 +30,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from jupyterhub_outpost_mq.bridge.errors import CircuitOpenError, OutpostAnswerError, TransientOutpostError
+from jupyterhub_outpost_mq.bridge.errors import (
+    CircuitOpenError,
+    OutpostAnswerError,
+    RequestSettingsError,
+    TransientOutpostError,
+)
 from jupyterhub_outpost_mq.bridge.outpost import OutpostClient
 from jupyterhub_outpost_mq.bridge.retry import Backoff
 from jupyterhub_outpost_mq.schemas.topology import url_origin
@@ -189,8 +197,12 @@ class GuardedOutpostClient(OutpostClient):
 
     async def call(self, method: str, url: str, *, time_left: float, **kwargs: Any) -> tuple[int, Any]:
         # A refused URL never waits for, probes or counts against a circuit: the refusal
-        # says nothing about the Outpost.
-        self.access.check(url, kwargs.get("options"))
+        # says nothing about the Outpost. Nor do the command's own TLS files: a hub's missing
+        # CA file fails its command at once, not after waiting for (or as) a probe.
+        options = kwargs.get("options")
+        self.access.check(url, options)
+        if options is not None:
+            self.tls(options)
         origin = url_origin(url)
         began = time.monotonic()
         await self.breaker.admit(origin, time_left)
@@ -199,6 +211,10 @@ class GuardedOutpostClient(OutpostClient):
             result = await super().call(method, url, time_left=time_left, **kwargs)
         except TransientOutpostError as exc:
             self.breaker.failure(origin, str(exc))
+            raise
+        except RequestSettingsError:
+            # The command's settings, not the Outpost: no verdict (a probe slot is freed).
+            self.breaker.release(origin)
             raise
         except OutpostAnswerError:
             self.breaker.success(origin)  # a final answer: the Outpost is up

@@ -1,10 +1,20 @@
 """Turns deliveries into work: decode -> per-server slot -> pipeline -> publish -> ack.
 
-This module is the only place that acks a command. Commands for one server (one
-``user/server`` slot) run one after another in delivery order; different servers run
-concurrently. A stop that arrives while a start for the same server is still being carried
-out cancels that start (which then reports ``cancelled``) before the stop runs. A flavors
-fetch is about no server and runs at once.
+This module is the only place that acks a command, and it acks only after the command's
+result was published. Commands for one server (one ``user/server`` slot) run one after
+another in delivery order; different servers run concurrently. A stop that arrives while a
+start or poll of the same start (``start_id``) is still pending or being carried out cancels
+it (it then reports ``cancelled``, and a cancelled start is journaled so that it never POSTs
+later) before the stop runs: a stop neither waits for polls of an Outpost that does not answer
+nor lets a start it overtook go ahead. Starts and polls of another ``start_id`` of the same
+server are not touched; they keep their place in the order. A flavors fetch is about no server
+and runs at once.
+
+An ack can fail after the result went out (the channel closed in a broker restart): the
+broker then delivers the command again and it is carried out again, which every command
+type makes harmless (the journal replays a start's result, a stop's 404 means done, polls,
+tunnels and flavors are reads or idempotent ensures, a ``recreate_forward`` answered before is
+answered again without reconnecting).
 
 Nothing acts unless it verifies (``decode_wire``: signed by a key listed for its hub). An
 envelope id seen before with other content is refused (one message id, one message), so a
@@ -94,11 +104,15 @@ class SeenIds:
         return True
 
 
+RECREATED_IDS = 1000
+"""Answered ``recreate_forward`` commands remembered, so that a redelivery only re-answers."""
+
+
 @dataclass
 class _Slot:
     tail: asyncio.Task[None] | None = None
-    # start_id -> event that cancels that pending start
-    pending_starts: dict[str, asyncio.Event] = field(default_factory=dict)
+    # start_id -> the events that cancel its starts and polls not answered yet
+    cancellable: dict[str, set[asyncio.Event]] = field(default_factory=dict)
 
 
 class CommandConsumer:
@@ -127,6 +141,7 @@ class CommandConsumer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._outposts: set[str] = set()
         self._outposts_lock = asyncio.Lock()
+        self._recreated: OrderedDict[str, CommandResult] = OrderedDict()
 
     @property
     def outposts(self) -> frozenset[str]:
@@ -187,7 +202,13 @@ class CommandConsumer:
             await message.ack()
             return
         host = envelope.body.host
-        if self._reach is None:
+        answered = self._recreated.get(envelope.id)
+        if answered is not None:
+            # Delivered again after it was answered (the ack was lost): reconnecting again
+            # would cut every connection through the node a second time.
+            log.info("recreate_forward %s already carried out; answering again %s", host, envelope.describe())
+            result = answered
+        elif self._reach is None:
             result = CommandResult(command="recreate_forward", ok=True)
         else:
             try:
@@ -204,6 +225,9 @@ class CommandConsumer:
             else:
                 log.info("recreate_forward: reconnected to %s (%d forwards) %s", host, count, envelope.describe())
                 result = CommandResult(command="recreate_forward", ok=True)
+        self._recreated[envelope.id] = result
+        if len(self._recreated) > RECREATED_IDS:
+            self._recreated.popitem(last=False)
         try:
             await self._broker.publish_reply(reply(envelope, result))
         finally:
@@ -231,13 +255,19 @@ class CommandConsumer:
             return
         slot = self._slots.setdefault(envelope.server.slot, _Slot())
         body = envelope.body
+        start_id = envelope.server.start_id
         cancel: asyncio.Event | None = None
         if isinstance(body, StopCommand):
-            for start_id, event in slot.pending_starts.items():
-                log.info("stop overtakes pending start start_id=%s %s", start_id, envelope.describe())
+            # Only what belongs to this stop's start: a stop for an old start must not cancel
+            # the user's new one (nor its polls).
+            overtaken = slot.cancellable.get(start_id, set())
+            if overtaken:
+                log.info("stop overtakes %d pending start(s)/poll(s) %s", len(overtaken), envelope.describe())
+            for event in overtaken:
                 event.set()
-        elif isinstance(body, StartCommand):
-            cancel = slot.pending_starts.setdefault(envelope.server.start_id, asyncio.Event())
+        elif isinstance(body, StartCommand | PollCommand):
+            cancel = asyncio.Event()
+            slot.cancellable.setdefault(start_id, set()).add(cancel)
         previous = slot.tail
         task = self._spawn(self._process(previous, envelope, message, cancel))
         slot.tail = task
@@ -276,7 +306,6 @@ class CommandConsumer:
                 answer = reply(envelope, internal_failure(envelope, error_id))
             self._outcomes.answered(envelope, answer)
             await self._broker.publish_reply(answer)
-            await message.ack()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -284,11 +313,28 @@ class CommandConsumer:
             # broker redelivers it (to us after a reconnect, or to the next bridge); the
             # journal keeps the effect from happening twice.
             log.exception("result not published; the command stays unacked %s", envelope.describe())
+            return
         finally:
-            if cancel is not None and envelope.server is not None:
-                slot = self._slots.get(envelope.server.slot)
-                if slot is not None:
-                    slot.pending_starts.pop(envelope.server.start_id, None)
+            self._settled(envelope, cancel)
+        try:
+            await message.ack()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Published, but the channel went away before the ack (a broker restart): the
+            # broker delivers it again and it is carried out again, harmlessly (module doc).
+            log.warning("result published but not acked (%s): it will run again %s", exc, envelope.describe())
+
+    def _settled(self, envelope: Envelope, cancel: asyncio.Event | None) -> None:
+        """A start or poll was answered (or given up): a later stop has nothing to cancel."""
+        if cancel is None or envelope.server is None:
+            return
+        slot = self._slots.get(envelope.server.slot)
+        events = slot.cancellable.get(envelope.server.start_id) if slot is not None else None
+        if slot is not None and events is not None:
+            events.discard(cancel)
+            if not events:
+                del slot.cancellable[envelope.server.start_id]
 
     async def _carry_out(
         self, envelope: Envelope, message: AbstractIncomingMessage, cancel: asyncio.Event | None
@@ -319,15 +365,8 @@ class CommandConsumer:
             answer = await run_cancellable(work, cancel)
         if answer is not None:
             return answer
-        log.info("start cancelled by a stop %s", envelope.describe())
-        return reply(
-            envelope,
-            CommandResult(
-                command="start",
-                ok=False,
-                error=ErrorInfo(kind="cancelled", summary="The start was cancelled by a stop."),
-            ),
-        )
+        log.info("%s cancelled by a stop %s", envelope.type, envelope.describe())
+        return self._pipeline.cancelled(envelope)
 
     async def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` seconds for in-flight commands; cancel the rest.

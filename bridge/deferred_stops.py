@@ -1,9 +1,10 @@
 """Stops accepted while their Outpost is down: answered at once, kept on disk, carried out later.
 
 A stop whose Outpost's circuit is open, or whose DELETE keeps failing transiently for
-``direct_seconds``, is recorded in the :class:`~jupyterhub_outpost_mq.bridge.stop_store.StopStore` and answered
-``ok`` with ``deferred=True``: the hub can forget the server at once instead of waiting up to
-its ``stop_deadline`` (an hour by default) while the user cannot start a new one. A
+``direct_seconds`` (or until the circuit opens, if that comes first), is recorded in the
+:class:`~jupyterhub_outpost_mq.bridge.stop_store.StopStore` and answered ``ok`` with
+``deferred=True``: the hub can forget the server at once instead of waiting up to its
+``stop_deadline`` (an hour by default) while the user cannot start a new one. A
 background task tries the recorded stops every ``interval`` seconds, when the Outpost's
 circuit lets a call through; a 2xx or 404 answer ends the record (404: already gone). A
 record older than ``max_age`` is dropped with a warning and the ``given_up`` metric: the
@@ -68,6 +69,12 @@ class DeferredStops:
         budget = 0.2 if self._breaker.is_open(url_origin(command.body.target.url)) else self._direct_seconds
         deadline = min(command.deadline or float("inf"), self._clock() + budget)
         return msgspec.structs.replace(command, deadline=deadline)
+
+    def known_down(self, command: Envelope) -> bool:
+        """Whether the stop's Outpost is known to be down (its circuit is open): a stop still
+        in its direct attempts is deferred at once instead of waiting out ``direct_seconds``."""
+        assert isinstance(command.body, StopCommand)
+        return self._breaker.is_open(url_origin(command.body.target.url))
 
     def defer(self, command: Envelope, reason: str) -> CommandResult:
         """Record the stop durably; the result tells the hub it will be carried out."""

@@ -9,9 +9,14 @@ Hierarchy::
     │   ├── TransientOutpostError     connection refused/reset, timeout, 5xx (also a TransientError)
     │   │   └── CircuitOpenError      the Outpost's circuit stayed open until the call's time ran out
     │   └── OutpostAnswerError        a final answer (4xx, 419): never retried; carries status + body
-    │       └── TargetNotAllowed      final, status 0: the bridge refused the call itself (URL outside
-    │                                 ``allowed_outposts``, userinfo in the URL, a proxy or file the
-    │                                 configuration does not allow); no request was made
+    │       ├── TargetNotAllowed      final, status 0: the bridge refused the call itself (URL outside
+    │       │                         ``allowed_outposts``, userinfo in the URL, a proxy or file the
+    │       │                         configuration does not allow); no request was made
+    │       └── RequestSettingsError  final, status 0: the command's own request settings cannot work
+    │                                 (a listed ``ca_certs``/``client_cert``/``client_key`` missing or
+    │                                 invalid, the Outpost's certificate failing the given CA, a
+    │                                 header the HTTP client refuses); never counts against the
+    │                                 Outpost's circuit
     ├── TunnelError                   an SSH forward, remote forward or Service could not be made
     │   ├── TransientTunnelError      SSH node unreachable, handshake/auth timeout, channel refused,
     │   │                             Kubernetes API 5xx or unreachable (also a TransientError)
@@ -92,6 +97,18 @@ class TargetNotAllowed(OutpostAnswerError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(0, None, reason, public=reason)
+
+
+class RequestSettingsError(OutpostAnswerError):
+    """The command's request settings (``request_kwargs``: TLS files, headers) cannot work.
+
+    A mistake on the calling side, not a sign of the Outpost's health: it is final for that
+    command (retrying reads the same files again) and the circuit breaker neither counts it
+    as a failure nor as a success, so one hub's bad ``ca_certs`` never opens (or closes) the
+    circuit every other hub of that Outpost shares."""
+
+    def __init__(self, message: str, *, public: str) -> None:
+        super().__init__(0, None, message, public=public)
 
 
 class TunnelError(BridgeError):

@@ -4,8 +4,11 @@ A redelivered start (bridge crash, broker reconnect, a second bridge taking over
 after a restart) must never POST a second start for the same (Outpost, name, start_id).
 Before the first POST the bridge records ``posting``; after the answer it stores the
 encoded result. A redelivery then either replays the stored result or, if the crash came
-in between, asks the Outpost before deciding. SQLite in WAL mode: one small file, durable
-across restarts, no extra service to run.
+in between, asks the Outpost before deciding. A start that a stop overtook, or whose stop
+was carried out before it ever ran, is :meth:`~StartJournal.settle` d with its "cancelled"
+answer: a redelivery (an ack lost in a broker restart) answers the same and never POSTs a
+server the hub has stopped. SQLite in WAL mode: one small file, durable across restarts, no
+extra service to run.
 """
 
 from __future__ import annotations
@@ -56,6 +59,16 @@ class StartJournal:
     def finish(self, outpost: str, name: str, start_id: str, result: bytes) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO starts VALUES (?, ?, ?, 'done', ?, ?)",
+            (outpost, name, start_id, result, time.time()),
+        )
+
+    def settle(self, outpost: str, name: str, start_id: str, result: bytes) -> None:
+        """Answer a start that is not done with ``result`` from now on (a stop overtook it or
+        was carried out first); a done start keeps its own result."""
+        self._db.execute(
+            "INSERT INTO starts VALUES (?, ?, ?, 'done', ?, ?) ON CONFLICT (outpost, name, start_id)"
+            " DO UPDATE SET phase = 'done', result = excluded.result, updated = excluded.updated"
+            " WHERE phase != 'done'",
             (outpost, name, start_id, result, time.time()),
         )
 

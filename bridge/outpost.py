@@ -9,7 +9,9 @@ follows, first passes the bridge's :class:`~jupyterhub_outpost_mq.bridge.outpost
 :class:`~jupyterhub_outpost_mq.bridge.errors.TargetNotAllowed` and nothing is sent. Outcomes
 are typed: 2xx returns the JSON body, 5xx/408/429 and network failures raise
 :class:`~jupyterhub_outpost_mq.bridge.errors.TransientOutpostError`, any other answer raises
-:class:`~jupyterhub_outpost_mq.bridge.errors.OutpostAnswerError`. Error texts name URLs
+:class:`~jupyterhub_outpost_mq.bridge.errors.OutpostAnswerError`; a command whose own settings
+cannot work (TLS files, the Outpost's certificate against the given CA) raises
+:class:`~jupyterhub_outpost_mq.bridge.errors.RequestSettingsError`. Error texts name URLs
 without userinfo (:func:`~jupyterhub_outpost_mq.bridge.outpost_access.redact_url`).
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from jupyterhub_outpost_mq.bridge.errors import OutpostAnswerError, TransientOutpostError
+from jupyterhub_outpost_mq.bridge.errors import OutpostAnswerError, RequestSettingsError, TransientOutpostError
 from jupyterhub_outpost_mq.bridge.outpost_access import OutpostAccess, redact_url
 from jupyterhub_outpost_mq.schemas import HttpOptions
 
@@ -69,7 +71,12 @@ class OutpostClient:
             session, self._session = self._session, None
             await session.close()
 
-    def _ssl(self, options: HttpOptions) -> ssl.SSLContext | bool:
+    def tls(self, options: HttpOptions) -> ssl.SSLContext | bool:
+        """The TLS setting of a call with ``options`` (contexts cached per file set).
+
+        Raises :class:`RequestSettingsError` when a listed ``ca_certs``/``client_cert``/
+        ``client_key`` cannot be loaded (missing, unreadable, not PEM, key not matching the
+        certificate): the command's mistake, final, and nothing the Outpost's circuit learns from."""
         if not options.validate_cert:
             return False
         key = (options.ca_certs, options.client_cert, options.client_key)
@@ -82,9 +89,9 @@ class OutpostClient:
                 context = ssl.create_default_context(cafile=options.ca_certs)
                 if options.client_cert:
                     context.load_cert_chain(options.client_cert, options.client_key)
-            except (OSError, ValueError) as exc:
-                raise OutpostAnswerError(
-                    0, None, f"TLS files cannot be loaded: {exc}", public="the bridge cannot load the TLS files"
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise RequestSettingsError(
+                    f"TLS files cannot be loaded: {exc}", public="the bridge cannot load the TLS files"
                 ) from None
             self._ssl_contexts[key] = context
         return context
@@ -140,7 +147,7 @@ class OutpostClient:
             # header, never aiohttp's auth argument next to it (that combination raises).
             sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
             sent["Authorization"] = aiohttp.BasicAuth(options.auth_username, options.auth_password or "").encode()
-        tls = self._ssl(options)
+        tls = self.tls(options)
         shown = redact_url(str(target))
         data = None if json_body is None else json.dumps(json_body)
         url, origin = target, target.origin()
@@ -180,9 +187,10 @@ class OutpostClient:
                     public="the Outpost redirected too often",
                 )
         except aiohttp.ClientConnectorCertificateError as exc:
-            # A certificate problem does not heal by retrying.
-            raise OutpostAnswerError(
-                0, None, f"TLS verification failed for {shown}: {exc}", public="TLS verification of the Outpost failed"
+            # A certificate problem does not heal by retrying; it is about the CA the command
+            # names (or the Outpost's certificate), not about whether the Outpost is up.
+            raise RequestSettingsError(
+                f"TLS verification failed for {shown}: {exc}", public="TLS verification of the Outpost failed"
             ) from exc
         except aiohttp.InvalidURL as exc:
             raise OutpostAnswerError(
@@ -199,9 +207,7 @@ class OutpostClient:
             # aiohttp refuses some requests with ValueError (a header value, say): a final
             # answer, never an exception that leaves the command unanswered. Its text may
             # quote a header, so only its type is kept.
-            raise OutpostAnswerError(
-                0,
-                None,
+            raise RequestSettingsError(
                 f"{method} {shown}: the request could not be made ({type(exc).__name__})",
                 public="the bridge could not make the request to the Outpost",
             ) from None

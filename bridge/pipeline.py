@@ -2,7 +2,8 @@
 
 A start runs: remote forward (if asked) -> Outpost POST -> forward/Service
 (:mod:`jupyterhub_outpost_mq.bridge.reachability`); a failed start removes what it built before it answers. A
-stop removes forward, Service and remote forward, then DELETEs at the Outpost. A tunnel
+stop settles its start in the journal (a start of it that comes later answers "cancelled"),
+removes forward, Service and remote forward, then DELETEs at the Outpost. A tunnel
 command leads a server's (reserved) port to the address the single-user server reported.
 
 Reads top to bottom per command type. A command whose Outpost URL the bridge does not allow
@@ -36,6 +37,7 @@ from jupyterhub_outpost_mq.bridge.deferred_stops import DeferredStops
 from jupyterhub_outpost_mq.bridge.errors import (
     BridgeError,
     OutpostAnswerError,
+    RequestSettingsError,
     ServiceApiError,
     TargetNotAllowed,
     TransientError,
@@ -44,7 +46,7 @@ from jupyterhub_outpost_mq.bridge.errors import (
 )
 from jupyterhub_outpost_mq.bridge.journal import StartJournal
 from jupyterhub_outpost_mq.bridge.outpost import OutpostClient, answer_message, summarize_419
-from jupyterhub_outpost_mq.bridge.reachability import Reachability
+from jupyterhub_outpost_mq.bridge.reachability import ForwardKey, Reachability
 from jupyterhub_outpost_mq.bridge.retry import Backoff, DeadlinePassed, retry_until
 from jupyterhub_outpost_mq.schemas import (
     CommandResult,
@@ -121,9 +123,20 @@ def _tunnel_error(command: Envelope, name: str, exc: BaseException) -> CommandRe
 TUNNEL_FAILURES = (TunnelError, ServiceApiError, DeadlinePassed, TransientError)
 
 
-def forward_key(command: Envelope, name: str) -> str:
-    """The key of a server's forward: one per (hub, Outpost service name)."""
-    return f"{command.hub}/{name}"
+def forward_key(command: Envelope, name: str) -> ForwardKey:
+    """The key of a start's forward: one per (hub, Outpost service name, start_id), so a stop
+    for one start never removes the forward of another start of the same server."""
+    return ForwardKey(command.hub, name, command.server.start_id if command.server is not None else "")
+
+
+CANCELLED_START = CommandResult(
+    command="start", ok=False, error=ErrorInfo(kind="cancelled", summary="The start was cancelled by a stop.")
+)
+CANCELLED_POLL = CommandResult(
+    command="poll",
+    ok=False,
+    error=ErrorInfo(kind="cancelled", summary="The poll was overtaken by a stop of this server.", retryable=True),
+)
 
 
 def refused(name: str, exc: TargetNotAllowed) -> CommandResult:
@@ -141,6 +154,9 @@ def _error_result(command: Envelope, name: str, exc: BaseException) -> CommandRe
         error = ErrorInfo(kind="outpost_error", summary=summary, details=details, http_status=419)
     elif isinstance(exc, OutpostAnswerError) and exc.status == 404:
         error = ErrorInfo(kind="not_found", summary="the Outpost does not know this server (HTTP 404)", http_status=404)
+    elif isinstance(exc, RequestSettingsError):
+        # The command's own settings (request_kwargs' TLS files, say): final, not the Outpost's doing.
+        error = ErrorInfo(kind="invalid", summary=f"Bridge: {exc.public} (error id {_logged(command, name, exc)})")
     elif isinstance(exc, DeadlinePassed):
         error_id = _logged(command, name, exc)
         error = ErrorInfo(
@@ -204,6 +220,21 @@ class Pipeline:
             return reply(command, await self._flavors(command, body))
         raise TypeError(f"not a command: {command.type}")
 
+    def cancelled(self, command: Envelope) -> Envelope:
+        """The answer for a start or poll that a stop of the same start overtook (the consumer
+        decides that). A start's is journaled: carried out again (a redelivery), it answers
+        the same and never POSTs."""
+        if isinstance(command.body, StartCommand):
+            answer = reply(command, CANCELLED_START)
+            self._journal.settle(*self._start_key(command, command.body), encode(answer))
+            return answer
+        return reply(command, CANCELLED_POLL)
+
+    @staticmethod
+    def _start_key(command: Envelope, body: StartCommand | StopCommand) -> tuple[str, str, str]:
+        """The journal's key of the start a start or stop command is about."""
+        return (outpost_key(body.target.url), body.name, command.server.start_id if command.server else "")
+
     def _check_target(self, command: Envelope) -> None:
         """Raise :class:`TargetNotAllowed` unless every URL the command leads to is allowed."""
         body = command.body
@@ -226,7 +257,7 @@ class Pipeline:
 
     async def _start(self, command: Envelope, start: StartCommand, *, redelivered: bool, emit: Emit) -> Envelope:
         assert command.server is not None
-        key = (outpost_key(start.target.url), start.name, command.server.start_id)
+        key = self._start_key(command, start)
         entry = self._journal.get(*key)
         if entry is not None and entry.phase == "done" and entry.result is not None:
             log.info("start already carried out, replaying its result %s", command.describe())
@@ -467,6 +498,9 @@ class Pipeline:
         )
 
     async def _stop(self, command: Envelope, stop: StopCommand) -> CommandResult:
+        # A start of this start_id that was not answered yet (its delivery still to come, or
+        # to come again) must never POST after its stop: it answers "cancelled".
+        self._journal.settle(*self._start_key(command, stop), encode(reply(command, CANCELLED_START)))
         # Tunnel clean-up first (local, quick); its problems are reported in the logs of an
         # otherwise successful stop: the server is gone either way.
         problems = await self._remove_reachability(command, stop.name, stop.tunnel, stop.remote_forward)
@@ -478,10 +512,25 @@ class Pipeline:
     async def _stop_at_outpost(self, command: Envelope, stop: StopCommand) -> CommandResult:
         headers = {"execution-type": "async"} if stop.execution_async else {}
         # With deferred stops, a stop whose Outpost is down is recorded and answered at once
-        # (bridge.deferred_stops) instead of holding the hub for its whole deadline.
-        direct = command if self._deferred_stops is None else self._deferred_stops.direct(command)
+        # (bridge.deferred_stops) instead of holding the hub for its whole deadline: when its
+        # circuit is open, or once the direct attempts failed for a short while or opened it.
+        deferred = self._deferred_stops
+        direct = command if deferred is None else deferred.direct(command)
+
+        async def give_up_when_down(attempt: int, exc: TransientError, wait: float) -> None:
+            if deferred is not None and deferred.known_down(command):
+                raise DeadlinePassed(attempt, exc)
+
         try:
-            body = await self._call(direct, "DELETE", stop.target, stop.name, stop.target.http, extra_headers=headers)
+            body = await self._call(
+                direct,
+                "DELETE",
+                stop.target,
+                stop.name,
+                stop.target.http,
+                extra_headers=headers,
+                on_retry=give_up_when_down,
+            )
         except OutpostAnswerError as exc:
             if exc.status == 404:  # already gone: that is what a stop wants
                 return CommandResult(command="stop", ok=True)
@@ -514,15 +563,26 @@ class Pipeline:
         options: Any,
         query: str = "",
         extra_headers: dict[str, str] | None = None,
+        on_retry: Callable[[int, TransientError, float], Awaitable[None]] | None = None,
     ) -> Any:
         assert command.server is not None
         url = f"{self._server_url(command, target, name)}{query}"
-        return await self._request(command, method, url, {**target.headers, **(extra_headers or {})}, options)
+        headers = {**target.headers, **(extra_headers or {})}
+        return await self._request(command, method, url, headers, options, on_retry=on_retry)
 
     async def _request(
-        self, command: Envelope, method: str, url: str, headers: dict[str, str], options: Any, json_body: Any = None
+        self,
+        command: Envelope,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        options: Any,
+        json_body: Any = None,
+        *,
+        on_retry: Callable[[int, TransientError, float], Awaitable[None]] | None = None,
     ) -> Any:
-        """One Outpost call, retried on transient failures until the command's deadline."""
+        """One Outpost call, retried on transient failures until the command's deadline
+        (``on_retry`` may end the retries early by raising :class:`DeadlinePassed`)."""
 
         async def attempt(time_left: float) -> Any:
             _, body = await self._client.call(
@@ -530,7 +590,7 @@ class Pipeline:
             )
             return body
 
-        return await retry_until(command.deadline, attempt, backoff=self._backoff, clock=self._clock)
+        return await retry_until(command.deadline, attempt, backoff=self._backoff, on_retry=on_retry, clock=self._clock)
 
 
 async def run_cancellable(work: Awaitable[Envelope], cancel: asyncio.Event) -> Envelope | None:

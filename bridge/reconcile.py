@@ -21,7 +21,10 @@ distinct URL + credentials in the :class:`~jupyterhub_outpost_mq.bridge.ledger.S
 An orphan is stopped once it has been seen for ``grace`` seconds (an async stop, or a stop
 that raced a start, settles within that). With ``dry_run`` it is only logged and counted
 (``outpost_bridge_orphans_total{action="dry_run"}``), so an admin can watch the metric
-before letting the bridge act.
+before letting the bridge act. When a service was first seen unowned is kept in the bridge's
+state file (:class:`Sightings`), so the grace counts from the first sighting across bridge
+restarts; a sighting is forgotten when the service is owned again, stopped, or missing from
+the listing of its Outpost (not while that Outpost cannot be listed).
 
 Every list and stop goes through the client's allow-list: a ledger target the bridge may not
 call (a row from before ``allowed_outposts``, or from a forged command) is never requested
@@ -34,6 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import quote
 
 from jupyterhub_outpost_mq.bridge.circuit import CircuitBreaker
@@ -44,6 +48,7 @@ from jupyterhub_outpost_mq.bridge.outpost import OutpostClient
 from jupyterhub_outpost_mq.bridge.outpost_access import redact_url
 from jupyterhub_outpost_mq.bridge.periodic import Periodic
 from jupyterhub_outpost_mq.bridge.rosters import Rosters
+from jupyterhub_outpost_mq.bridge.sqlite_file import open_db
 from jupyterhub_outpost_mq.schemas import OutpostTarget, outpost_key
 from jupyterhub_outpost_mq.schemas.topology import url_origin
 
@@ -52,6 +57,31 @@ log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 CALL_SECONDS = 20.0
 REFUSED_CREDENTIALS = frozenset({401, 403})
 OrphanKey = tuple[str, str, str]
+
+
+class Sightings:
+    """When each service was first seen unowned, in wall-clock seconds, kept in the bridge's
+    state file (table ``orphan_sightings``); ``":memory:"`` keeps them for this process only."""
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self._db = open_db(
+            path,
+            "CREATE TABLE IF NOT EXISTS orphan_sightings (outpost TEXT, name TEXT, start_id TEXT,"
+            " first_seen REAL NOT NULL, PRIMARY KEY (outpost, name, start_id))",
+        )
+
+    def all(self) -> dict[OrphanKey, float]:
+        rows = self._db.execute("SELECT outpost, name, start_id, first_seen FROM orphan_sightings").fetchall()
+        return {(outpost, name, start_id): float(first) for outpost, name, start_id, first in rows}
+
+    def add(self, orphan: OrphanKey, first_seen: float) -> None:
+        self._db.execute("INSERT OR IGNORE INTO orphan_sightings VALUES (?, ?, ?, ?)", (*orphan, first_seen))
+
+    def forget(self, orphan: OrphanKey) -> None:
+        self._db.execute("DELETE FROM orphan_sightings WHERE outpost=? AND name=? AND start_id=?", orphan)
+
+    def close(self) -> None:
+        self._db.close()
 
 
 class Reconciler:
@@ -68,7 +98,9 @@ class Reconciler:
         dry_run: bool = False,
         metrics: BridgeMetrics | None = None,
         rosters: Rosters | None = None,
+        sightings: Sightings | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._ledger = ledger
         self._rosters = rosters
@@ -79,7 +111,16 @@ class Reconciler:
         self._dry_run = dry_run
         self._metrics = metrics
         self._clock = clock
-        self._first_seen: dict[OrphanKey, float] = {}  # first seen unowned
+        self._wall_clock = wall_clock
+        # First seen unowned, on ``clock`` (the rosters' clock too). Kept in ``sightings`` as
+        # wall-clock times, and turned back into ``clock`` times on load: a sighting from
+        # before a restart is as old as the wall clock says.
+        self._sightings = sightings
+        self._first_seen: dict[OrphanKey, float] = {}
+        if sightings is not None:
+            now, wall = clock(), wall_clock()
+            for orphan, first in sightings.all().items():
+                self._first_seen[orphan] = now - max(0.0, wall - first)
         self._found: set[OrphanKey] = set()
         self._reported: set[OrphanKey] = set()
         self._runner = Periodic("orphan reconciliation", self.run_once, interval)
@@ -99,11 +140,13 @@ class Reconciler:
         """One pass over every known Outpost; returns the orphans stopped (or, dry, due)."""
         acted: list[OrphanKey] = []
         listed: set[OrphanKey] = set()
+        unlisted: set[str] = set()  # Outposts some target of which could not be listed
         for target, hubs in self._ledger.targets():
+            key = outpost_key(target.url)
             services = await self._list(target)
             if services is None:
+                unlisted.add(key)
                 continue
-            key = outpost_key(target.url)
             owners = self._owners(hubs, key)
             unknown = 0
             for service in services:
@@ -121,8 +164,11 @@ class Reconciler:
                     acted.append(orphan)
             if self._metrics is not None:
                 self._metrics.unknown_services.labels(outpost=key).set(unknown)
+        # Gone from a listing (stopped meanwhile), or from every target the ledger keeps; a
+        # sighting at an Outpost that could not be listed now stays (it is down, say).
         for gone in set(self._first_seen) - listed:
-            self._forget(gone)
+            if gone[0] not in unlisted:
+                self._forget(gone)
         return acted
 
     def _owners(self, hubs: frozenset[str], outpost: str) -> frozenset[str]:
@@ -152,13 +198,18 @@ class Reconciler:
         return "owned" if state == "running" else "unknown"
 
     def _forget(self, orphan: OrphanKey) -> None:
-        self._first_seen.pop(orphan, None)
+        if self._first_seen.pop(orphan, None) is not None and self._sightings is not None:
+            self._sightings.forget(orphan)
         self._found.discard(orphan)
         self._reported.discard(orphan)
 
     async def _orphan(self, target: OutpostTarget, orphan: OrphanKey, *, settled: bool) -> bool:
         now = self._clock()
-        first = self._first_seen.setdefault(orphan, now)
+        first = self._first_seen.get(orphan)
+        if first is None:
+            first = self._first_seen[orphan] = now
+            if self._sightings is not None:
+                self._sightings.add(orphan, self._wall_clock())
         if not settled:
             return False
         if orphan not in self._found:

@@ -19,7 +19,7 @@ from jupyterhub_outpost_mq.bridge.ledger import ServerLedger
 from jupyterhub_outpost_mq.bridge.metrics import BridgeMetrics, MetricsServer
 from jupyterhub_outpost_mq.bridge.outcomes import Outcomes
 from jupyterhub_outpost_mq.bridge.outpost_access import OutpostAccess
-from jupyterhub_outpost_mq.bridge.reconcile import Reconciler
+from jupyterhub_outpost_mq.bridge.reconcile import Reconciler, Sightings
 from jupyterhub_outpost_mq.bridge.retry import Backoff
 from jupyterhub_outpost_mq.bridge.rosters import Rosters
 from jupyterhub_outpost_mq.bridge.stop_store import StopStore
@@ -52,7 +52,9 @@ class ResilienceTraits(HasTraits):
     stop_direct_seconds = Float(
         10.0,
         help="""Seconds a stop is tried directly before it is deferred (at once while the
-        Outpost's circuit is open).""",
+        Outpost's circuit is open, and as soon as it opens). A stop also cancels the polls of
+        its start that wait ahead of it, so this bounds how long a stop waits for an Outpost
+        that is down or does not answer.""",
     ).tag(config=True)
     deferred_stop_max_age = Float(
         86400.0,
@@ -68,7 +70,8 @@ class ResilienceTraits(HasTraits):
     ).tag(config=True)
     reconcile_grace = Float(
         600.0,
-        help="Seconds an orphaned service must be seen before it is stopped.",
+        help="""Seconds an orphaned service must be seen before it is stopped, counted from its
+        first sighting (kept in the state file, so a bridge restart does not restart it).""",
     ).tag(config=True)
     roster_confirm_drop = Float(
         0.5,
@@ -128,6 +131,7 @@ class Resilience:
         self.rosters = Rosters(
             journal_path, confirm_drop=settings.roster_confirm_drop, min_interval=settings.roster_min_interval
         )
+        self._sightings = Sightings(journal_path)  # the grace counts across restarts
         self.reconciler = Reconciler(
             self._ledger,
             self.client,
@@ -137,6 +141,7 @@ class Resilience:
             dry_run=settings.reconcile_dry_run,
             metrics=self.metrics,
             rosters=self.rosters,
+            sightings=self._sightings,
         )
         self.outcomes = Outcomes()
         self.outcomes.on_answered(self._ledger.answered)
@@ -181,4 +186,5 @@ class Resilience:
             await self._server.stop()
         self._ledger.close()
         self.rosters.close()
+        self._sightings.close()
         self._stop_store.close()

@@ -29,7 +29,8 @@ class StoredTunnel:
 
 
 class TunnelStore:
-    """Rows keyed by the server's forward key (``hub/name``)."""
+    """Rows keyed by the forward's key (``hub/name/start_id``; ``hub/name`` in rows older
+    versions wrote: kept as they are, see :mod:`jupyterhub_outpost_mq.bridge.reachability`)."""
 
     def __init__(self, path: str | Path) -> None:
         self._path = str(path)

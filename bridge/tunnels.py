@@ -7,7 +7,8 @@ down or re-made, a forward can be *reserved* before its remote address is known 
 case), and every forward of a node works again as soon as the node reconnects. Data is
 copied protocol-to-protocol with flow control both ways (no stream wrappers in the path).
 
-:class:`TunnelManager` keys forwards by server (``hub/name``), records each in the
+:class:`TunnelManager` keys forwards by start (``hub/name/start_id``; forwards recorded by
+older versions by server, ``hub/name``: see :mod:`jupyterhub_outpost_mq.bridge.reachability`), records each in the
 :class:`~jupyterhub_outpost_mq.bridge.tunnel_store.TunnelStore` as soon as it is bound, and restores them all
 after a restart.
 """
@@ -253,6 +254,25 @@ class TunnelManager:
 
     def stored(self, key: str) -> StoredTunnel | None:
         return self._store.get(key)
+
+    def stored_under(self, prefix: str) -> list[StoredTunnel]:
+        """The recorded forwards whose key starts with ``prefix`` (a server's starts)."""
+        return [stored for stored in self._store.all() if stored.key.startswith(prefix)]
+
+    async def rekey(self, old: str, new: str) -> bool:
+        """Keep the forward of ``old`` (listener, port, target, record) under ``new``; False
+        when ``old`` has no record or ``new`` has one."""
+        async with self._lock:
+            stored = self._store.get(old)
+            if stored is None or self._store.get(new) is not None or new in self._forwards:
+                return False
+            forward = self._forwards.pop(old, None)
+            if forward is not None:
+                forward.key = new
+                self._forwards[new] = forward
+            self._store.put(StoredTunnel(key=new, spec=stored.spec, remote=stored.remote, port=stored.port))
+            self._store.delete(old)
+        return True
 
     def __len__(self) -> int:
         return len(self._forwards)

@@ -46,7 +46,7 @@ def type_name(trait: TraitType[Any, Any]) -> str:
 
 
 # Defaults computed at run time (environment, pod namespace): their help text explains them.
-COMPUTED = frozenset({"amqp_url", "hub_id", "namespace"})
+COMPUTED = frozenset({"amqp_url", "hub_id", "namespace", "hub_state_path"})
 
 
 def default_repr(name: str, trait: TraitType[Any, Any]) -> str:

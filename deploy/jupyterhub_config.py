@@ -51,6 +51,8 @@ if credentials:
         "Authorization": "Basic " + base64.b64encode(credentials.encode()).decode(),
     }
 c.OutpostSpawner.name_prefix = os.environ.get("OUTPOST_MQ_PREFIX", "outpost-mq")
+# The hub's outbox (stops kept across broker outages and restarts) beside its database.
+c.OutpostSpawner.hub_state_path = os.path.join(state, "outpost-mq-outbox.sqlite")
 c.OutpostSpawner.start_timeout = int(os.environ.get("OUTPOST_MQ_START_TIMEOUT", "120"))
 c.OutpostSpawner.http_timeout = 60
 c.OutpostSpawner.poll_interval = int(os.environ.get("OUTPOST_MQ_POLL_INTERVAL", "30"))
@@ -71,6 +73,16 @@ if systems:
         return systems.get(user_options.get("system", ""), default_url)
 
     c.OutpostSpawner.request_url = request_url
+
+if os.environ.get("OUTPOST_MQ_TEST_HOLD_AFTER_START"):
+    # Tests only: hold start() this many seconds after the start's result arrived (it is acked
+    # then) and before JupyterHub records the server, the window a hub crash must survive.
+    import asyncio
+
+    async def hold_after_start(spawner, response):
+        await asyncio.sleep(float(os.environ["OUTPOST_MQ_TEST_HOLD_AFTER_START"]))
+
+    c.OutpostSpawner.post_spawn_request_hook = hold_after_start
 
 if os.environ.get("OUTPOST_MQ_TEST_OPTIONS"):
     # Tests only: let user_options shorten start_timeout (JupyterHub's dict form of apply_user_options).

@@ -8,6 +8,10 @@ durable reply queue. Commands are published persistent, ``mandatory`` and confir
 Everything published is signed with the hub's key, secrets sealed for the bridges
 (:mod:`~jupyterhub_outpost_mq.schemas.trust`); a reply counts only when a bridge key signed
 it, and it is dead-lettered otherwise.
+
+Stops go through the hub's outbox (:mod:`~jupyterhub_outpost_mq.spawner.outbox`,
+:meth:`HubBroker.hand_over`): written to disk first, deleted once RabbitMQ confirms them, sent
+by a drainer task when the broker is back, and always before any later command.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from jupyterhub_outpost_mq.schemas.topology import (
     with_reconnect_interval,
 )
 from jupyterhub_outpost_mq.spawner.errors import BrokerUnavailable, KeysMissing
+from jupyterhub_outpost_mq.spawner.outbox import HubOutbox
 from jupyterhub_outpost_mq.spawner.server_state import RepliesRouter
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
@@ -71,12 +76,23 @@ class HubBroker:
 
     _instances: ClassVar[dict[tuple[int, str, str, str], HubBroker]] = {}
 
-    def __init__(self, url: str, topology: Topology, hub_id: str, heartbeat: int, keyring: Keyring) -> None:
+    def __init__(
+        self,
+        url: str,
+        topology: Topology,
+        hub_id: str,
+        heartbeat: int,
+        keyring: Keyring,
+        outbox: HubOutbox | None = None,
+    ) -> None:
         self._url = with_reconnect_interval(with_heartbeat(url, heartbeat))
         self._heartbeat = heartbeat
         self.keyring = keyring
         self._user_id = broker_user(url)  # set on every message: RabbitMQ vouches for it
         self.bridge_broker_users: frozenset[str] = frozenset()  # who may publish replies; empty: anyone
+        self.outbox = outbox if outbox is not None else HubOutbox(":memory:")  # tests: not durable
+        self._outbox_lock = asyncio.Lock()
+        self._drainer: asyncio.Task[None] | None = None
         self.topology = topology
         self.hub_id = hub_id
         self.router = RepliesRouter()
@@ -99,18 +115,29 @@ class HubBroker:
         broker = cls._instances.get(key)
         if broker is None:
             keyring = hub_keyring(settings)
+            outbox = HubOutbox(settings.hub_state_path)
             broker = cls(
-                settings.amqp_url, Topology(settings.name_prefix), settings.hub_id, settings.broker_heartbeat, keyring
+                settings.amqp_url,
+                Topology(settings.name_prefix),
+                settings.hub_id,
+                settings.broker_heartbeat,
+                keyring,
+                outbox,
             )
             broker.bridge_broker_users = frozenset(settings.bridge_broker_users)
             cls._instances[key] = broker
         return broker
 
     async def close(self, timeout: float = 5) -> None:
-        """Close the connection (tests; a hub process keeps it for its lifetime)."""
+        """Close the connection (tests; a hub process keeps it for its lifetime). What the
+        outbox holds stays on disk for the next start."""
         if self.roster is not None:
             self.roster.stop()
             self.roster = None
+        drainer, self._drainer = self._drainer, None
+        if drainer is not None:
+            drainer.cancel()
+            await asyncio.gather(drainer, return_exceptions=True)
         connection, self._connection, self._ready = self._connection, None, None
         if connection is not None:
             try:
@@ -181,6 +208,9 @@ class HubBroker:
         await queue.bind(replies, routing_key=self.hub_id)
         await queue.consume(self._on_reply, no_ack=False)
         log.info("connected to RabbitMQ; consuming %s", t.hub_queue(self.hub_id))
+        if len(self.outbox):  # left by an outage or by this hub before a restart
+            log.info("outbox: %d command(s) to send", len(self.outbox))
+            self.drain_later()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -229,12 +259,63 @@ class HubBroker:
     async def publish(self, command: Envelope, outpost: str) -> None:
         """Publish a command to an Outpost's queue; returns once the broker confirmed it.
         The same signed bytes (secrets sealed) go to the replay stream (its failure never
-        fails the command)."""
+        fails the command). Whatever the outbox still holds goes first (a stop kept during an
+        outage must reach the bridge before a later start of the same server)."""
         assert self._commands is not None
+        if len(self.outbox):
+            await self._send_outbox()
         body = await self._publish(self._commands, command, outpost, mandatory=True)
         await self._record(command, body)
 
+    async def hand_over(self, command: Envelope, outpost: str, origin: str, *, timeout: float = 3) -> bool:
+        """Hand a command over for good: on disk first, then to RabbitMQ. True when the broker
+        confirmed it now; False when it waits in the outbox (RabbitMQ unreachable), from where
+        the drainer sends it as soon as the broker is back (also after a hub restart)."""
+        self.outbox.add(command.id, outpost, origin, command.type, encode_wire(command, self.keyring))
+        try:
+            await self.ready(timeout)
+            await self._send_outbox()
+        except BrokerUnavailable as exc:
+            log.warning("%s kept in the outbox until RabbitMQ is back: %s", command.describe(), exc)
+            self.drain_later()
+            return False
+        return not self.outbox.contains(command.id)
+
+    def drain_later(self) -> None:
+        """Start the drainer (once): it sends the outbox whenever RabbitMQ can be reached."""
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        delay = 1.0
+        while len(self.outbox):
+            try:
+                await self.ready(15)
+                await self._send_outbox()
+                delay = 1.0
+            except BrokerUnavailable as exc:
+                log.info("outbox: %d command(s) wait for RabbitMQ (%s)", len(self.outbox), exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 15.0)
+
+    async def _send_outbox(self) -> None:
+        """Send what the outbox holds, oldest first; each is forgotten once confirmed."""
+        assert self._commands is not None
+        async with self._outbox_lock:
+            for item in self.outbox.pending():
+                await self.ensure_outpost(item.key, item.origin)
+                await self._publish_body(
+                    self._commands, item.body, item.key, item.message_id, item.kind, mandatory=True
+                )
+                self.outbox.sent(item.message_id)
+                log.info("outbox: %s %s handed to RabbitMQ", item.kind, item.message_id)
+                if self._audit is not None:
+                    await self._record_body(item.message_id, item.kind, item.body)
+
     async def _record(self, command: Envelope, body: bytes) -> None:
+        await self._record_body(command.id, command.type, body)
+
+    async def _record_body(self, message_id: str, kind: str, body: bytes) -> None:
         if self._audit is None:
             return
         try:
@@ -242,15 +323,15 @@ class HubBroker:
                 aio_pika.Message(
                     body,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    message_id=command.id,
-                    type=command.type,
+                    message_id=message_id,
+                    type=kind,
                     user_id=self._user_id,
                 ),
                 routing_key="",
                 timeout=5,
             )
         except Exception as exc:  # the replay copy is best effort; the command went out
-            log.warning("no replay copy of %s: %s", command.describe(), exc)
+            log.warning("no replay copy of %s %s: %s", kind, message_id, exc)
 
     async def broadcast(self, command: Envelope) -> None:
         """Publish a command every running bridge carries out (``P.control``). Not mandatory:
@@ -262,12 +343,25 @@ class HubBroker:
         self, exchange: aio_pika.abc.AbstractExchange, command: Envelope, routing_key: str, *, mandatory: bool
     ) -> bytes:
         body = encode_wire(command, self.keyring)
+        await self._publish_body(exchange, body, routing_key, command.id, command.type, mandatory=mandatory)
+        return body
+
+    async def _publish_body(
+        self,
+        exchange: aio_pika.abc.AbstractExchange,
+        body: bytes,
+        routing_key: str,
+        message_id: str,
+        kind: str,
+        *,
+        mandatory: bool,
+    ) -> None:
         message = aio_pika.Message(
             body,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=command.id,
+            message_id=message_id,
             content_type="application/msgpack",
-            type=command.type,
+            type=kind,
             user_id=self._user_id,
         )
         try:
@@ -275,7 +369,6 @@ class HubBroker:
         except asyncio.CancelledError:
             raise_if_cancelled()
             # aiormq cancels the confirm futures of a connection it declares dead.
-            raise BrokerUnavailable(f"the connection to RabbitMQ broke during the {command.type} publish") from None
+            raise BrokerUnavailable(f"the connection to RabbitMQ broke during the {kind} publish") from None
         except Exception as exc:
-            raise BrokerUnavailable(f"RabbitMQ did not accept the {command.type} command: {exc}") from exc
-        return body
+            raise BrokerUnavailable(f"RabbitMQ did not accept the {kind} command: {exc}") from exc

@@ -121,6 +121,26 @@ class OutpostTraits(LoggingConfigurable):
     def _default_bridge_public_keys(self) -> list[str]:
         return [k.strip() for k in os.environ.get("OUTPOST_MQ_BRIDGE_PUBLIC_KEYS", "").split(",") if k.strip()]
 
+    hub_state_path = Unicode(
+        help="""SQLite file of this hub's outbox (mode 0600): stops that RabbitMQ has not
+        confirmed yet (kept across a broker outage and a hub restart, sent when the broker is
+        back), and starts JupyterHub may not have recorded yet (a restarted hub stops those it
+        does not know). Keep it on the same persistent volume as JupyterHub's database.
+        Default: ``outpost-mq-<hub_id>.sqlite`` in the folder the ``OUTPOST_MQ_HUB_STATE_DIR``
+        environment variable names, else in JupyterHub's working directory (where
+        ``jupyterhub.sqlite`` lives by default).
+
+        Example::
+
+            c.OutpostSpawner.hub_state_path = "/srv/jupyterhub/outpost-mq.sqlite"
+        """,
+    ).tag(config=True)
+
+    @default("hub_state_path")
+    def _default_hub_state_path(self) -> str:
+        folder = os.environ.get("OUTPOST_MQ_HUB_STATE_DIR", "")
+        return os.path.abspath(os.path.join(folder, f"outpost-mq-{self.hub_id}.sqlite"))
+
     broker_heartbeat = Integer(
         15,
         help="""Seconds within which a silently dead broker link (no FIN, no RST) is noticed and

@@ -7,6 +7,9 @@ user's server can post events: so outside HTML is sanitized (:func:`sanitize_htm
 text field is capped (:func:`bounded_event`), a start keeps a bounded number of events and
 bytes (:class:`EventLog`), repeats are recognised within a bounded window
 (:class:`RecentKeys`), and posts are rate-limited per server (:class:`PostRate`).
+
+What the page shows only moves forward (:class:`ForwardOnly`), and keeps moving while the hub
+waits for a started server to answer (:func:`waiting_for_answer`, :func:`answer_wait_progress`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Hashable
 from datetime import datetime
@@ -80,6 +84,66 @@ def stopped_with(status: int) -> dict[str, Any]:
         f"JupyterLab start failed with status code {status}.",
         "Check JupyterLab logs for more information, if available.",
     )
+
+
+# -- the order the spawn page shows ----------------------------------------------------------------
+ANSWER_WAIT_CEILING = 95
+"""Where the progress creeps to while the hub waits for the server to answer (100 = ready)."""
+ANSWER_WAIT_HALF_LIFE = 5.0
+"""Seconds in which the creep covers half of what is left up to the ceiling."""
+ANSWER_WAIT_PAUSES = (1.0, 10.0)
+"""Shortest and longest pause (seconds) between two "waiting" events of one stream."""
+
+
+class ForwardOnly:
+    """Progress as the spawn page shows it: it only moves forward.
+
+    The hub, the bridge and the Outpost each count on a scale of their own (the dev Outpost
+    reports 60 before the bridge reports 30 for the same start), so an event whose progress
+    lies below what was shown already is shown at that value instead. Events without a
+    numeric ``progress`` pass unchanged (the page keeps its bar)."""
+
+    def __init__(self, start: float = 0) -> None:
+        self.value = start
+
+    def __call__(self, event: dict[str, Any]) -> dict[str, Any]:
+        value = event.get("progress")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return event
+        if value < self.value:
+            return {**event, "progress": self.value}
+        self.value = value
+        return event
+
+
+def answer_wait_progress(start: float, waited: float) -> int:
+    """The progress after ``waited`` seconds of waiting for the server to answer, from
+    ``start``: it creeps toward :data:`ANSWER_WAIT_CEILING` (halving the distance every
+    :data:`ANSWER_WAIT_HALF_LIFE` seconds), so the bar keeps moving without reaching 100."""
+    if start >= ANSWER_WAIT_CEILING:
+        return int(start)
+    left = (ANSWER_WAIT_CEILING - start) * math.pow(0.5, max(0.0, waited) / ANSWER_WAIT_HALF_LIFE)
+    return round(ANSWER_WAIT_CEILING - left)
+
+
+def answer_wait_pause(waited: float) -> float:
+    """Seconds until the next "waiting" event: every second at first, then less often (half
+    the time waited so far, at most :data:`ANSWER_WAIT_PAUSES`' longest), so a long wait
+    does not flood the page's log."""
+    shortest, longest = ANSWER_WAIT_PAUSES
+    return min(longest, max(shortest, waited / 2))
+
+
+def waiting_for_answer(progress: float, waited: float = 0.0) -> dict[str, Any]:
+    """The event shown while JupyterHub waits for the started server's HTTP endpoint."""
+    text = "Server started; waiting for it to answer"
+    text += f" ({waited:.0f} s)." if waited >= 1 else "."
+    return {
+        "failed": False,
+        "progress": progress,
+        "message": text,
+        "html_message": details(html.escape(text), "The hub waits for your server to accept connections."),
+    }
 
 
 # -- events from outside ----------------------------------------------------------------------

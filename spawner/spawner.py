@@ -19,9 +19,9 @@ import html
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlparse
 
 from jupyterhub.spawner import Spawner
@@ -52,12 +52,15 @@ from jupyterhub_outpost_mq.spawner.errors import (
     ReplyTimeout,
 )
 from jupyterhub_outpost_mq.spawner.hooks import call_hook, resolve
+from jupyterhub_outpost_mq.spawner.outbox import HubOutbox
 from jupyterhub_outpost_mq.spawner.outpost_traits import OutpostTraits
 from jupyterhub_outpost_mq.spawner.plan import plan_poll, plan_start, plan_stop, resolve_target
 from jupyterhub_outpost_mq.spawner.progress import EventLog
 from jupyterhub_outpost_mq.spawner.roster import RosterSender
 from jupyterhub_outpost_mq.spawner.tunnel_plan import expand_name, remote_forward_spec, tunnel_spec
 from jupyterhub_outpost_mq.spawner.tunnel_traits import TunnelTraits
+
+T = TypeVar("T")
 
 # Errors that mean "the start request did not succeed" (upstream: the POST failed).
 REQUEST_FAILED = (OutpostCommandFailed, HookError, BrokerUnavailable, ReplyTimeout)
@@ -90,6 +93,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self._events_log: events.EventLog | None = None
         self._event_posts: events.PostRate | None = None
         self._request_pending = False
+        self._start_noted = ""  # the start_id the outbox holds a note of (see _start_recorded)
         self._exit_code: int | None = None
         self._outpost_name = ""
         self._outpost_key = ""  # the Outpost's queue key, once a target was resolved
@@ -99,6 +103,10 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self._poll_failures: tuple[int, float] = (0, 0.0)  # consecutive failed polls, since when
         self._running_seen = 0.0  # monotonic time the Outpost last reported "running"
         self._recreate_task: asyncio.Future[None] | None = None
+        # A failed event from outside while start() runs ends the start (see _unless_start_failed).
+        self._start_failure: asyncio.Future[dict[str, Any]] | None = None
+        self._answer_wait_since = 0.0  # monotonic time start() returned: the hub waits for the server
+        self._ended_start = ""  # the start_id a poll learned has ended (its stop is handed over)
 
     # -- names -------------------------------------------------------------------------------
     @property
@@ -112,10 +120,6 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     @property
     def svc_name(self) -> str:
         return expand_name(self, self.svc_name_template)
-
-    @property
-    def dns_name(self) -> str:
-        return self.dns_name_template.format(namespace=self.namespace, name=self.svc_name)
 
     # -- state -------------------------------------------------------------------------------
     def load_state(self, state: dict[str, Any]) -> None:
@@ -275,6 +279,9 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self._event_log().append(event)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        failure = self._start_failure
+        if external and isinstance(event, dict) and event.get("failed") and failure and not failure.done():
+            failure.set_result(event)
         return True
 
     def _event_log(self) -> EventLog:  # (``events`` names the trait in the class body)
@@ -327,25 +334,36 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     async def progress(self) -> AsyncGenerator[dict[str, Any], None]:
         """Stream this start's events (hub, bridge and Outpost) as they arrive, until a
         failed one. Follows the events' serial numbers: when the bounded log drops old
-        events, nothing is skipped or shown twice."""
+        events, nothing is skipped or shown twice.
+
+        The progress shown only moves forward (:class:`~jupyterhub_outpost_mq.spawner.progress.ForwardOnly`):
+        hub, bridge and Outpost count on scales of their own. Once ``start()`` returned,
+        JupyterHub waits for the server's HTTP endpoint; meanwhile "waiting" events creep
+        toward 95 % (not stored: they only say time passes) until JupyterHub ends the stream."""
         seen = -1
+        forward = events.ForwardOnly()
+        creep_from: float | None = None  # what was shown when the wait for the server began
         while True:
             changed = self._changed
             for serial, stored in self._event_log().after(seen):
                 seen = serial
-                event = dict(stored)
+                event = forward(dict(stored))
                 event.pop("ready", None)
                 yield event
                 if event.get("failed"):
                     return
-            await changed.wait()
+            since = self._answer_wait_since
+            if not (since and self._spawn_pending):
+                await changed.wait()
+                continue
+            creep_from = forward.value if creep_from is None else creep_from
+            try:
+                await asyncio.wait_for(changed.wait(), events.answer_wait_pause(time.monotonic() - since))
+            except TimeoutError:
+                waited = time.monotonic() - since
+                yield forward(events.waiting_for_answer(events.answer_wait_progress(creep_from, waited), waited))
 
     # -- commands ---------------------------------------------------------------------------
-    async def _broker(self, timeout: float = 15) -> HubBroker:
-        return await connect_hub(
-            HubBroker.of(self), getattr(self.user, "settings", {}).get("users"), self.roster_interval, timeout
-        )
-
     async def _publish(
         self, broker: HubBroker, envelope: Envelope, key: str, origin: str, *, patient: bool = True
     ) -> None:
@@ -355,9 +373,10 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         budget = self.broker_retry_timeout if patient else 0.0
         give_up = min(time.monotonic() + budget, time.monotonic() + envelope.remaining())
         delay, told = 0.5, False
+        users = getattr(self.user, "settings", {}).get("users")
         while True:
             try:
-                await broker.ready(5)
+                await connect_hub(broker, users, self.roster_interval, 5)
                 await broker.ensure_outpost(key, origin)
                 await broker.publish(envelope, key)
                 return
@@ -380,7 +399,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     async def _send(
         self, body: Any, key: str, origin: str, deadline: float, wait: float, *, patient: bool = True
     ) -> CommandResult:
-        broker = await self._broker(15 if patient else 5)
+        broker = HubBroker.of(self)  # _publish connects, within its own patience
         envelope = self._envelope(body, deadline)
         result = broker.router.expect(envelope)
         try:
@@ -422,6 +441,8 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self.logs = []
         self.port_forward_info = {}
         self._first_poll = False
+        self._start_failure = asyncio.get_running_loop().create_future()
+        self._answer_wait_since = 0.0
         self.add_event(events.sending_request(self._log_name, self.user_options or {}, self.event_field_max_bytes))
         broker_listen = None
         self._request_pending = True
@@ -429,12 +450,18 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             await resolve(self, "check_allowed", self.user_options or {}, passthrough=True)
             self.port = await self._resolve_port()
             await self._apply_poll_interval()
-            broker = await self._broker()
+            # No wait for RabbitMQ here: the start's publish retries for broker_retry_timeout.
+            broker = HubBroker.of(self)
             broker_listen = broker.router.listen(self.user.name, self.name, self.start_id, self._on_bridge_event)
-            result, during_startup = await self._request_start()
+            # Noted before it is published: a hub killed before JupyterHub saved the start_id
+            # stops it after its restart (UnclaimedStarts.review_noted).
+            broker.outbox.note_start(self.user.name, self.name, self.start_id)
+            self._start_noted = self.start_id
+            result, during_startup = await self._unless_start_failed(self._request_start())
         except REQUEST_FAILED as exc:
-            self._report_failure(exc)
-            await self._run_failed_spawn_request_hook(exc)
+            if not self._failed_by_event():  # else the Outpost's event is the report; its POST did not fail
+                self._report_failure(exc)
+                await self._run_failed_spawn_request_hook(exc)
             await self._clean_up_failed_start()
             raise
         except Exception as exc:  # check_allowed refused: its message is the reason
@@ -446,11 +473,46 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             if broker_listen is not None:
                 broker_listen()
         try:
-            return await self._reachable_url(result, during_startup)
+            url = await self._unless_start_failed(self._reachable_url(result, during_startup))
         except REQUEST_FAILED as exc:
-            self._report_failure(exc)
+            if not self._failed_by_event():
+                self._report_failure(exc)
             await self._clean_up_failed_start()
             raise
+        # JupyterHub now waits for the server's HTTP endpoint: say so (progress() creeps on).
+        self._answer_wait_since = time.monotonic()
+        shown = [e.get("progress") for e in self.events if isinstance(e, dict)]
+        self.add_event(events.waiting_for_answer(max((p for p in shown if isinstance(p, int | float)), default=0)))
+        return url
+
+    async def _unless_start_failed(self, step: Awaitable[T]) -> T:
+        """Run ``step`` of ``start()`` unless a ``failed`` event from outside comes first (the
+        Outpost's async starts report failure that way; the bridge's events may be marked
+        failed): then the step is cancelled and the start fails at once with the event's
+        message, instead of waiting for ``start_timeout``. The failed start's clean-up stop
+        then removes the server at the Outpost and the bridge's forward and Service."""
+        failure = self._start_failure
+        task = asyncio.ensure_future(step)
+        if failure is None:
+            return await task
+        first: set[asyncio.Future[Any]] = {task, failure}
+        try:
+            await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if failure.done():
+            if not task.cancelled():
+                task.exception()  # retrieved: the event's failure is the one reported
+            event = failure.result()
+            message = str(event.get("message") or "") or "The Outpost reported that the start failed."
+            self.log.warning("start of %s failed at the Outpost: %s", self._log_name, message)
+            raise OutpostCommandFailed(ErrorInfo(kind="outpost_error", summary=message))
+        return task.result()
+
+    def _failed_by_event(self) -> bool:
+        return self._start_failure is not None and self._start_failure.done()
 
     async def _request_start(self) -> tuple[CommandResult, bool]:
         during_startup = bool(await resolve(self, "ssh_during_startup"))
@@ -591,15 +653,24 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         """Hand a stop to the bridge (durably) so nothing of the failed start stays at the
         Outpost or in the bridge, without waiting for an Outpost that may be down; then the
         server counts as stopped, so JupyterHub's follow-up poll and stop need no round trip."""
-        try:
-            command, target = await self._plan_stop()
-            broker = await self._broker(5)
-            envelope = self._envelope(command, time.time() + self.stop_deadline)
-            await self._publish(broker, envelope, target.key, target.origin, patient=False)
-        except (BrokerUnavailable, HookError) as exc:
-            self.log.warning("could not hand the clean-up stop of %s to the bridge: %s", self._log_name, exc)
+        await self._hand_over_stop(self.start_id)
+        self._start_recorded()  # the start is over: its stop is handed over
         await self._run_custom_removals()
         self.start_id = ""
+
+    async def _hand_over_stop(self, start_id: str) -> bool:
+        """Hand a stop of ``start_id`` to the bridge for good, without waiting for its result:
+        through the hub's outbox, so a broker outage or a hub restart does not lose it. True
+        when RabbitMQ has it now; False when it waits in the outbox (sent when the broker is
+        back) or could not even be planned (logged)."""
+        try:
+            command, target = await self._plan_stop()
+        except HookError as exc:
+            self.log.warning("could not plan the stop of %s start_id=%s: %s", self._log_name, start_id, exc)
+            return False
+        broker = HubBroker.of(self)
+        envelope = self._envelope(command, time.time() + self.stop_deadline, start_id=start_id)
+        return await broker.hand_over(envelope, target.key, target.origin)
 
     def _report_failure(self, exc: Exception) -> None:
         detail = exc.error.details if isinstance(exc, OutpostCommandFailed) else ""
@@ -643,6 +714,9 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             return 0
         if self._request_pending:
             return None
+        self._start_recorded()  # JupyterHub polls only once it saved the start's state
+        if self._ended_start == self.start_id:  # known: JupyterHub polls again while it cleans up
+            return self._exit_code if self._exit_code is not None else 0
         decision: Any = True
         if self.pre_poll_hook:
             try:
@@ -653,6 +727,8 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             status = None
         elif decision is True:
             status = await self._poll_outpost()
+            if status is not None:
+                await self._ended_at_outpost(status)
         elif decision is False:
             status = None
         else:
@@ -687,6 +763,26 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         not_found = error is not None and error.kind == "not_found"
         keep = self.request_404_poll_keep_running if not_found else self.request_failed_poll_keep_running
         return self._poll_failed(error.summary if error else "failed", keep)
+
+    async def _ended_at_outpost(self, status: int) -> None:
+        """The poll learned that the server ended (an exit code, a 404 or a failure counted as
+        stopped). JupyterHub calls no ``stop()`` for a server that ``poll()`` reports ended, so
+        the stop is handed to the bridge here (upstream's base spawner calls ``stop(now=True)``):
+        else the Outpost keeps its record, counted against the user's flavor quota, and the
+        bridge its forward. Handed over, not waited for (no round trip to the Outpost; the
+        outbox keeps it when RabbitMQ is down); a failure is logged."""
+        start_id = self._ended_start = self.start_id
+        self._exit_code = status
+        self.log.info(
+            "%s start_id=%s ended (status %s); handing its stop to the bridge", self._log_name, start_id, status
+        )
+        try:
+            await self._hand_over_stop(start_id)
+        except OutpostSpawnerError as exc:
+            self.log.warning(
+                "could not hand the stop of %s start_id=%s to the bridge: %s", self._log_name, start_id, exc
+            )
+        await self._run_custom_removals()
 
     def _fresh_status(self) -> bool:
         """The Outpost reported the server running less than ``poll_status_max_age`` ago."""
@@ -747,12 +843,9 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     async def stop_unclaimed(self, start_id: str) -> None:
         """Stop a start this hub no longer waits for (it finished while the hub restarted):
         nothing may stay orphaned at the Outpost. Hand the stop to the bridge durably."""
+        self.log.info("stopping start_id=%s of %s: this hub no longer knows it", start_id, self._log_name)
         try:
-            command, target = await self._plan_stop()
-            broker = await self._broker()
-            envelope = self._envelope(command, time.time() + self.stop_deadline, start_id=start_id)
-            await self._publish(broker, envelope, target.key, target.origin)
-            self.log.info("stopping start_id=%s of %s: this hub no longer knows it", start_id, self._log_name)
+            await self._hand_over_stop(start_id)
         except OutpostSpawnerError as exc:
             self.log.error("could not stop the unclaimed start %s of %s: %s", start_id, self._log_name, exc)
 
@@ -773,31 +866,69 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             except HookError as exc:
                 self.log.warning("%s", exc)
         try:
-            command, target = await self._plan_stop()
-            result = await self._send(
-                command, target.key, target.origin, time.time() + self.stop_deadline, self.stop_timeout
-            )
-            if result.ok and result.deferred:
+            result = await self._stop_through_outbox()
+            if result is not None and result.ok and result.deferred:
                 self.log.info(
                     "stop of %s recorded by the bridge while the Outpost is down; carried out when it answers",
                     self._log_name,
                 )
-            if result.ok and self.collect_logs:
+            if result is not None and result.ok and self.collect_logs:
                 self.logs = list(result.logs)
-            elif not result.ok:
+            elif result is not None and not result.ok:
                 self.log.warning("stop of %s: %s", self._log_name, result.error.summary if result.error else "failed")
         except (BrokerUnavailable, ReplyTimeout, HookError) as exc:
             self.log.warning("stop of %s not confirmed (%s); the bridge keeps trying", self._log_name, exc)
+        self._start_recorded()
         await self._run_custom_removals()
         self.port_forward_info = {}
+
+    async def _stop_through_outbox(self) -> CommandResult | None:
+        """The stop, handed over for good (:meth:`HubBroker.hand_over`): the result when the
+        bridge answered within ``stop_timeout``; None when RabbitMQ cannot be reached now (the
+        stop waits in the hub's outbox and is sent when the broker is back, also after a hub
+        restart). Raises :class:`ReplyTimeout` when the bridge did not answer in time (it has
+        the stop and keeps trying)."""
+        command, target = await self._plan_stop()
+        broker = HubBroker.of(self)
+        envelope = self._envelope(command, time.time() + self.stop_deadline)
+        answer = broker.router.expect(envelope)
+        try:
+            if not await broker.hand_over(envelope, target.key, target.origin):
+                self.log.warning(
+                    "RabbitMQ unreachable: the stop of %s waits in the hub's outbox and is sent when it is back",
+                    self._log_name,
+                )
+                return None
+            return await asyncio.wait_for(asyncio.shield(answer), self.stop_timeout)
+        except TimeoutError:
+            raise ReplyTimeout(f"no answer to the stop within {self.stop_timeout:.0f} s") from None
+        finally:
+            answer.cancel()
+
+    def _start_recorded(self) -> None:
+        """JupyterHub has this start's state (it saves it after ``start()`` returned, before it
+        polls or stops): the outbox's note of the start can go."""
+        if self._start_noted:
+            noted, self._start_noted = self._start_noted, ""
+            try:
+                HubBroker.of(self).outbox.start_recorded(self.user.name, self.name, noted)
+            except OutpostSpawnerError as exc:  # no keys: nothing was noted through a broker
+                self.log.debug("%s", exc)
+
+
+PROCESS_STARTED = time.time()
+"""Starts noted in the outbox before this moment were published by an earlier hub process."""
 
 
 async def connect_hub(broker: HubBroker, users: Any, roster_interval: float, timeout: float = 15) -> HubBroker:
     """Connect the hub's shared broker; the first time JupyterHub's users are at hand, also
     handle results nobody waits for (:class:`UnclaimedStarts`) and start the roster."""
-    if broker.router.on_unclaimed is None and users is not None:
+    first = broker.router.on_unclaimed is None and users is not None
+    if first:
         broker.router.on_unclaimed = UnclaimedStarts(users, broker_log)
     ready = await broker.ready(timeout)
+    if first and isinstance(broker.router.on_unclaimed, UnclaimedStarts):
+        broker.router.on_unclaimed.review_noted(broker.outbox)
     if broker.roster is None and users is not None and roster_interval:
         broker.roster = RosterSender(broker, users, roster_interval).start()
     return ready
@@ -813,17 +944,29 @@ class UnclaimedStarts:
         self.log = log
         self.tasks: set[asyncio.Future[None]] = set()
 
+    def review_noted(self, outbox: HubOutbox) -> None:
+        """Starts this hub published before it (re)started and JupyterHub never recorded
+        (killed between the start's result and its commit): stop them, they run unseen."""
+        for noted in outbox.noted_starts(before=PROCESS_STARTED):
+            ref = ServerRef(user=noted.user, server=noted.server, start_id=noted.start_id)
+            outbox.start_recorded(noted.user, noted.server, noted.start_id)
+            self.claim(ref, f"a start noted before this hub restarted ({ref})")
+
     def __call__(self, envelope: Envelope) -> None:
         body, ref = envelope.body, envelope.server
         if not isinstance(body, CommandResult) or body.command != "start" or not body.ok or ref is None:
             return
+        self.claim(ref, f"a start that finished ({ref})")
+
+    def claim(self, ref: ServerRef, what: str) -> None:
+        """Stop the start ``ref`` unless the hub's spawner runs (or is starting) exactly it."""
         try:
             user = self.users[ref.user]
         except KeyError:
-            self.log.warning("a start of unknown user %s finished; the bridge's reconciliation removes it", ref.user)
+            self.log.warning("%s of an unknown user: the bridge's reconciliation removes it", what)
             return
         if ref.server not in user.orm_user.orm_spawners:
-            self.log.warning("a start of unknown server %s finished; the bridge's reconciliation removes it", ref)
+            self.log.warning("%s of an unknown server: the bridge's reconciliation removes it", what)
             return
         spawner = user.spawners[ref.server]
         if not hasattr(spawner, "stop_unclaimed"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -47,6 +48,9 @@ def _create_vhost() -> str | None:
 
 
 _VHOST = _create_vhost()
+
+# In-process spawners keep their outbox (spawner/outbox.py) here, not in the working directory.
+os.environ.setdefault("OUTPOST_MQ_HUB_STATE_DIR", tempfile.mkdtemp(prefix="outpost-mq-hub-state-"))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -9,10 +9,17 @@ Anyone holding a server's token can post, so a post is checked before anything c
 the server's post rate (``events_post_rate``, else 429), the body's shape (else 400, never
 a 500), and ``?seq=``. What is shown is bounded and sanitized by
 :meth:`OutpostSpawner.add_event <jupyterhub_outpost_mq.spawner.spawner.OutpostSpawner.add_event>`.
+
+A ``failed`` event ends a pending spawn, as upstream does (an Outpost's async start reports
+its failure only that way): while ``start()`` runs, the spawner fails the start with the
+event's message; once ``start()`` returned and JupyterHub waits for the server to answer,
+this handler interrupts the spawn and stops the server the way JupyterHub's own
+``DELETE`` of a pending server does (:func:`end_pending_spawn`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
@@ -81,9 +88,13 @@ class ProgressEventsHandler(APIHandler):
         start_id = self.get_argument("start_id", None)
         seq = parse_seq(self.get_argument("seq", None))
         key = ("http", seq) if seq is not None else None
-        if not spawner.add_event(event, start_id=start_id, key=key, external=True):
+        added = spawner.add_event(event, start_id=start_id, key=key, external=True)
+        if not added:
             self.log.info("ignored an event for %s (earlier start, repeated or filtered)", spawner._log_name)
         self.set_status(204)
+        if added and event.get("failed") and spawner._waiting_for_response:
+            self.finish()  # answered first: the poster (an Outpost) does not wait for the stop
+            await end_pending_spawn(self, spawner)
 
     @needs_scope("read:servers")
     async def get(self, user_name: str, server_name: str = "") -> None:
@@ -95,6 +106,26 @@ class ProgressEventsHandler(APIHandler):
                 "ready": spawner.ready,
             }
         )
+
+
+async def end_pending_spawn(handler: APIHandler, spawner: Any) -> None:
+    """End a spawn whose server the Outpost reported failed after ``start()`` returned (the
+    hub waits for the server's HTTP endpoint until ``http_timeout``): interrupt the spawn and
+    stop the server, as JupyterHub's ``DELETE`` of a pending server does. The stop reaches
+    the Outpost and the bridge (forward, Service) through ``poll()``/``stop()``."""
+    future = spawner._spawn_future
+    if future is None or future.done():
+        return
+    handler.log.warning("%s: the Outpost reported the start failed; ending the spawn", spawner._log_name)
+    future.cancel()
+    await asyncio.wait({future})  # its done callbacks clear the spawn's pending flags
+    if spawner.pending:
+        handler.log.warning("%s is %s; not stopping it here", spawner._log_name, spawner.pending)
+        return
+    try:
+        await handler.stop_single_user(spawner.user, spawner.name)
+    except Exception:  # the event was taken; a failed stop is logged, as JupyterHub logs its own
+        handler.log.exception("could not stop %s after its failed start", spawner._log_name)
 
 
 default_handlers = [

@@ -226,7 +226,6 @@ async def test_server_started_by_upstream_is_polled_and_stopped(outpost: Outpost
     assert await spawner.poll() is None
     await spawner.stop()
     assert services(outpost, "gpu") == [] or all(s["start_id"] != start_id for s in services(outpost, "gpu"))
-    assert isinstance(spawner.logs, list)
 
 
 async def test_cancel_shows_the_cancelling_event(outpost: Outpost, bridge: Bridge, prefix: str) -> None:

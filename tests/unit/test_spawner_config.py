@@ -275,6 +275,15 @@ def test_flavor_tables_are_checked(flavors: Any, reason: str) -> None:
 
 
 def test_connect_at_hub_start_does_nothing_outside_a_hub() -> None:
-    from jupyterhub_outpost_mq.spawner import connect_at_hub_start
+    import asyncio
 
-    assert connect_at_hub_start() is False
+    from jupyterhub_outpost_mq.spawner import connect_at_hub_start
+    from jupyterhub_outpost_mq.spawner.hub_start import _tasks
+
+    assert connect_at_hub_start() is False  # no event loop at all
+
+    async def in_a_loop_without_jupyterhub() -> bool:
+        return connect_at_hub_start()
+
+    assert asyncio.run(in_a_loop_without_jupyterhub()) is False  # a loop, but no JupyterHub
+    assert not _tasks  # nothing was scheduled

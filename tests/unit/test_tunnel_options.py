@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jupyterhub_outpost_mq.bridge.errors import TransientError, TransientTunnelError, TunnelSpecError
+from jupyterhub_outpost_mq.bridge.errors import TransientTunnelError, TunnelSpecError
 from jupyterhub_outpost_mq.bridge.ssh_options import (
     ACCEPTED,
     HONOURED,
@@ -107,9 +107,30 @@ def test_parse_address_rejects(value: str) -> None:
         parse_address(value, "service")
 
 
-def test_transient_tunnel_errors_are_retried_like_outpost_errors() -> None:
-    assert issubclass(TransientTunnelError, TransientError)
-    assert not issubclass(TunnelSpecError, TransientError)
+def test_transient_tunnel_errors_are_retried_and_spec_errors_are_final() -> None:
+    import asyncio
+
+    from jupyterhub_outpost_mq.bridge.retry import Backoff, retry_until
+
+    async def run(error: Exception) -> tuple[int, object]:
+        attempts = 0
+
+        async def attempt(time_left: float) -> str:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                raise error
+            return "made"
+
+        try:
+            made = await retry_until(1e12, attempt, backoff=Backoff(initial=0.001, jitter=0))
+        except (TransientTunnelError, TunnelSpecError) as exc:
+            return attempts, exc
+        return attempts, made
+
+    assert asyncio.run(run(TransientTunnelError("SSH node unreachable"))) == (2, "made")
+    attempts, outcome = asyncio.run(run(TunnelSpecError("bad option")))
+    assert attempts == 1 and isinstance(outcome, TunnelSpecError)
 
 
 def test_store_round_trip(tmp_path: Path) -> None:
