@@ -133,10 +133,14 @@ class BridgeBroker:
 
     async def dead_letter(self, incoming: AbstractIncomingMessage, reason: str) -> None:
         """Put a redacted account of a poison message into the dead-letter queue, with the
-        reason in a header: never the message itself, which may carry secrets in clear."""
+        reason in a header: never the message itself, which may carry secrets in clear. Never
+        raises: a dead-letter queue that is full (it refuses publishes then) or unreachable
+        costs the account, not the consumer (the caller acks the delivery either way)."""
         assert self._dead is not None
         headers: dict[str, Any] = {
-            k: v for k, v in (incoming.headers or {}).items() if isinstance(v, str | int | float | bool)
+            k: v
+            for k, v in list((incoming.headers or {}).items())[:20]  # the sender's: few and short
+            if isinstance(v, int | float | bool) or (isinstance(v, str) and len(v) <= 256)
         }
         headers[DEAD_LETTER_REASON_HEADER] = reason[:1000]
         headers["x-outpost-mq-source-queue"] = incoming.routing_key or incoming.exchange or ""
@@ -148,7 +152,12 @@ class BridgeBroker:
             message_id=incoming.message_id,
             user_id=self._user_id,
         )
-        await self._dead.publish(message, routing_key="dead", timeout=30)
+        try:
+            await self._dead.publish(message, routing_key="dead", timeout=30)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("dead letter %s dropped (%s): %s", incoming.message_id, type(exc).__name__, reason[:200])
 
     async def _publish(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -313,3 +314,26 @@ def vhost() -> str:
 def rabbitmqctl(*args: str) -> str:
     done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=True)
     return done.stdout
+
+
+async def test_a_full_dead_letter_queue_costs_the_accounts_not_the_consumer(
+    hub_broker: HubBroker, attacker: aio_pika.abc.AbstractChannel, outpost: Outpost, prefix: str
+) -> None:
+    """When the capped dead-letter queue is full it refuses publishes; the bridge then drops
+    the accounts and still acks: 60 poison messages (more than the prefetch of 50) do not
+    freeze the Outpost's queue."""
+    topology = Topology(prefix)
+    key = outpost_key(outpost.url)
+    await hub_broker.ensure_outpost(key, url_origin(outpost.url))
+    policy = f"full-{uuid.uuid4().hex[:6]}"
+    pattern = f"^{re.escape(topology.dead_letter_queue)}$"
+    rabbitmqctl("set_policy", "-p", vhost(), "--apply-to", "queues", policy, pattern, '{"max-length": 1}')
+    try:
+        commands = await attacker.get_exchange(topology.command_exchange)
+        for _ in range(60):
+            await commands.publish(aio_pika.Message(b"\xc1 poison", message_id=new_id()), routing_key=key)
+        probe = envelope(hub_broker, PollCommand(target=target(outpost), name="nobody"), "n", "1")
+        answer = await send(hub_broker, probe, outpost)
+        assert answer.error is not None and answer.error.kind == "not_found"
+    finally:
+        rabbitmqctl("clear_policy", "-p", vhost(), policy)
