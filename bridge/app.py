@@ -46,6 +46,20 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
     """Consumes JupyterHub commands from RabbitMQ and carries them out at Outposts."""
 
     name = "outpost-bridge"
+
+    @default("log_format")
+    def _default_log_format(self) -> str:
+        # Timestamps: an admin lines the bridge's log up with the hub's and the Outpost's.
+        return "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
+
+    @default("log_datefmt")
+    def _default_log_datefmt(self) -> str:
+        return "%Y-%m-%d %H:%M:%S"
+
+    @default("log_level")
+    def _default_log_level(self) -> int:
+        return logging.INFO  # one line per command (type, server, start_id, outcome, duration)
+
     description = package_doc or ""
     config_file = Unicode("outpost_bridge_config.py", help="The config file to load (a Python file).").tag(config=True)
     generate_config = Bool(False, help="Write a default config file and exit.").tag(config=True)

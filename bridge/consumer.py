@@ -29,6 +29,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Coroutine
@@ -293,6 +294,7 @@ class CommandConsumer:
     ) -> None:
         if previous is not None:
             await asyncio.wait({previous})  # order per server; its outcome is its own business
+        began = time.monotonic()
         try:
             try:
                 answer = await self._carry_out(envelope, message, cancel)
@@ -306,6 +308,7 @@ class CommandConsumer:
                 answer = reply(envelope, internal_failure(envelope, error_id))
             self._outcomes.answered(envelope, answer)
             await self._broker.publish_reply(answer)
+            log.info("%s %s in %.0f ms", envelope.describe(), outcome(answer), (time.monotonic() - began) * 1000)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -390,3 +393,13 @@ def internal_failure(envelope: Envelope, error_id: str) -> CommandResult:
         ok=False,
         error=ErrorInfo(kind="internal", summary=f"The bridge failed to carry out the {command} (error {error_id})."),
     )
+
+
+def outcome(answer: Envelope) -> str:
+    """``ok`` or ``failed (<kind>)`` for one line per command in the log."""
+    body = answer.body
+    if not isinstance(body, CommandResult):
+        return "answered"
+    if body.ok:
+        return "ok (deferred)" if body.deferred else "ok"
+    return f"failed ({body.error.kind})" if body.error else "failed"
