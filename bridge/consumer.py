@@ -145,10 +145,6 @@ class CommandConsumer:
         self._recreated: OrderedDict[str, CommandResult] = OrderedDict()
 
     @property
-    def outposts(self) -> frozenset[str]:
-        return frozenset(self._outposts)
-
-    @property
     def in_flight(self) -> int:
         return len(self._tasks)
 

@@ -249,9 +249,6 @@ class TunnelManager:
             ciphers=self._ciphers,
         )
 
-    def get(self, key: str) -> Forward | None:
-        return self._forwards.get(key)
-
     def stored(self, key: str) -> StoredTunnel | None:
         return self._store.get(key)
 
@@ -273,9 +270,6 @@ class TunnelManager:
             self._store.put(StoredTunnel(key=new, spec=stored.spec, remote=stored.remote, port=stored.port))
             self._store.delete(old)
         return True
-
-    def __len__(self) -> int:
-        return len(self._forwards)
 
     async def ensure(self, key: str, spec: TunnelSpec, remote: str, *, timeout: float) -> Forward:
         """Listen for ``key`` (keeping its port if it has one) and lead to ``remote`` ("host:port",
