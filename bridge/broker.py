@@ -71,6 +71,11 @@ class BridgeBroker:
         registry = await channel.declare_queue(t.registry_stream, durable=True, arguments=t.registry_arguments())
         await registry.bind(registry_exchange, routing_key="announce")
 
+    @property
+    def connected(self) -> bool:
+        """The connection is up (not lost and reconnecting)."""
+        return self._connection is not None and self._connection.connected.is_set()
+
     async def close(self) -> None:
         if self._connection is not None:
             connection, self._connection = self._connection, None

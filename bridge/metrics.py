@@ -21,6 +21,7 @@ them in the Prometheus text format; port 0 (the default) serves nothing. Names:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -71,16 +72,22 @@ class BridgeMetrics:
 
 
 class MetricsServer:
-    """Serves ``GET /metrics`` on ``host:port`` (``start``/``stop``)."""
+    """Serves ``GET /metrics`` and ``GET /ready`` on ``host:port`` (``start``/``stop``).
+
+    ``/ready`` answers 200 only while the bridge consumes commands: after start-up (broker
+    connected, queues followed), while its broker connection is up, and not once it drains.
+    A Kubernetes readiness probe on it is not fooled by a bridge waiting for RabbitMQ."""
 
     def __init__(self, metrics: BridgeMetrics, *, host: str, port: int) -> None:
         self._metrics = metrics
         self._host, self._port = host, port
         self._runner: web.AppRunner | None = None
+        self.ready: Callable[[], bool] = lambda: False
 
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self._serve)
+        app.router.add_get("/ready", self._ready)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self._host, self._port).start()
@@ -91,6 +98,10 @@ class MetricsServer:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        ready = self.ready()
+        return web.Response(status=200 if ready else 503, text="ready\n" if ready else "not ready\n")
 
     async def _serve(self, request: web.Request) -> web.Response:
         return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

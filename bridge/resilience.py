@@ -10,6 +10,7 @@ endpoint).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from traitlets import Bool, Float, HasTraits, Integer, Unicode
 
@@ -156,6 +157,11 @@ class Resilience:
             if settings.metrics_port
             else None
         )
+
+    def set_ready(self, ready: Callable[[], bool]) -> None:
+        """What ``GET /ready`` answers: whether the bridge consumes commands right now."""
+        if self._server is not None:
+            self._server.ready = ready
 
     def _count(self, command: Envelope, result: CommandResult) -> None:
         outcome = "deferred" if result.deferred else "ok" if result.ok else (result.error.kind if result.error else "")
