@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 import aio_pika
@@ -25,6 +26,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from jupyterhub_outpost_mq.schemas import (
+    CommandResult,
     DecodeError,
     Envelope,
     KeyError_,
@@ -266,6 +268,29 @@ class HubBroker:
             await self._send_outbox()
         body = await self._publish(self._commands, command, outpost, mandatory=True)
         await self._record(command, body)
+
+    async def request(
+        self,
+        command: Envelope,
+        outpost: str,
+        origin: str,
+        wait: float,
+        *,
+        publish: Callable[[], Awaitable[None]] | None = None,
+    ) -> CommandResult:
+        """Publish ``command`` (with ``publish`` when given, e.g. a patient retry loop) and wait
+        up to ``wait`` seconds for the result answering it. Raises :class:`BrokerUnavailable`
+        or ``TimeoutError``. The one request/reply path of the hub (spawner commands, flavors)."""
+        answer = self.router.expect(command)
+        try:
+            if publish is None:
+                await self.ensure_outpost(outpost, origin)
+                await self.publish(command, outpost)
+            else:
+                await publish()
+            return await asyncio.wait_for(asyncio.shield(answer), wait)
+        finally:
+            answer.cancel()
 
     async def hand_over(self, command: Envelope, outpost: str, origin: str, *, timeout: float = 3) -> bool:
         """Hand a command over for good: on disk first, then to RabbitMQ. True when the broker

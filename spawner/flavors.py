@@ -122,18 +122,12 @@ async def fetch(
         decode(encode(envelope))  # the local form: the same schema checks as the wire
     except (DecodeError, TypeError, msgspec.EncodeError) as exc:
         raise FlavorsUnavailable(f"invalid flavors request for {url!r}: {exc}") from None
-    answer = broker.router.expect(envelope)
-    key = outpost_key(url)
     try:
-        await broker.ensure_outpost(key, url_origin(url))
-        await broker.publish(envelope, key)
-        result = await asyncio.wait_for(asyncio.shield(answer), seconds + 1)
+        result = await broker.request(envelope, outpost_key(url), url_origin(url), seconds + 1)
     except BrokerUnavailable as exc:
         raise FlavorsUnavailable(str(exc)) from None
     except TimeoutError:
         raise FlavorsUnavailable(f"no answer from the bridge within {seconds + 1:.0f} s") from None
-    finally:
-        answer.cancel()
     if not result.ok:
         raise FlavorsUnavailable(result.error.summary if result.error else "failed")
     return result.flavors or {}

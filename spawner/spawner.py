@@ -401,15 +401,15 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     ) -> CommandResult:
         broker = HubBroker.of(self)  # _publish connects, within its own patience
         envelope = self._envelope(body, deadline)
-        result = broker.router.expect(envelope)
-        try:
+
+        async def publish() -> None:
             await self._publish(broker, envelope, key, origin, patient=patient)
             self.log.debug("published %s", envelope.describe())
-            return await asyncio.wait_for(asyncio.shield(result), wait)
+
+        try:
+            return await broker.request(envelope, key, origin, wait, publish=publish)
         except TimeoutError as exc:
             raise ReplyTimeout(f"no answer to the {envelope.type} command within {wait:.0f} s") from exc
-        finally:
-            result.cancel()
 
     async def _resolve_port(self) -> int:
         if callable(self.custom_port):
@@ -891,19 +891,24 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         command, target = await self._plan_stop()
         broker = HubBroker.of(self)
         envelope = self._envelope(command, time.time() + self.stop_deadline)
-        answer = broker.router.expect(envelope)
+        on_broker = True
+
+        async def publish() -> None:
+            nonlocal on_broker
+            on_broker = await broker.hand_over(envelope, target.key, target.origin)
+            if not on_broker:
+                raise TimeoutError  # nothing to wait for: the stop is in the outbox
+
         try:
-            if not await broker.hand_over(envelope, target.key, target.origin):
-                self.log.warning(
-                    "RabbitMQ unreachable: the stop of %s waits in the hub's outbox and is sent when it is back",
-                    self._log_name,
-                )
-                return None
-            return await asyncio.wait_for(asyncio.shield(answer), self.stop_timeout)
+            return await broker.request(envelope, target.key, target.origin, self.stop_timeout, publish=publish)
         except TimeoutError:
-            raise ReplyTimeout(f"no answer to the stop within {self.stop_timeout:.0f} s") from None
-        finally:
-            answer.cancel()
+            if on_broker:
+                raise ReplyTimeout(f"no answer to the stop within {self.stop_timeout:.0f} s") from None
+            self.log.warning(
+                "RabbitMQ unreachable: the stop of %s waits in the hub's outbox and is sent when it is back",
+                self._log_name,
+            )
+            return None
 
     def _start_recorded(self) -> None:
         """JupyterHub has this start's state (it saves it after ``start()`` returned, before it
