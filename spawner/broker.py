@@ -154,6 +154,14 @@ class HubBroker:
         for broker in brokers:
             await broker.close()
 
+    @property
+    def link_down(self) -> bool:
+        """The last connect failed, or the connection is lost and reconnecting."""
+        ready = self._ready
+        if ready is not None and ready.done() and not ready.cancelled() and ready.exception() is not None:
+            return True
+        return self._connection is not None and not self._connection.connected.is_set()
+
     async def ready(self, timeout: float = 15) -> HubBroker:
         """Connect and declare the topology once; later calls return at once."""
         if self._ready is None or (self._ready.done() and self._ready.exception() is not None):

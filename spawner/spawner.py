@@ -376,7 +376,10 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         users = getattr(self.user, "settings", {}).get("users")
         while True:
             try:
-                await connect_hub(broker, users, self.roster_interval, 5)
+                # A poll while the link is known to be down fails at once (its failure has a
+                # meaning: request_failed_poll_keep_running); JupyterHub polls before each stop.
+                wait = 0.5 if not patient and broker.link_down else 5
+                await connect_hub(broker, users, self.roster_interval, wait)
                 await broker.ensure_outpost(key, origin)
                 await broker.publish(envelope, key)
                 return
