@@ -85,32 +85,41 @@ def seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f} s"
 
 
-def table(rows: list[tuple[str, Tally]]) -> str:
+def table(
+    rows: list[tuple[str, Tally]], relies_on: dict[str, str] = RELIES_ON, relies: str = "relies on (RabbitMQ)"
+) -> str:
     lines = [
         "| scenario | operations attempted | lost | duplicated | failed with a clear error | time to recover |"
-        " relies on (RabbitMQ) | notes |",
+        f" {relies} | notes |",
         "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for key, t in rows:
         notes = "; ".join(t.notes).replace("|", "/")
         lines.append(
             f"| {t.scenario} | {t.attempted} | {t.lost} | {t.duplicated} | {t.failed_clearly} |"
-            f" {seconds(t.recover_seconds)} | {RELIES_ON[key]} | {notes} |"
+            f" {seconds(t.recover_seconds)} | {relies_on[key]} | {notes} |"
         )
     return "\n".join(lines)
 
 
-def write(rows: list[tuple[str, Tally]], took: float, quick: bool) -> None:
+def write_block(module: str, markers: tuple[str, str], table_text: str, took: float, quick: bool) -> None:
+    """Replace the text between ``markers`` in docs/reliability.md with a stamped table."""
+    begin, end = markers
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     block = (
-        f"{BEGIN}\n_Produced by `.venv/bin/python -m benchmarks.reliability"
+        f"{begin}\n_Produced by `.venv/bin/python -m {module}"
         f"{' --quick' if quick else ''}` on {stamp} ({platform.machine()}, {platform.python_version()},"
-        f" {took:.0f} s)._\n\n{table(rows)}\n{END}"
+        f" {took:.0f} s)._\n\n{table_text}\n{end}"
     )
     text = DOC.read_text()
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
+    assert begin in text and end in text, f"the {begin} / {end} markers are missing from {DOC}"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
     DOC.write_text(f"{head}{block}{tail}")
+
+
+def write(rows: list[tuple[str, Tally]], took: float, quick: bool) -> None:
+    write_block("benchmarks.reliability", (BEGIN, END), table(rows), took, quick)
 
 
 async def main(args: argparse.Namespace) -> int:

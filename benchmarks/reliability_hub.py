@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import reliability
 from tests.integration import fault_hub
 from tests.integration.fault_harness import Tally
 
@@ -40,37 +40,12 @@ RELIES_ON = {
 }
 
 
-def seconds(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f} s"
-
-
 def table(rows: list[tuple[str, Tally]]) -> str:
-    lines = [
-        "| scenario | operations attempted | lost | duplicated | failed with a clear error | time to recover |"
-        " relies on | notes |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
-    ]
-    for key, t in rows:
-        notes = "; ".join(t.notes).replace("|", "/")
-        lines.append(
-            f"| {t.scenario} | {t.attempted} | {t.lost} | {t.duplicated} | {t.failed_clearly} |"
-            f" {seconds(t.recover_seconds)} | {RELIES_ON[key]} | {notes} |"
-        )
-    return "\n".join(lines)
+    return reliability.table(rows, RELIES_ON, "relies on")
 
 
 def write(rows: list[tuple[str, Tally]], took: float, quick: bool) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    block = (
-        f"{BEGIN}\n_Produced by `.venv/bin/python -m benchmarks.reliability_hub"
-        f"{' --quick' if quick else ''}` on {stamp} ({platform.machine()}, {platform.python_version()},"
-        f" {took:.0f} s)._\n\n{table(rows)}\n{END}"
-    )
-    text = DOC.read_text()
-    assert BEGIN in text and END in text, f"the {BEGIN} / {END} markers are missing from {DOC}"
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    DOC.write_text(f"{head}{block}{tail}")
+    reliability.write_block("benchmarks.reliability_hub", (BEGIN, END), table(rows), took, quick)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -89,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
         rows.append((key, tally))
         print(
             f"  attempted={tally.attempted} lost={tally.lost} duplicated={tally.duplicated}"
-            f" failed_clearly={tally.failed_clearly} recover={seconds(tally.recover_seconds)}",
+            f" failed_clearly={tally.failed_clearly} recover={reliability.seconds(tally.recover_seconds)}",
             flush=True,
         )
         for line in tally.extra.get("lost", []) + tally.extra.get("duplicated", []):
