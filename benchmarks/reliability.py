@@ -135,17 +135,28 @@ async def main(args: argparse.Namespace) -> int:
             print(f"running {key} {variant}".rstrip(), flush=True)
             tally = await run(workdir, node.url)
             rows.append((key, tally))
-            print(
-                f"  attempted={tally.attempted} lost={tally.lost} duplicated={tally.duplicated}"
-                f" failed_clearly={tally.failed_clearly} recover={seconds(tally.recover_seconds)}",
-                flush=True,
-            )
+            print(summary(tally), flush=True)
     finally:
         await asyncio.to_thread(node.stop)
-    took = time.monotonic() - began
-    print(table(rows))
+    return finish(rows, table(rows), lambda: write(rows, time.monotonic() - began, args.quick), args)
+
+
+def summary(tally: Tally) -> str:
+    """One progress line per scenario run."""
+    return (
+        f"  attempted={tally.attempted} lost={tally.lost} duplicated={tally.duplicated}"
+        f" failed_clearly={tally.failed_clearly} recover={seconds(tally.recover_seconds)}"
+    )
+
+
+def finish(
+    rows: list[tuple[str, Tally]], table_text: str, write_doc: Callable[[], None], args: argparse.Namespace
+) -> int:
+    """Print the table, write it unless told not to (or only some scenarios ran); 1 when
+    anything was lost or duplicated."""
+    print(table_text)
     if not args.no_write and not args.only:
-        write(rows, took, args.quick)
+        write_doc()
         print(f"wrote {DOC.relative_to(ROOT)}")
     return 1 if any(t.lost or t.duplicated for _, t in rows) else 0
 

@@ -62,19 +62,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"running {key}", flush=True)
         tally = fault_hub.run(key, workdir, args.quick)
         rows.append((key, tally))
-        print(
-            f"  attempted={tally.attempted} lost={tally.lost} duplicated={tally.duplicated}"
-            f" failed_clearly={tally.failed_clearly} recover={reliability.seconds(tally.recover_seconds)}",
-            flush=True,
-        )
+        print(reliability.summary(tally), flush=True)
         for line in tally.extra.get("lost", []) + tally.extra.get("duplicated", []):
             print(f"    {line}", flush=True)
-    took = time.monotonic() - began
-    print(table(rows))
-    if not args.no_write and not args.only:
-        write(rows, took, args.quick)
-        print(f"wrote {DOC.relative_to(ROOT)}")
-    return 1 if any(t.lost or t.duplicated for _, t in rows) else 0
+    return reliability.finish(rows, table(rows), lambda: write(rows, time.monotonic() - began, args.quick), args)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
