@@ -20,27 +20,11 @@ from jupyterhub_outpost_mq.schemas import (
     encode,
     encode_wire,
 )
+from tests.unit.deliveries import Delivery
 
 HUB, BRIDGE = PrivateKey.generate("hub"), PrivateKey.generate("bridge")
 HUB_RING = Keyring.for_hub(HUB, [BRIDGE.public.text()])
 BRIDGE_RING = Keyring.for_bridge([BRIDGE], {"hub1": [HUB.public.text()]})
-
-
-@dataclass
-class Delivery:
-    """What the consumer reads of an aio-pika delivery, and what it did with it."""
-
-    body: bytes
-    message_id: str = "d1"
-    redelivered: bool = False
-    routing_key: str = "outpost"
-    exchange: str = "commands"
-    headers: dict[str, Any] = field(default_factory=dict)
-    user_id: str | None = "hub-user"  # RabbitMQ's validated publisher
-    acked: bool = False
-
-    async def ack(self) -> None:
-        self.acked = True
 
 
 @dataclass
@@ -124,7 +108,8 @@ def msgspec_replace_user(envelope: Envelope, user: str) -> Envelope:
 
 def test_with_hub_broker_users_a_signed_command_from_another_broker_user_is_refused() -> None:
     wire = encode_wire(poll(), HUB_RING)
-    ours, theirs = Delivery(wire, message_id="a"), Delivery(wire, message_id="b", user_id="bridge-user")
+    ours = Delivery(wire, message_id="a", user_id="hub-user")
+    theirs = Delivery(wire, message_id="b", user_id="bridge-user")
     broker, _ = asyncio.run(deliver(ours, theirs, users=frozenset({"hub-user"})))
     assert ours.acked and theirs.acked and len(broker.replies) == 1
     assert broker.dead == ["forged: published by broker user 'bridge-user', not a hub's"]

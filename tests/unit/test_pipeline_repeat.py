@@ -47,6 +47,7 @@ from jupyterhub_outpost_mq.schemas import (
 )
 from jupyterhub_outpost_mq.schemas.base import new_id
 from tests.keys import bridge_keyring, hub_keyring
+from tests.unit.deliveries import Delivery
 from tests.unit.loopback import FakeOutpost, SshNode
 
 aio = pytest.mark.asyncio(loop_scope="session")
@@ -137,18 +138,6 @@ async def test_a_start_after_its_stop_answers_cancelled_and_never_posts(outpost:
     first, second = await twice(pipeline, start)
     assert first == second and not first.ok and first.error.kind == "cancelled"
     assert outpost.posts == {}
-
-
-@dataclass
-class Delivery:
-    body: bytes
-    redelivered: bool = False
-    message_id: str = "m"
-    user_id: str | None = None
-    acked: bool = False
-
-    async def ack(self) -> None:
-        self.acked = True
 
 
 @dataclass

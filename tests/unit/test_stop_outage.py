@@ -39,6 +39,7 @@ from jupyterhub_outpost_mq.schemas import (
 )
 from jupyterhub_outpost_mq.schemas.base import new_id
 from tests.keys import bridge_keyring, hub_keyring
+from tests.unit.deliveries import Delivery
 
 aio = pytest.mark.asyncio(loop_scope="session")
 
@@ -70,18 +71,6 @@ async def frozen() -> AsyncIterator[str]:
     for writer in held:
         writer.close()
     server.close()
-
-
-@dataclass
-class Delivery:
-    body: bytes
-    redelivered: bool = False
-    message_id: str = "m"
-    user_id: str | None = None
-    acked: bool = False
-
-    async def ack(self) -> None:
-        self.acked = True
 
 
 @dataclass
