@@ -6,7 +6,6 @@ node, setup_tunnel's state handling and the start command's size. No network."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,24 +20,14 @@ from jupyterhub_outpost_mq.spawner.handlers.access import parse_json
 from jupyterhub_outpost_mq.spawner.handlers.events import parse_event, parse_seq
 from jupyterhub_outpost_mq.spawner.handlers.tunnels import check_host, check_overrides, parse_tunnel_body
 from jupyterhub_outpost_mq.spawner.plan import plan_start
+from tests.unit.test_spawner_config import make_spawner as config_spawner
 
 XSS = '<img src=x onerror="fetch(`/hub/api/users/alice/tokens`)">hi <script>steal()</script>'
 
 
-class User:
-    name = "alice"
-    id = 7
-    escaped_name = "alice"
-    url = "/user/alice/"
-
-    async def get_auth_state(self) -> None:
-        return None
-
-
 def make_spawner(**config: Any) -> OutpostSpawner:
-    hub = SimpleNamespace(api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/", url="http://127.0.0.1:8081/hub/")
-    orm_spawner = SimpleNamespace(name="", server=None, state=None)
-    spawner = OutpostSpawner(user=User(), hub=hub, orm_spawner=orm_spawner, **config)
+    """A spawner of alice's default server (tests/unit/test_spawner_config.py) that has started."""
+    spawner = config_spawner(**config)
     spawner.start_id = "s1"
     return spawner
 
