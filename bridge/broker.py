@@ -26,9 +26,9 @@ from aio_pika.abc import (
     AbstractRobustExchange,
 )
 
-from jupyterhub_outpost_mq.bridge.liveness import declare_dead_after, with_reconnect_interval
 from jupyterhub_outpost_mq.schemas import Envelope, Keyring, Topology, encode_wire, peek, redacted
-from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER, broker_user, with_heartbeat
+from jupyterhub_outpost_mq.schemas.liveness import liveness_url
+from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER, broker_user
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
@@ -43,10 +43,9 @@ class BridgeBroker:
     def __init__(
         self, url: str, topology: Topology, keyring: Keyring, *, heartbeat: int = 15, prefetch: int = 50
     ) -> None:
-        self._url = with_reconnect_interval(with_heartbeat(url, heartbeat))
+        self._url = liveness_url(url, heartbeat)  # a silent link is noticed within ~2 heartbeats
         self.keyring = keyring
         self._user_id = broker_user(url)  # set on every message: RabbitMQ vouches for it
-        declare_dead_after(heartbeat)  # a silent link is noticed within ~2 heartbeats
         self.topology = topology
         self._prefetch = prefetch
         self._connection: AbstractRobustConnection | None = None

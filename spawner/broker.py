@@ -12,6 +12,13 @@ it, and it is dead-lettered otherwise.
 Stops go through the hub's outbox (:mod:`~jupyterhub_outpost_mq.spawner.outbox`,
 :meth:`HubBroker.hand_over`): written to disk first, deleted once RabbitMQ confirms them, sent
 by a drainer task when the broker is back, and always before any later command.
+
+The :class:`HubBroker` owns everything of the hub process that lives as long as the link:
+the connection and its channels, the reply router and its handler of results nobody waits
+for (:class:`~jupyterhub_outpost_mq.spawner.unclaimed.UnclaimedStarts`), the roster sender
+and the outbox drainer. :meth:`HubBroker.attach` starts them once JupyterHub's users are at
+hand and makes JupyterHub's own clean-up close them (:func:`close_with_hub`), after the
+hub's last stops were handed over.
 """
 
 from __future__ import annotations
@@ -22,7 +29,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from jupyterhub_outpost_mq.schemas import (
@@ -38,15 +44,13 @@ from jupyterhub_outpost_mq.schemas import (
     encode_wire,
 )
 from jupyterhub_outpost_mq.schemas.base import new_id
-from jupyterhub_outpost_mq.schemas.topology import (
-    broker_user,
-    heartbeat_grace_multiplier,
-    with_heartbeat,
-    with_reconnect_interval,
-)
+from jupyterhub_outpost_mq.schemas.liveness import liveness_url
+from jupyterhub_outpost_mq.schemas.topology import broker_user
 from jupyterhub_outpost_mq.spawner.errors import BrokerUnavailable, KeysMissing
 from jupyterhub_outpost_mq.spawner.outbox import HubOutbox
+from jupyterhub_outpost_mq.spawner.roster import RosterSender
 from jupyterhub_outpost_mq.spawner.server_state import RepliesRouter
+from jupyterhub_outpost_mq.spawner.unclaimed import UnclaimedStarts
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
 
@@ -73,6 +77,30 @@ def hub_keyring(settings: Any) -> Keyring:
         raise KeysMissing(f"OutpostSpawner.bridge_public_keys / hub_key_file: {exc}") from None
 
 
+def close_with_hub(users: Any) -> None:
+    """Make the running JupyterHub close the shared brokers as the last step of its clean-up
+    (after it stopped the servers it stops at shutdown, so their stops are handed over
+    first). JupyterHub has no hook for this: its ``cleanup`` is wrapped, once, on the
+    application whose ``users`` these are. Anything else (no JupyterHub, another one) is left alone."""
+    from jupyterhub.app import JupyterHub
+
+    if not JupyterHub.initialized():
+        return
+    app = JupyterHub.instance()
+    if getattr(app, "users", None) is not users or getattr(app, "_outpost_mq_closes_brokers", False):
+        return
+    cleanup = app.cleanup
+
+    async def cleanup_then_close() -> None:
+        try:
+            await cleanup()
+        finally:
+            await HubBroker.close_all()
+
+    app.cleanup = cleanup_then_close
+    app._outpost_mq_closes_brokers = True
+
+
 class HubBroker:
     """One per (hub process, event loop, URL, prefix, hub id); get it with :meth:`shared`."""
 
@@ -87,8 +115,7 @@ class HubBroker:
         keyring: Keyring,
         outbox: HubOutbox | None = None,
     ) -> None:
-        self._url = with_reconnect_interval(with_heartbeat(url, heartbeat))
-        self._heartbeat = heartbeat
+        self._url = liveness_url(url, heartbeat)  # dead after 1.5 silent heartbeats, this connection only
         self.keyring = keyring
         self._user_id = broker_user(url)  # set on every message: RabbitMQ vouches for it
         self.bridge_broker_users: frozenset[str] = frozenset()  # who may publish replies; empty: anyone
@@ -106,7 +133,8 @@ class HubBroker:
         self._audit: aio_pika.abc.AbstractExchange | None = None
         self._outposts: set[str] = set()
         self._ready: asyncio.Task[None] | None = None
-        self.roster: Any = None  # the hub's RosterSender, started by the first spawner
+        self.roster: RosterSender | None = None  # started by attach()
+        self.unclaimed: UnclaimedStarts | None = None  # set by attach()
 
     @classmethod
     def of(cls, settings: Any) -> HubBroker:
@@ -130,12 +158,31 @@ class HubBroker:
             cls._instances[key] = broker
         return broker
 
+    async def attach(self, users: Any, roster_interval: float, timeout: float = 15) -> HubBroker:
+        """Connect (within ``timeout``); the first time JupyterHub's ``users`` are at hand, also
+        handle results nobody waits for, stop the starts an earlier hub process noted but never
+        recorded, start the roster, and close all of it with the hub (:func:`close_with_hub`).
+        ``users`` None (a spawner outside JupyterHub) only connects."""
+        first = self.unclaimed is None and users is not None
+        if first:
+            self.unclaimed = UnclaimedStarts(users, log)
+            self.router.on_unclaimed = self.unclaimed
+            close_with_hub(users)
+        await self.ready(timeout)
+        if first and self.unclaimed is not None:
+            self.unclaimed.review_noted(self.outbox)
+        if self.roster is None and users is not None and roster_interval:
+            self.roster = RosterSender(self, users, roster_interval).start()
+        return self
+
     async def close(self, timeout: float = 5) -> None:
-        """Close the connection (tests; a hub process keeps it for its lifetime). What the
-        outbox holds stays on disk for the next start."""
+        """Stop the roster, let the stops of unclaimed starts hand over, stop the drainer and
+        close the connection. What the outbox holds stays on disk for the next start."""
         if self.roster is not None:
             self.roster.stop()
             self.roster = None
+        if self.unclaimed is not None:
+            await self.unclaimed.settle(timeout)
         drainer, self._drainer = self._drainer, None
         if drainer is not None:
             drainer.cancel()
@@ -144,13 +191,20 @@ class HubBroker:
         if connection is not None:
             try:
                 await asyncio.wait_for(connection.close(), timeout)
+                log.info(
+                    "closed the RabbitMQ connection of hub %s (%d command(s) kept in the outbox)",
+                    self.hub_id,
+                    len(self.outbox),
+                )
             except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
                 log.warning("closing the RabbitMQ connection: %s", exc)
 
     @classmethod
     async def close_all(cls) -> None:
-        """Close every shared broker of this process."""
-        brokers, cls._instances = list(cls._instances.values()), {}
+        """Close every shared broker of this process's running event loop (one made on another
+        loop cannot be closed from this one; it is forgotten)."""
+        loop_id = id(asyncio.get_running_loop())
+        brokers, cls._instances = [b for k, b in cls._instances.items() if k[0] == loop_id], {}
         for broker in brokers:
             await broker.close()
 
@@ -181,10 +235,6 @@ class HubBroker:
 
     async def _connect(self) -> None:
         t = self.topology
-        if self._heartbeat > 0:
-            # Notice a silently dead link after 1.5 heartbeats instead of aiormq's 3 (+1 s).
-            # A class attribute: it applies to every aiormq connection of the hub process.
-            aiormq.Connection.HEARTBEAT_GRACE_MULTIPLIER = heartbeat_grace_multiplier(self._heartbeat)  # type: ignore[assignment]
         self._connection = await aio_pika.connect_robust(self._url)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel

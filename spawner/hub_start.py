@@ -53,7 +53,7 @@ def connect_at_hub_start() -> bool:
 async def connect_when_started(app: Any) -> None:
     from jupyterhub.user import UserDict
 
-    from jupyterhub_outpost_mq.spawner.spawner import OutpostSpawner, connect_hub
+    from jupyterhub_outpost_mq.spawner.spawner import OutpostSpawner
 
     give_up = time.monotonic() + WAIT_FOR_HUB_SECONDS
     while getattr(app, "tornado_application", None) is None or not isinstance(getattr(app, "users", None), UserDict):
@@ -70,7 +70,7 @@ async def connect_when_started(app: Any) -> None:
     delay = 2.0
     while True:
         try:
-            await connect_hub(broker, app.users, settings.roster_interval)
+            await broker.attach(app.users, settings.roster_interval)
         except BrokerUnavailable as exc:
             log.warning("RabbitMQ not reachable at hub start (%s); trying again in %.0f s", exc, delay)
             await asyncio.sleep(delay)

@@ -43,7 +43,6 @@ from jupyterhub_outpost_mq.schemas import (
 from jupyterhub_outpost_mq.schemas.base import new_id
 from jupyterhub_outpost_mq.spawner import progress as events
 from jupyterhub_outpost_mq.spawner.broker import HubBroker
-from jupyterhub_outpost_mq.spawner.broker import log as broker_log
 from jupyterhub_outpost_mq.spawner.errors import (
     BrokerUnavailable,
     HookError,
@@ -52,11 +51,9 @@ from jupyterhub_outpost_mq.spawner.errors import (
     ReplyTimeout,
 )
 from jupyterhub_outpost_mq.spawner.hooks import call_hook, resolve
-from jupyterhub_outpost_mq.spawner.outbox import HubOutbox
 from jupyterhub_outpost_mq.spawner.outpost_traits import OutpostTraits
 from jupyterhub_outpost_mq.spawner.plan import plan_poll, plan_start, plan_stop, resolve_target
 from jupyterhub_outpost_mq.spawner.progress import EventLog
-from jupyterhub_outpost_mq.spawner.roster import RosterSender
 from jupyterhub_outpost_mq.spawner.tunnel_plan import expand_name, remote_forward_spec, tunnel_spec
 from jupyterhub_outpost_mq.spawner.tunnel_traits import TunnelTraits
 
@@ -379,7 +376,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
                 # A poll while the link is known to be down fails at once (its failure has a
                 # meaning: request_failed_poll_keep_running); JupyterHub polls before each stop.
                 wait = 0.5 if not patient and broker.link_down else 5
-                await connect_hub(broker, users, self.roster_interval, wait)
+                await broker.attach(users, self.roster_interval, wait)
                 await broker.ensure_outpost(key, origin)
                 await broker.publish(envelope, key)
                 return
@@ -457,7 +454,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             broker = HubBroker.of(self)
             broker_listen = broker.router.listen(self.user.name, self.name, self.start_id, self._on_bridge_event)
             # Noted before it is published: a hub killed before JupyterHub saved the start_id
-            # stops it after its restart (UnclaimedStarts.review_noted).
+            # stops it after its restart (spawner.unclaimed.UnclaimedStarts.review_noted).
             broker.outbox.note_start(self.user.name, self.name, self.start_id)
             self._start_noted = self.start_id
             result, during_startup = await self._unless_start_failed(self._request_start())
@@ -922,68 +919,6 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
                 HubBroker.of(self).outbox.start_recorded(self.user.name, self.name, noted)
             except OutpostSpawnerError as exc:  # no keys: nothing was noted through a broker
                 self.log.debug("%s", exc)
-
-
-PROCESS_STARTED = time.time()
-"""Starts noted in the outbox before this moment were published by an earlier hub process."""
-
-
-async def connect_hub(broker: HubBroker, users: Any, roster_interval: float, timeout: float = 15) -> HubBroker:
-    """Connect the hub's shared broker; the first time JupyterHub's users are at hand, also
-    handle results nobody waits for (:class:`UnclaimedStarts`) and start the roster."""
-    first = broker.router.on_unclaimed is None and users is not None
-    if first:
-        broker.router.on_unclaimed = UnclaimedStarts(users, broker_log)
-    ready = await broker.ready(timeout)
-    if first and isinstance(broker.router.on_unclaimed, UnclaimedStarts):
-        broker.router.on_unclaimed.review_noted(broker.outbox)
-    if broker.roster is None and users is not None and roster_interval:
-        broker.roster = RosterSender(broker, users, roster_interval).start()
-    return ready
-
-
-class UnclaimedStarts:
-    """Handles start results that arrive for no waiting spawner: after a hub restart the
-    durable reply queue still delivers them. A start the hub's spawner does not know (a
-    different or no ``start_id``) is stopped, so nothing stays orphaned at the Outpost."""
-
-    def __init__(self, users: Any, log: Any) -> None:
-        self.users = users
-        self.log = log
-        self.tasks: set[asyncio.Future[None]] = set()
-
-    def review_noted(self, outbox: HubOutbox) -> None:
-        """Starts this hub published before it (re)started and JupyterHub never recorded
-        (killed between the start's result and its commit): stop them, they run unseen."""
-        for noted in outbox.noted_starts(before=PROCESS_STARTED):
-            ref = ServerRef(user=noted.user, server=noted.server, start_id=noted.start_id)
-            outbox.start_recorded(noted.user, noted.server, noted.start_id)
-            self.claim(ref, f"a start noted before this hub restarted ({ref})")
-
-    def __call__(self, envelope: Envelope) -> None:
-        body, ref = envelope.body, envelope.server
-        if not isinstance(body, CommandResult) or body.command != "start" or not body.ok or ref is None:
-            return
-        self.claim(ref, f"a start that finished ({ref})")
-
-    def claim(self, ref: ServerRef, what: str) -> None:
-        """Stop the start ``ref`` unless the hub's spawner runs (or is starting) exactly it."""
-        try:
-            user = self.users[ref.user]
-        except KeyError:
-            self.log.warning("%s of an unknown user: the bridge's reconciliation removes it", what)
-            return
-        if ref.server not in user.orm_user.orm_spawners:
-            self.log.warning("%s of an unknown server: the bridge's reconciliation removes it", what)
-            return
-        spawner = user.spawners[ref.server]
-        if not hasattr(spawner, "stop_unclaimed"):
-            return
-        if spawner.start_id == ref.start_id and (spawner.active or spawner._request_pending):
-            return  # a repeated result of the server the hub runs
-        task = asyncio.ensure_future(spawner.stop_unclaimed(ref.start_id))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
 
 def _pem(value: str) -> str:

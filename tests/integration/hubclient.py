@@ -17,7 +17,6 @@ from collections import defaultdict
 from typing import Any
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from jupyterhub_outpost_mq.schemas import (
@@ -40,12 +39,8 @@ from jupyterhub_outpost_mq.schemas import (
 )
 from jupyterhub_outpost_mq.schemas.base import new_id
 from jupyterhub_outpost_mq.schemas.commands import HttpOptions
-from jupyterhub_outpost_mq.schemas.topology import (
-    heartbeat_grace_multiplier,
-    url_origin,
-    with_heartbeat,
-    with_reconnect_interval,
-)
+from jupyterhub_outpost_mq.schemas.liveness import liveness_url
+from jupyterhub_outpost_mq.schemas.topology import url_origin
 from jupyterhub_outpost_mq.spawner.roster import split
 from tests.keys import hub_keyring
 
@@ -96,8 +91,7 @@ class CountingHub:
     def __init__(self, amqp_url: str, prefix: str, hub_id: str, *, heartbeat: int = 5) -> None:
         # The spawner's link policy (spawner.broker.HubBroker): dead after 1.5 heartbeats of
         # silence, reconnect after 1 s.
-        self._url = with_reconnect_interval(with_heartbeat(amqp_url, heartbeat))
-        self._heartbeat = heartbeat
+        self._url = liveness_url(amqp_url, heartbeat)
         self.topology = Topology(prefix)
         self.hub_id = hub_id
         self.keyring = hub_keyring()
@@ -113,8 +107,6 @@ class CountingHub:
 
     async def connect(self, timeout: float = 30) -> CountingHub:
         t = self.topology
-        if self._heartbeat > 0:
-            aiormq.Connection.HEARTBEAT_GRACE_MULTIPLIER = heartbeat_grace_multiplier(self._heartbeat)  # type: ignore[assignment]
         self._connection = await asyncio.wait_for(aio_pika.connect_robust(self._url), timeout)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel  # type: ignore[assignment]
