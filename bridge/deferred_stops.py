@@ -18,7 +18,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from urllib.parse import quote
 
 import msgspec
 
@@ -26,6 +25,7 @@ from jupyterhub_outpost_mq.bridge.circuit import CircuitBreaker
 from jupyterhub_outpost_mq.bridge.errors import OutpostAnswerError, TransientError
 from jupyterhub_outpost_mq.bridge.metrics import BridgeMetrics
 from jupyterhub_outpost_mq.bridge.outpost import OutpostClient
+from jupyterhub_outpost_mq.bridge.outpost_api import OutpostApi
 from jupyterhub_outpost_mq.bridge.periodic import Periodic
 from jupyterhub_outpost_mq.bridge.stop_store import PendingStop, StopStore
 from jupyterhub_outpost_mq.schemas import CommandResult, Envelope, StopCommand, decode, encode, outpost_key
@@ -42,7 +42,7 @@ class DeferredStops:
     def __init__(
         self,
         store: StopStore,
-        client: OutpostClient,
+        client: OutpostClient | OutpostApi,
         breaker: CircuitBreaker,
         *,
         direct_seconds: float = 10.0,
@@ -52,7 +52,7 @@ class DeferredStops:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._client = client
+        self._api = OutpostApi.of(client)
         self._breaker = breaker
         self._direct_seconds = direct_seconds
         self._max_age = max_age
@@ -129,16 +129,19 @@ class DeferredStops:
         assert isinstance(stop, StopCommand)
         if not self._breaker.ready(url_origin(stop.target.url)):
             return False
-        url = f"{stop.target.url}/{quote(stop.name, safe='')}/{quote(pending.start_id or '0', safe='')}"
-        headers = {**stop.target.headers, **({"execution-type": "async"} if stop.execution_async else {})}
         try:
-            await self._client.call("DELETE", url, headers=headers, options=stop.target.http, time_left=ATTEMPT_SECONDS)
+            await self._api.delete(
+                stop.target,
+                stop.name,
+                pending.start_id,
+                execution_async=stop.execution_async,
+                time_left=ATTEMPT_SECONDS,
+            )
         except OutpostAnswerError as exc:
-            if exc.status != 404:
-                self._store.remove(pending)
-                self._count("given_up")
-                log.warning("deferred stop refused by the Outpost (%s) %s", exc, command.describe())
-                return False
+            self._store.remove(pending)
+            self._count("given_up")
+            log.warning("deferred stop refused by the Outpost (%s) %s", exc, command.describe())
+            return False
         except TransientError as exc:
             self._store.tried(pending, str(exc))
             return False

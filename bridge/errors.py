@@ -12,11 +12,13 @@ Hierarchy::
     │       ├── TargetNotAllowed      final, status 0: the bridge refused the call itself (URL outside
     │       │                         ``allowed_outposts``, userinfo in the URL, a proxy or file the
     │       │                         configuration does not allow); no request was made
-    │       └── RequestSettingsError  final, status 0: the command's own request settings cannot work
-    │                                 (a listed ``ca_certs``/``client_cert``/``client_key`` missing or
-    │                                 invalid, the Outpost's certificate failing the given CA, a
-    │                                 header the HTTP client refuses); never counts against the
-    │                                 Outpost's circuit
+    │       ├── RequestSettingsError  final, status 0: the command's own request settings cannot work
+    │       │                         (a listed ``ca_certs``/``client_cert``/``client_key`` missing or
+    │       │                         invalid, the Outpost's certificate failing the given CA, the
+    │       │                         Outpost refusing the client certificate, a header the HTTP
+    │       │                         client refuses); never counts against the Outpost's circuit
+    │       └── MalformedAnswer       a 2xx answer whose shape the contract does not allow (flavors
+    │                                 that are no JSON object)
     ├── TunnelError                   an SSH forward, remote forward or Service could not be made
     │   ├── TransientTunnelError      SSH node unreachable, handshake/auth timeout, channel refused,
     │   │                             Kubernetes API 5xx or unreachable (also a TransientError)
@@ -109,6 +111,16 @@ class RequestSettingsError(OutpostAnswerError):
 
     def __init__(self, message: str, *, public: str) -> None:
         super().__init__(0, None, message, public=public)
+
+
+class MalformedAnswer(OutpostAnswerError):
+    """A 2xx answer that is not what the contract says (flavors that are no JSON object).
+
+    Final, like any answer; ``public`` names what was wrong and only the JSON type of the
+    body, never its content."""
+
+    def __init__(self, status: int, message: str, *, public: str) -> None:
+        super().__init__(status, None, message, public=public)
 
 
 class TunnelError(BridgeError):

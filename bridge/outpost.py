@@ -10,9 +10,9 @@ follows, first passes the bridge's :class:`~jupyterhub_outpost_mq.bridge.outpost
 are typed: 2xx returns the JSON body, 5xx/408/429 and network failures raise
 :class:`~jupyterhub_outpost_mq.bridge.errors.TransientOutpostError`, any other answer raises
 :class:`~jupyterhub_outpost_mq.bridge.errors.OutpostAnswerError`; a command whose own settings
-cannot work (TLS files, the Outpost's certificate against the given CA) raises
-:class:`~jupyterhub_outpost_mq.bridge.errors.RequestSettingsError`. Error texts name URLs
-without userinfo (:func:`~jupyterhub_outpost_mq.bridge.outpost_access.redact_url`).
+cannot work (TLS files, the Outpost's certificate against the given CA, a client certificate
+the Outpost refuses) raises :class:`~jupyterhub_outpost_mq.bridge.errors.RequestSettingsError`.
+Error texts name URLs without userinfo (:func:`~jupyterhub_outpost_mq.bridge.outpost_access.redact_url`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,21 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 ANSWER_MESSAGE_CHARS = 200
 SUMMARY_419_CHARS = 500
 TRACEBACK_419_CHARS = 2000
+# The TLS alerts (as OpenSSL names them when they arrive) with which a server refuses the
+# client's certificate, or the lack of one (https://www.rfc-editor.org/rfc/rfc8446#section-6.2):
+# about the command's client_cert, not the Outpost's health, so final and not an Outpost
+# failure. Any other TLS or socket failure stays transient.
+CLIENT_CERTIFICATE_REFUSALS = frozenset(
+    {
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    }
+)
 
 
 class OutpostClient:
@@ -197,6 +212,11 @@ class OutpostClient:
                 0, None, f"{method} {shown}: invalid URL", public="the Outpost URL is not valid"
             ) from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if _refuses_client_certificate(exc):
+                raise RequestSettingsError(
+                    f"{method} {shown}: the Outpost refused the TLS client certificate: {exc}",
+                    public="the Outpost refused the bridge's TLS client certificate",
+                ) from exc
             timed_out = isinstance(exc, asyncio.TimeoutError)
             reason = "timed out" if timed_out else str(exc) or type(exc).__name__
             raise TransientOutpostError(
@@ -217,6 +237,24 @@ class OutpostClient:
         if status >= 500 or status in TRANSIENT_STATUSES:
             raise TransientOutpostError(f"{method} {shown}: HTTP {status}", status=status)
         raise OutpostAnswerError(status, body, f"{method} {shown}: HTTP {status}")
+
+
+def _refuses_client_certificate(exc: BaseException) -> bool:
+    """Whether ``exc`` is a server's TLS alert refusing the client certificate.
+
+    aiohttp reports the alert as :class:`aiohttp.ClientConnectorSSLError` when it ends the
+    handshake (TLS 1.2), or as :class:`aiohttp.ClientOSError` on the first read when it comes
+    after it (TLS 1.3 checks the client's certificate after the client's handshake is done);
+    either way the :class:`ssl.SSLError` with the alert's name is its cause."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        # aiohttp's ClientConnectorSSLError is an ssl.SSLError too, without a reason of its own.
+        if isinstance(cause, ssl.SSLError) and getattr(cause, "reason", None) in CLIENT_CERTIFICATE_REFUSALS:
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or getattr(cause, "os_error", None)
+    return False
 
 
 def _parse(raw: bytes) -> Any:

@@ -38,7 +38,6 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import quote
 
 from jupyterhub_outpost_mq.bridge.circuit import CircuitBreaker
 from jupyterhub_outpost_mq.bridge.errors import OutpostAnswerError, TargetNotAllowed, TransientError
@@ -46,6 +45,7 @@ from jupyterhub_outpost_mq.bridge.ledger import ServerLedger
 from jupyterhub_outpost_mq.bridge.metrics import BridgeMetrics
 from jupyterhub_outpost_mq.bridge.outpost import OutpostClient
 from jupyterhub_outpost_mq.bridge.outpost_access import redact_url
+from jupyterhub_outpost_mq.bridge.outpost_api import ListedService, OutpostApi
 from jupyterhub_outpost_mq.bridge.periodic import Periodic
 from jupyterhub_outpost_mq.bridge.rosters import Rosters
 from jupyterhub_outpost_mq.bridge.sqlite_file import open_db
@@ -90,7 +90,7 @@ class Reconciler:
     def __init__(
         self,
         ledger: ServerLedger,
-        client: OutpostClient,
+        client: OutpostClient | OutpostApi,
         *,
         breaker: CircuitBreaker | None = None,
         interval: float = 300.0,
@@ -104,7 +104,7 @@ class Reconciler:
     ) -> None:
         self._ledger = ledger
         self._rosters = rosters
-        self._client = client
+        self._api = OutpostApi.of(client)
         self._breaker = breaker
         self._interval = interval  # 0 = no periodic passes
         self._grace = grace
@@ -150,10 +150,9 @@ class Reconciler:
             owners = self._owners(hubs, key)
             unknown = 0
             for service in services:
-                name, start_id = str(service.get("name", "")), str(service.get("start_id", "0"))
-                orphan = (key, name, start_id)
+                orphan = (key, service.name, service.start_id)
                 listed.add(orphan)
-                verdict = self._verdict(orphan, owners, stopping=bool(service.get("stop_pending")))
+                verdict = self._verdict(orphan, owners, stopping=service.stop_pending)
                 if verdict == "unknown":
                     unknown += 1
                 if verdict == "stopping":
@@ -226,17 +225,9 @@ class Reconciler:
                     "dry run: would stop orphan server=%s start_id=%s at Outpost %s", orphan[1], orphan[2], orphan[0]
                 )
             return True
-        url = f"{target.url}/{quote(orphan[1], safe='')}/{quote(orphan[2] or '0', safe='')}"
         try:
-            await self._client.call(
-                "DELETE", url, headers=dict(target.headers), options=target.http, time_left=CALL_SECONDS
-            )
-        except OutpostAnswerError as exc:
-            if exc.status != 404:
-                self._count("stop_failed")
-                log.warning("could not stop orphan server=%s start_id=%s: %s", orphan[1], orphan[2], exc)
-                return False
-        except TransientError as exc:
+            await self._api.delete(target, orphan[1], orphan[2], time_left=CALL_SECONDS)
+        except (OutpostAnswerError, TransientError) as exc:
             self._count("stop_failed")
             log.warning("could not stop orphan server=%s start_id=%s: %s", orphan[1], orphan[2], exc)
             return False
@@ -245,16 +236,14 @@ class Reconciler:
         self._forget(orphan)
         return True
 
-    async def _list(self, target: OutpostTarget) -> list[dict[str, object]] | None:
+    async def _list(self, target: OutpostTarget) -> list[ListedService] | None:
         if not self._ledger.admits(target):
             self._drop(target, "not a target this bridge may call (userinfo, or outside allowed_outposts)")
             return None
         if self._breaker is not None and not self._breaker.ready(url_origin(target.url)):
             return None
         try:
-            _, body = await self._client.call(
-                "GET", f"{target.url}/", headers=dict(target.headers), options=target.http, time_left=CALL_SECONDS
-            )
+            return await self._api.list_services(target, time_left=CALL_SECONDS)
         except TargetNotAllowed as exc:  # refused before any request
             self._drop(target, exc.public)
             return None
@@ -273,7 +262,6 @@ class Reconciler:
         except TransientError as exc:
             log.info("reconcile: cannot list services at %s: %s", redact_url(target.url), exc)
             return None
-        return [s for s in body if isinstance(s, dict)] if isinstance(body, list) else []
 
     def _drop(self, target: OutpostTarget, reason: str) -> None:
         self._ledger.forget(target)
