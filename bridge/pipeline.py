@@ -1,12 +1,17 @@
 """What the bridge does for one command: idempotency check -> effects -> result.
 
-A start runs: remote forward (if asked) -> Outpost POST -> forward/Service
-(:mod:`jupyterhub_outpost_mq.bridge.reachability`); a failed start removes what it built before it answers. A
-stop settles its start in the journal (a start of it that comes later answers "cancelled"),
-removes forward, Service and remote forward, then DELETEs at the Outpost. A tunnel
-command leads a server's (reserved) port to the address the single-user server reported.
+A start runs as named steps: replay its journaled result if it has one; else ask the Outpost
+when an earlier attempt may have reached it -> check the SSH settings and open the remote
+forward (if asked) -> POST -> make the server reachable (forward/Service,
+:mod:`jupyterhub_outpost_mq.bridge.reachability`). A step that fails ends the start, and what
+it built is removed before it answers. A stop settles its start in the journal (a start of it
+that comes later answers "cancelled"), removes forward, Service and remote forward, then
+DELETEs at the Outpost. A tunnel command leads a server's (reserved) port to the address the
+single-user server reported.
 
-Reads top to bottom per command type. A command whose Outpost URL the bridge does not allow
+Reads top to bottom per command type. Every Outpost call is one typed attempt of
+:class:`~jupyterhub_outpost_mq.bridge.outpost_api.OutpostApi` (which alone knows the Outpost's
+URLs, headers and answers), retried here. A command whose Outpost URL the bridge does not allow
 (:mod:`jupyterhub_outpost_mq.bridge.outpost_access`) is answered with a final failure before
 anything else happens. Transient failures are retried until the command's deadline
 (:mod:`jupyterhub_outpost_mq.bridge.retry`); final answers (4xx, 419) are reported at once.
@@ -28,14 +33,14 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
-from urllib.parse import quote
+from typing import Any, TypeVar
 
 import msgspec
 
 from jupyterhub_outpost_mq.bridge.deferred_stops import DeferredStops
 from jupyterhub_outpost_mq.bridge.errors import (
     BridgeError,
+    MalformedAnswer,
     OutpostAnswerError,
     RequestSettingsError,
     ServiceApiError,
@@ -46,6 +51,7 @@ from jupyterhub_outpost_mq.bridge.errors import (
 )
 from jupyterhub_outpost_mq.bridge.journal import StartJournal
 from jupyterhub_outpost_mq.bridge.outpost import OutpostClient, answer_message, summarize_419
+from jupyterhub_outpost_mq.bridge.outpost_api import OutpostApi, Started
 from jupyterhub_outpost_mq.bridge.reachability import ForwardKey, Reachability
 from jupyterhub_outpost_mq.bridge.retry import Backoff, DeadlinePassed, retry_until
 from jupyterhub_outpost_mq.schemas import (
@@ -53,7 +59,6 @@ from jupyterhub_outpost_mq.schemas import (
     Envelope,
     ErrorInfo,
     FlavorsCommand,
-    OutpostTarget,
     PollCommand,
     ProgressEvent,
     StartCommand,
@@ -69,7 +74,7 @@ from jupyterhub_outpost_mq.schemas.topology import url_origin
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
 Emit = Callable[[ProgressEvent], Awaitable[None]]
-_REACHED = object()  # a retried start found its earlier POST at the Outpost
+T = TypeVar("T")
 
 
 def reply(command: Envelope, body: CommandResult | ProgressEvent) -> Envelope:
@@ -123,14 +128,31 @@ def _tunnel_error(command: Envelope, name: str, exc: BaseException) -> CommandRe
 TUNNEL_FAILURES = (TunnelError, ServiceApiError, DeadlinePassed, TransientError)
 
 
+def start_id_of(command: Envelope) -> str:
+    """The start a command is about (``""`` for one about no server: a flavors fetch)."""
+    return command.server.start_id if command.server is not None else ""
+
+
 def forward_key(command: Envelope, name: str) -> ForwardKey:
     """The key of a start's forward: one per (hub, Outpost service name, start_id), so a stop
     for one start never removes the forward of another start of the same server."""
-    return ForwardKey(command.hub, name, command.server.start_id if command.server is not None else "")
+    return ForwardKey(command.hub, name, start_id_of(command))
 
 
 CANCELLED_START = CommandResult(
     command="start", ok=False, error=ErrorInfo(kind="cancelled", summary="The start was cancelled by a stop.")
+)
+LOST_SYNC_START = CommandResult(
+    command="start",
+    ok=False,
+    error=ErrorInfo(
+        kind="unreachable",
+        summary=(
+            "The start reached the Outpost, but its answer was lost (bridge restart"
+            " or broken connection); the server will be stopped. Please start it again."
+        ),
+        retryable=True,
+    ),
 )
 CANCELLED_POLL = CommandResult(
     command="poll",
@@ -154,6 +176,8 @@ def _error_result(command: Envelope, name: str, exc: BaseException) -> CommandRe
         error = ErrorInfo(kind="outpost_error", summary=summary, details=details, http_status=419)
     elif isinstance(exc, OutpostAnswerError) and exc.status == 404:
         error = ErrorInfo(kind="not_found", summary="the Outpost does not know this server (HTTP 404)", http_status=404)
+    elif isinstance(exc, MalformedAnswer):
+        error = ErrorInfo(kind="rejected", summary=exc.public)
     elif isinstance(exc, RequestSettingsError):
         # The command's own settings (request_kwargs' TLS files, say): final, not the Outpost's doing.
         error = ErrorInfo(kind="invalid", summary=f"Bridge: {exc.public} (error id {_logged(command, name, exc)})")
@@ -179,12 +203,26 @@ def _error_result(command: Envelope, name: str, exc: BaseException) -> CommandRe
     return CommandResult(command=name, ok=False, error=error)  # type: ignore[arg-type]
 
 
+class _StartEnded(Exception):
+    """A step of a start ended it with ``result``: a failure, or the start found at the
+    Outpost already. ``undo``: remove what the start built first (remote forward, forward,
+    Service)."""
+
+    def __init__(self, result: CommandResult, *, undo: bool = False) -> None:
+        super().__init__(result.command)
+        self.result = result
+        self.undo = undo
+
+
 class Pipeline:
-    """Carries out start, poll and stop commands against Outposts."""
+    """Carries out start, poll and stop commands against Outposts.
+
+    ``client`` is the bridge's :class:`OutpostClient` (or an :class:`OutpostApi` over it):
+    every Outpost call goes through the API's typed contract."""
 
     def __init__(
         self,
-        client: OutpostClient,
+        client: OutpostClient | OutpostApi,
         journal: StartJournal,
         *,
         backoff: Backoff | None = None,
@@ -192,7 +230,7 @@ class Pipeline:
         reach: Reachability | None = None,
         deferred_stops: DeferredStops | None = None,
     ) -> None:
-        self._client = client
+        self._api = OutpostApi.of(client)
         self._journal = journal
         self._reach = reach
         self._deferred_stops = deferred_stops
@@ -233,68 +271,137 @@ class Pipeline:
     @staticmethod
     def _start_key(command: Envelope, body: StartCommand | StopCommand) -> tuple[str, str, str]:
         """The journal's key of the start a start or stop command is about."""
-        return (outpost_key(body.target.url), body.name, command.server.start_id if command.server else "")
+        return (outpost_key(body.target.url), body.name, start_id_of(command))
 
     def _check_target(self, command: Envelope) -> None:
         """Raise :class:`TargetNotAllowed` unless every URL the command leads to is allowed."""
         body = command.body
-        access = self._client.access
+        access = self._api.access
         if isinstance(body, FlavorsCommand):
             access.check(body.target.url, body.target.http)
         elif isinstance(body, (StartCommand, PollCommand, StopCommand)):
             access.check(body.target.url, body.target.http)
-            access.check(self._server_url(command, body.target, body.name), body.target.http)
+            access.check(self._api.service_url(body.target, body.name, start_id_of(command)), body.target.http)
             if isinstance(body, StartCommand) and body.http is not None:
                 access.check(body.target.url, body.http)
 
-    @staticmethod
-    def _server_url(command: Envelope, target: OutpostTarget, name: str) -> str:
-        """``{url}/{name}/{start_id}``: where polls and stops of one server go."""
-        start_id = command.server.start_id if command.server is not None else ""
-        return f"{target.url}/{quote(name, safe='')}/{quote(start_id or '0', safe='')}"
+    async def _retried(
+        self,
+        command: Envelope,
+        attempt: Callable[[float], Awaitable[T]],
+        *,
+        on_retry: Callable[[int, TransientError, float], Awaitable[None]] | None = None,
+    ) -> T:
+        """``attempt(time_left)`` (one Outpost call), retried on transient failures until the
+        command's deadline (``on_retry`` may end the retries early by raising :class:`DeadlinePassed`)."""
+        return await retry_until(command.deadline, attempt, backoff=self._backoff, on_retry=on_retry, clock=self._clock)
 
     # -- start ---------------------------------------------------------------------------
 
     async def _start(self, command: Envelope, start: StartCommand, *, redelivered: bool, emit: Emit) -> Envelope:
-        assert command.server is not None
+        """Replay a journaled result, or run the steps of a start; a step that ends it early
+        (:class:`_StartEnded`) gives the result, after undoing what the start built."""
         key = self._start_key(command, start)
         entry = self._journal.get(*key)
         if entry is not None and entry.phase == "done" and entry.result is not None:
             log.info("start already carried out, replaying its result %s", command.describe())
-            stored = decode(entry.result)
-            return reply(command, stored.body)  # type: ignore[arg-type]
-
-        origin = url_origin(start.target.url)
-        if entry is not None or redelivered:
-            # A previous attempt may have reached the Outpost: ask before POSTing again.
-            try:
-                exists = await self._exists(command, start)
-            except (DeadlinePassed, OutpostAnswerError) as exc:
-                return self._finish(key, command, _error_result(command, "start", exc))
-            if exists:
-                return self._finish(key, command, await self._found_started(command, start))
-
+            return reply(command, decode(entry.result).body)  # type: ignore[arg-type]
         try:
-            # Bad SSH options fail before anything is started anywhere.
-            self._reachability_check(start)
-        except TunnelSpecError as exc:
-            return self._finish(key, command, _tunnel_error(command, "start", exc))
-        if start.remote_forward is not None:
-            try:
-                await self._reachability().remote_start(start.remote_forward, command.deadline)
-            except TUNNEL_FAILURES as exc:
-                return self._finish(key, command, _tunnel_error(command, "start", exc))
+            if entry is not None or redelivered:
+                await self._ensure_not_started_before(command, start)
+            await self._open_remote_forward(command, start)
+            self._journal.begin(*key)
+            service = await self._post_start(command, start, emit)
+            address = await self._reach_server(command, start, service)
+        except _StartEnded as ended:
+            if ended.undo:
+                await self._undo_start(command, start)
+            return self._finish(key, command, ended.result)
+        return self._finish(key, command, CommandResult(command="start", ok=True, service=service, address=address))
 
-        self._journal.begin(*key)
+    async def _ensure_not_started_before(self, command: Envelope, start: StartCommand) -> None:
+        """A previous attempt may have reached the Outpost: ask before POSTing again. A start
+        the Outpost knows ends this one (:meth:`_found_started`)."""
+        try:
+            exists = await self._retried(
+                command,
+                lambda time_left: self._api.exists(start.target, start.name, start_id_of(command), time_left=time_left),
+            )
+        except (DeadlinePassed, OutpostAnswerError) as exc:
+            raise _StartEnded(_error_result(command, "start", exc)) from None
+        if exists:
+            raise _StartEnded(await self._found_started(command, start))
+
+    async def _open_remote_forward(self, command: Envelope, start: StartCommand) -> None:
+        """Check the SSH settings of the forward and the remote forward (bad ones fail before
+        anything is started anywhere), then open the remote forward if the start asks for one."""
+        try:
+            for endpoint in (
+                start.tunnel.ssh if start.tunnel is not None else None,
+                start.remote_forward.ssh if start.remote_forward is not None else None,
+            ):
+                if endpoint is not None:
+                    self._reachability().tunnels.settings(endpoint)
+            if start.remote_forward is not None:
+                await self._reachability().remote_start(start.remote_forward, command.deadline)
+        except TUNNEL_FAILURES as exc:
+            raise _StartEnded(_tunnel_error(command, "start", exc)) from None
+
+    async def _post_start(self, command: Envelope, start: StartCommand, emit: Emit) -> str:
+        """POST the start, retried on transient failures until the deadline; returns the
+        Outpost's ``service``. Once a POST may have reached the Outpost (connection cut,
+        timeout), the next attempt asks first: a second start of the same (name, start_id)
+        is never POSTed, and a start found there ends this one (:meth:`_found_started`)."""
         await emit(
             ProgressEvent(
                 source="bridge",
                 progress=20,
-                message=f"Bridge: sending the start request to the Outpost at {origin}.",
+                message=f"Bridge: sending the start request to the Outpost at {url_origin(start.target.url)}.",
             )
         )
+        start_id = start_id_of(command)
+        posts = 0
 
-        async def announce_retry(attempt: int, exc: TransientError, wait: float) -> None:
+        async def post(time_left: float) -> Started | None:
+            """One attempt; ``None``: an earlier POST of this start reached the Outpost."""
+            nonlocal posts
+            if posts and await self._api.exists(start.target, start.name, start_id, time_left=time_left):
+                return None
+            posts += 1
+            return await self._api.start(
+                start.target,
+                start.body(),
+                execution_async=start.execution_async,
+                options=start.http,
+                time_left=time_left,
+            )
+
+        try:
+            started = await self._retried(command, post, on_retry=self._announce_retries(command, emit))
+        except (DeadlinePassed, OutpostAnswerError) as exc:
+            raise _StartEnded(_error_result(command, "start", exc), undo=True) from None
+        if started is None:
+            log.warning("start reached the Outpost but its answer was lost %s", command.describe())
+            found = await self._found_started(command, start)
+            raise _StartEnded(found, undo=not found.ok)
+        if start.tunnel is not None:
+            # The forward or Service comes next and may take a while. Without one the result
+            # follows at once and says the same: no event of its own (one publish less).
+            await emit(
+                ProgressEvent(
+                    source="bridge",
+                    progress=30,
+                    message="Bridge: the Outpost accepted the start"
+                    + (" and runs it in the background." if start.execution_async else "."),
+                )
+            )
+        return started.service
+
+    @staticmethod
+    def _announce_retries(command: Envelope, emit: Emit) -> Callable[[int, TransientError, float], Awaitable[None]]:
+        """What a start shows the user while its POST is retried."""
+
+        async def announce(attempt: int, exc: TransientError, wait: float) -> None:
             log.warning("start attempt %d failed (%s) %s", attempt, exc, command.describe())
             await emit(
                 ProgressEvent(
@@ -304,94 +411,27 @@ class Pipeline:
                 )
             )
 
-        headers = dict(start.target.headers)
-        if start.execution_async:
-            headers["execution-type"] = "async"
-        options = start.http or start.target.http
+        return announce
 
-        posts = 0
-
-        async def post(time_left: float) -> Any:
-            nonlocal posts
-            if posts and await self._reached(command, start, time_left):
-                # The last POST failed after it may have reached the Outpost (connection
-                # cut, timeout): never POST a second start for the same (name, start_id).
-                return _REACHED
-            posts += 1
-            _, body = await self._client.call(
-                "POST",
-                start.target.url,
-                headers=headers,
-                options=options,
-                time_left=time_left,
-                json_body=start.body(),
-                # A sync start holds the request open for the whole spawn: unless
-                # request_kwargs_start says otherwise, allow it the command's deadline.
-                default_request_timeout=None,
-            )
-            return body
-
+    async def _reach_server(self, command: Envelope, start: StartCommand, service: str) -> str:
+        """Make the started server reachable from the hub (forward or Service) when the start
+        has a tunnel; returns its address (``""``: none, the hub uses ``service``)."""
+        if start.tunnel is None:
+            return ""
         try:
-            answer = await retry_until(
-                command.deadline,
-                post,
-                backoff=self._backoff,
-                on_retry=announce_retry,
-                clock=self._clock,
+            return await self._reachability().after_start(
+                forward_key(command, start.name), start.tunnel, service, command.deadline
             )
-        except (DeadlinePassed, OutpostAnswerError) as exc:
-            await self._undo_start(command, start)
-            return self._finish(key, command, _error_result(command, "start", exc))
-        if answer is _REACHED:
-            log.warning("start reached the Outpost but its answer was lost %s", command.describe())
-            found = await self._found_started(command, start)
-            if not found.ok:
-                await self._undo_start(command, start)
-            return self._finish(key, command, found)
-        service = str((answer.get("service", "") if isinstance(answer, dict) else "") or "")
-        await emit(
-            ProgressEvent(
-                source="bridge",
-                progress=30,
-                message="Bridge: the Outpost accepted the start"
-                + (" and runs it in the background." if start.execution_async else "."),
-            )
-        )
-        address = ""
-        if start.tunnel is not None:
-            try:
-                address = await self._reachability().after_start(
-                    forward_key(command, start.name), start.tunnel, service, command.deadline
-                )
-            except TUNNEL_FAILURES as exc:
-                await self._undo_start(command, start)
-                return self._finish(key, command, _tunnel_error(command, "start", exc))
-            if address:
-                await emit(ProgressEvent(source="bridge", progress=35, message=f"Bridge: forward ready at {address}."))
-        return self._finish(key, command, CommandResult(command="start", ok=True, service=service, address=address))
+        except TUNNEL_FAILURES as exc:
+            raise _StartEnded(_tunnel_error(command, "start", exc), undo=True) from None
 
     async def _found_started(self, command: Envelope, start: StartCommand) -> CommandResult:
         """The result for a start found at the Outpost after its answer was lost; an async
         start with a tunnel gets its port reserved (delayed case) like a fresh one."""
-        found = self._already_started(start)
-        if not found.ok or start.tunnel is None:
-            return found
-        try:
-            address = await self._reachability().after_start(
-                forward_key(command, start.name), start.tunnel, "", command.deadline
-            )
-        except TUNNEL_FAILURES as exc:
-            await self._undo_start(command, start)
-            return _tunnel_error(command, "start", exc)
-        return msgspec.structs.replace(found, address=address)
-
-    def _reachability_check(self, start: StartCommand) -> None:
-        for endpoint in (
-            start.tunnel.ssh if start.tunnel is not None else None,
-            start.remote_forward.ssh if start.remote_forward is not None else None,
-        ):
-            if endpoint is not None:
-                self._reachability().tunnels.settings(endpoint)
+        if not start.execution_async:
+            return LOST_SYNC_START
+        # An async start answers with an empty service anyway: nothing was lost.
+        return CommandResult(command="start", ok=True, service="", address=await self._reach_server(command, start, ""))
 
     def _reachability(self) -> Reachability:
         if self._reach is None:
@@ -440,62 +480,19 @@ class Pipeline:
         self._journal.finish(*key, encode(answer))
         return answer
 
-    def _already_started(self, start: StartCommand) -> CommandResult:
-        if start.execution_async:
-            # An async start answers with an empty service anyway: nothing was lost.
-            return CommandResult(command="start", ok=True, service="")
-        return CommandResult(
-            command="start",
-            ok=False,
-            error=ErrorInfo(
-                kind="unreachable",
-                summary=(
-                    "The start reached the Outpost, but its answer was lost (bridge restart"
-                    " or broken connection); the server will be stopped. Please start it again."
-                ),
-                retryable=True,
-            ),
-        )
-
-    async def _reached(self, command: Envelope, start: StartCommand, time_left: float) -> bool:
-        """One GET: does the Outpost know this start? Transient failures propagate (retried)."""
-        url = self._server_url(command, start.target, start.name)
-        try:
-            await self._client.call(
-                "GET", url, headers=dict(start.target.headers), options=start.target.http, time_left=time_left
-            )
-        except OutpostAnswerError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
-
-    async def _exists(self, command: Envelope, start: StartCommand) -> bool:
-        try:
-            await self._call(command, "GET", start.target, start.name, start.target.http)
-        except OutpostAnswerError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
-
-    # -- poll and stop -------------------------------------------------------------------
+    # -- poll, stop and flavors ------------------------------------------------------------
 
     async def _poll(self, command: Envelope, poll: PollCommand) -> CommandResult:
-        query = "?collect_logs=true" if poll.collect_logs else ""
         try:
-            body = await self._call(command, "GET", poll.target, poll.name, poll.target.http, query)
+            found = await self._retried(
+                command,
+                lambda time_left: self._api.status(
+                    poll.target, poll.name, start_id_of(command), collect_logs=poll.collect_logs, time_left=time_left
+                ),
+            )
         except (DeadlinePassed, OutpostAnswerError) as exc:
             return _error_result(command, "poll", exc)
-        body = body if isinstance(body, dict) else {}
-        status = body.get("status")
-        logs = body.get("logs") or []
-        return CommandResult(
-            command="poll",
-            ok=True,
-            status=status if isinstance(status, int) and not isinstance(status, bool) else None,
-            logs=[str(line) for line in logs] if isinstance(logs, list) else [],
-        )
+        return CommandResult(command="poll", ok=True, status=found.status, logs=found.logs)
 
     async def _stop(self, command: Envelope, stop: StopCommand) -> CommandResult:
         # A start of this start_id that was not answered yet (its delivery still to come, or
@@ -510,7 +507,6 @@ class Pipeline:
         return msgspec.structs.replace(result, logs=[*result.logs, *problems]) if problems else result
 
     async def _stop_at_outpost(self, command: Envelope, stop: StopCommand) -> CommandResult:
-        headers = {"execution-type": "async"} if stop.execution_async else {}
         # With deferred stops, a stop whose Outpost is down is recorded and answered at once
         # (bridge.deferred_stops) instead of holding the hub for its whole deadline: when its
         # circuit is open, or once the direct attempts failed for a short while or opened it.
@@ -522,75 +518,33 @@ class Pipeline:
                 raise DeadlinePassed(attempt, exc)
 
         try:
-            body = await self._call(
+            stopped = await self._retried(
                 direct,
-                "DELETE",
-                stop.target,
-                stop.name,
-                stop.target.http,
-                extra_headers=headers,
+                lambda time_left: self._api.delete(
+                    stop.target,
+                    stop.name,
+                    start_id_of(command),
+                    execution_async=stop.execution_async,
+                    time_left=time_left,
+                ),
                 on_retry=give_up_when_down,
             )
         except OutpostAnswerError as exc:
-            if exc.status == 404:  # already gone: that is what a stop wants
-                return CommandResult(command="stop", ok=True)
             return _error_result(command, "stop", exc)
         except DeadlinePassed as exc:
-            if self._deferred_stops is not None:
-                return self._deferred_stops.defer(command, str(exc.last))
+            if deferred is not None:
+                return deferred.defer(command, str(exc.last))
             return _error_result(command, "stop", exc)
-        logs = body.get("logs") if isinstance(body, dict) else None
-        return CommandResult(command="stop", ok=True, logs=[str(x) for x in logs] if isinstance(logs, list) else [])
+        return CommandResult(command="stop", ok=True, logs=stopped.logs)
 
     async def _flavors(self, command: Envelope, flavors: FlavorsCommand) -> CommandResult:
-        target = flavors.target
-        method = "GET" if flavors.body is None else "POST"
         try:
-            body = await self._request(command, method, target.url, dict(target.headers), target.http, flavors.body)
+            found = await self._retried(
+                command, lambda time_left: self._api.flavors(flavors.target, flavors.body, time_left=time_left)
+            )
         except (DeadlinePassed, OutpostAnswerError) as exc:
             return _error_result(command, "flavors", exc)
-        if not isinstance(body, dict):
-            summary = f"the Outpost's flavors are not a JSON object: {type(body).__name__}"
-            return CommandResult(command="flavors", ok=False, error=ErrorInfo(kind="rejected", summary=summary))
-        return CommandResult(command="flavors", ok=True, flavors=body)
-
-    async def _call(
-        self,
-        command: Envelope,
-        method: str,
-        target: Any,
-        name: str,
-        options: Any,
-        query: str = "",
-        extra_headers: dict[str, str] | None = None,
-        on_retry: Callable[[int, TransientError, float], Awaitable[None]] | None = None,
-    ) -> Any:
-        assert command.server is not None
-        url = f"{self._server_url(command, target, name)}{query}"
-        headers = {**target.headers, **(extra_headers or {})}
-        return await self._request(command, method, url, headers, options, on_retry=on_retry)
-
-    async def _request(
-        self,
-        command: Envelope,
-        method: str,
-        url: str,
-        headers: dict[str, str],
-        options: Any,
-        json_body: Any = None,
-        *,
-        on_retry: Callable[[int, TransientError, float], Awaitable[None]] | None = None,
-    ) -> Any:
-        """One Outpost call, retried on transient failures until the command's deadline
-        (``on_retry`` may end the retries early by raising :class:`DeadlinePassed`)."""
-
-        async def attempt(time_left: float) -> Any:
-            _, body = await self._client.call(
-                method, url, headers=headers, options=options, time_left=time_left, json_body=json_body
-            )
-            return body
-
-        return await retry_until(command.deadline, attempt, backoff=self._backoff, on_retry=on_retry, clock=self._clock)
+        return CommandResult(command="flavors", ok=True, flavors=found)
 
 
 async def run_cancellable(work: Awaitable[Envelope], cancel: asyncio.Event) -> Envelope | None:
