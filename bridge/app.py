@@ -96,7 +96,16 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
         replaced. Half of it is negotiated as the AMQP heartbeat, so that RabbitMQ lets go of the
         dead connection (and its single-active-consumer slots) in about this time too.""",
     ).tag(config=True)
-    prefetch = Integer(50, help="Unacknowledged commands per Outpost queue that this bridge works on at once.").tag(
+    outpost_in_flight = Integer(
+        256,
+        help="""Commands this bridge works on at once per Outpost (the prefetch of the Outpost's
+        queue; a command is acknowledged when its result is published), and the HTTP
+        connections it may open to that Outpost. A sync start holds its request open for the
+        whole spawn, so this is how many servers of one Outpost can start at the same time;
+        every Outpost has its own, so a slow one never holds up another. The per-Outpost circuit
+        breaker (``circuit_threshold``) protects an Outpost that fails.""",
+    ).tag(config=True)
+    prefetch = Integer(0, help="Deprecated name of ``outpost_in_flight`` (0 = not set); when set, it wins.").tag(
         config=True
     )
     journal_path = Unicode(
@@ -118,7 +127,9 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
     retry_maximum = Float(10.0, help="Longest retry delay (seconds); delays grow x2 with +/-20% jitter.").tag(
         config=True
     )
-    http_limit_per_host = Integer(64, help="Open HTTP connections kept per Outpost host.").tag(config=True)
+    http_limit_per_host = Integer(
+        0, help="Open HTTP connections per Outpost host; 0 (default) = ``outpost_in_flight``."
+    ).tag(config=True)
 
     # -- tunnels (SSH forwards) ------------------------------------------------------------
     tunnel_bind_host = Unicode(
@@ -223,6 +234,7 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
         "journal": "OutpostBridge.journal_path",
         "heartbeat": "OutpostBridge.heartbeat",
         "prefetch": "OutpostBridge.prefetch",
+        "in-flight": "OutpostBridge.outpost_in_flight",
         "hub-id": "OutpostBridge.hub_ids",
         "allowed-outpost": "OutpostBridge.allowed_outposts",
         "key-file": "OutpostBridge.key_files",
@@ -305,8 +317,12 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
             if self.k8s_enabled
             else None
         )
+        in_flight = self.prefetch or self.outpost_in_flight
         resilience = Resilience(
-            self, journal_path=self.journal_path, limit_per_host=self.http_limit_per_host, access=self._outpost_access
+            self,
+            journal_path=self.journal_path,
+            limit_per_host=self.http_limit_per_host or in_flight,
+            access=self._outpost_access,
         )
         client = resilience.client  # an OutpostClient behind per-Outpost circuits
         broker = BridgeBroker(
@@ -314,7 +330,7 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
             Topology(self.name_prefix),
             self._keyring,
             heartbeat=self.heartbeat,
-            prefetch=self.prefetch,
+            prefetch=in_flight,
         )
         try:
             restored, nodes = await tunnels.restore(self.tunnel_restore_timeout)
@@ -339,6 +355,7 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
                 reach=reach,
                 outcomes=resilience.outcomes,
             )
+            resilience.watch.publish = broker.publish_watch
             await broker.consume_control(consumer.on_control)
             await broker.follow_registry(consumer.on_registry)
             resilience.set_ready(lambda: broker.connected)

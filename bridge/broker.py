@@ -135,6 +135,21 @@ class BridgeBroker:
         assert self._replies is not None
         await self._publish(self._replies, encode_wire(message, self.keyring), message.hub, message.id, message.type)
 
+    async def publish_watch(self, message: Envelope) -> None:
+        """Publish a status watch report to its hub's queue (if the hub binds its watch routing
+        key), not persistent: a report is worth little later. One attempt; the caller sends
+        a full report next when this one may be lost."""
+        assert self._replies is not None
+        outgoing = aio_pika.Message(
+            body=encode_wire(message, self.keyring),
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            message_id=message.id,
+            content_type="application/msgpack",
+            type=message.type,
+            user_id=self._user_id,
+        )
+        await self._replies.publish(outgoing, routing_key=self.topology.watch_routing_key(message.hub), timeout=10)
+
     async def dead_letter(self, incoming: AbstractIncomingMessage, reason: str) -> None:
         """Put a redacted account of a poison message into the dead-letter queue, with the
         reason in a header: never the message itself, which may carry secrets in clear. Never

@@ -104,11 +104,11 @@ class ServerLedger:
 
     def forget(self, target: OutpostTarget) -> None:
         """Drop every row of ``target`` (the bridge may not call it)."""
-        ident = _ident(target)
+        ident = target_ident(target)
         self._db.execute("DELETE FROM target_hubs WHERE ident=?", (ident,))
         rows = self._db.execute("SELECT outpost, name, start_id, target FROM servers").fetchall()
         for outpost, name, start_id, blob in rows:
-            if _ident(_target_decoder.decode(blob)) == ident:
+            if target_ident(_target_decoder.decode(blob)) == ident:
                 self._db.execute(
                     "DELETE FROM servers WHERE outpost=? AND name=? AND start_id=?", (outpost, name, start_id)
                 )
@@ -117,19 +117,19 @@ class ServerLedger:
     def refuse(self, target: OutpostTarget, status: int) -> None:
         """The Outpost refused ``target``'s credentials: leave it out of :meth:`targets` until a
         command through it succeeds."""
-        ident = _ident(target)
+        ident = target_ident(target)
         self._refused.add(ident)
         self._db.execute("INSERT OR REPLACE INTO refused_targets VALUES (?, ?, ?)", (ident, status, time.time()))
 
     def _accepted(self, target: OutpostTarget) -> None:
-        ident = _ident(target)
+        ident = target_ident(target)
         if ident in self._refused:
             self._refused.discard(ident)
             self._db.execute("DELETE FROM refused_targets WHERE ident=?", (ident,))
 
     def used(self, target: OutpostTarget, hub: str) -> None:
         """Remember that ``hub`` reaches an Outpost through ``target``."""
-        ident = _ident(target)
+        ident = target_ident(target)
         now = time.time()
         if now - self._hub_seen.get((ident, hub), 0.0) < 3600:
             return
@@ -151,7 +151,7 @@ class ServerLedger:
         seen: dict[str, tuple[OutpostTarget, set[str]]] = {}
         for (blob,) in self._db.execute("SELECT DISTINCT target FROM servers"):
             target = _target_decoder.decode(blob)
-            seen.setdefault(_ident(target), (target, set()))
+            seen.setdefault(target_ident(target), (target, set()))
         for ident, hub, blob in self._db.execute("SELECT ident, hub, target FROM target_hubs"):
             seen.setdefault(ident, (_target_decoder.decode(blob), set()))[1].add(hub)
         return [(target, frozenset(hubs)) for ident, (target, hubs) in seen.items() if ident not in self._refused]
@@ -160,7 +160,7 @@ class ServerLedger:
         self._db.close()
 
 
-def _ident(target: OutpostTarget) -> str:
+def target_ident(target: OutpostTarget) -> str:
     """One Outpost account (URL, headers and HTTP options: they hold the credentials), hashed."""
     canonical = msgspec.structs.replace(target, headers=dict(sorted(target.headers.items())))
     return hashlib.sha256(_target_encoder.encode(canonical)).hexdigest()

@@ -63,6 +63,12 @@ class BridgeMetrics:
             "outpost_bridge_unknown_services", "Services whose owner cannot be decided.", ["outpost"], registry=r
         )
         self.rosters = Counter("outpost_bridge_rosters", "Complete hub rosters received.", ["hub"], registry=r)
+        self.watch_reports = Counter("outpost_bridge_watch_reports", "Status watch reports sent to hubs.", registry=r)
+        self.watch_checks = Counter(
+            "outpost_bridge_watch_status_checks",
+            "Single-server status requests of the status watch (Outposts whose listing has no status).",
+            registry=r,
+        )
 
     def circuit_changed(self, origin: str, state: str) -> None:
         self.circuit_state.labels(outpost=origin).set(_STATE_VALUES.get(state, 0))

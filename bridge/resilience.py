@@ -3,8 +3,8 @@
 :class:`ResilienceTraits` holds the settings (mixed into ``OutpostBridge``, so they are
 ``c.OutpostBridge.*`` like every other option); :class:`Resilience` owns what they build:
 the per-Outpost circuit breaker and the HTTP client guarded by it, deferred stops, the
-server ledger, the hubs' rosters and the orphan reconciler, and the metrics (with their
-endpoint).
+server ledger, the hubs' rosters, the orphan reconciler, the status watch, and the metrics
+(with their endpoint).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from jupyterhub_outpost_mq.bridge.outpost_access import OutpostAccess
 from jupyterhub_outpost_mq.bridge.reconcile import Reconciler, Sightings
 from jupyterhub_outpost_mq.bridge.retry import Backoff
 from jupyterhub_outpost_mq.bridge.rosters import Rosters
+from jupyterhub_outpost_mq.bridge.status_watch import StatusWatch
 from jupyterhub_outpost_mq.bridge.stop_store import StopStore
 from jupyterhub_outpost_mq.schemas import CommandResult, Envelope, HubRoster
 
@@ -91,6 +92,27 @@ class ResilienceTraits(HasTraits):
         help="""Only log and count orphans (``outpost_bridge_orphans_total{action="dry_run"}``),
         never stop them. Use it first to see what reconciliation would do.""",
     ).tag(config=True)
+    watch_interval = Float(
+        5.0,
+        help="""Seconds between listings of each Outpost account by the status watch
+        (``GET {request_url}/``, one per account), whose changes go to the hubs that ask for
+        them (``OutpostSpawner.status_watch_max_age``): their polls then answer from memory.
+        While an Outpost fails or answers slowly the interval grows up to
+        ``watch_max_interval``. 0 turns the watch off (every poll is a command).""",
+    ).tag(config=True)
+    watch_max_interval = Float(
+        60.0, help="Longest interval (seconds) of the status watch for an Outpost that fails or answers slowly."
+    ).tag(config=True)
+    watch_status_interval = Float(
+        30.0,
+        help="""For Outposts whose listing carries no ``status`` (the upstream Outpost's does
+        not): seconds between the status watch's own ``GET`` of each running server, which
+        learns that a server exited (a newly listed server is asked at once). Outposts that
+        list a ``status`` need one request per account and ``watch_interval`` only.""",
+    ).tag(config=True)
+    watch_status_concurrency = Integer(
+        8, help="Single-server status requests the status watch makes at once per Outpost account."
+    ).tag(config=True)
     metrics_port = Integer(0, help="Port of the Prometheus endpoint ``GET /metrics``; 0 = no endpoint.").tag(
         config=True
     )
@@ -144,6 +166,17 @@ class Resilience:
             rosters=self.rosters,
             sightings=self._sightings,
         )
+        self.watch = StatusWatch(
+            self._ledger,
+            self.client,
+            self.rosters,
+            breaker=self.breaker,
+            interval=settings.watch_interval,
+            max_interval=settings.watch_max_interval,
+            status_interval=settings.watch_status_interval,
+            status_concurrency=settings.watch_status_concurrency,
+            metrics=self.metrics,
+        )
         self.outcomes = Outcomes()
         self.outcomes.on_answered(self._ledger.answered)
         self.outcomes.on_answered(self._count)
@@ -182,9 +215,11 @@ class Resilience:
         if self.deferred_stops is not None:
             await self.deferred_stops.start()
         await self.reconciler.start()
+        await self.watch.start()
 
     async def stop(self) -> None:
         """Stop the background tasks and close the stores; safe to call more than once."""
+        await self.watch.stop()
         await self.reconciler.stop()
         if self.deferred_stops is not None:
             await self.deferred_stops.stop()

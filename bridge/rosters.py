@@ -96,6 +96,7 @@ class Rosters:
         self._hubs: dict[str, _Snapshot] = {}
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._written: dict[str, float] = {}  # hub -> time its row was last written
+        self._watching: dict[str, float] = {}  # hub -> until when it wants watch reports
         for hub, servers, outposts in self._db.execute("SELECT hub, servers, outposts FROM rosters"):
             entries = _entries_decoder.decode(servers)
             self._hubs[hub] = _Snapshot(_keys(entries), set(_outposts_decoder.decode(outposts)))
@@ -104,9 +105,18 @@ class Rosters:
     def hubs(self) -> frozenset[str]:
         return frozenset(self._hubs)
 
+    @property
+    def watching(self) -> frozenset[str]:
+        """Hubs whose latest roster asks for status watch reports now (kept in memory only: a
+        restarted bridge reports again from each hub's next roster on). A hub that stopped
+        sending rosters stops getting reports once its last one's ``watch_for`` ran out."""
+        now = self._clock()
+        return frozenset(hub for hub, until in self._watching.items() if until > now)
+
     def receive(self, hub: str, roster: HubRoster) -> bool:
         """Take one part; True when it completed a snapshot (which then replaces the hub's)."""
         now = self._clock()
+        self._watching[hub] = now + roster.watch_for
         for key in [k for k, p in self._pending.items() if now - p.started > PART_TIMEOUT]:
             log.warning("roster %s of hub %s: parts missing after %.0f s; dropped", key[1], key[0], PART_TIMEOUT)
             del self._pending[key]

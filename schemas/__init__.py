@@ -29,6 +29,9 @@ from jupyterhub_outpost_mq.schemas.events import (
     OutpostAnnouncement,
     ProgressEvent,
     RosterEntry,
+    ServiceId,
+    WatchedService,
+    WatchReport,
 )
 from jupyterhub_outpost_mq.schemas.secrets import redacted
 from jupyterhub_outpost_mq.schemas.specs import RemoteForwardSpec, ServiceSpec, SshEndpoint, TunnelSpec
@@ -61,6 +64,7 @@ __all__ = [
     "RosterEntry",
     "SchemaError",
     "ServerRef",
+    "ServiceId",
     "ServiceSpec",
     "SshEndpoint",
     "StartCommand",
@@ -68,6 +72,8 @@ __all__ = [
     "Topology",
     "TunnelCommand",
     "TunnelSpec",
+    "WatchReport",
+    "WatchedService",
     "decode",
     "decode_wire",
     "encode",

@@ -22,7 +22,13 @@ from jupyterhub_outpost_mq.schemas.commands import (
     StopCommand,
     TunnelCommand,
 )
-from jupyterhub_outpost_mq.schemas.events import CommandResult, HubRoster, OutpostAnnouncement, ProgressEvent
+from jupyterhub_outpost_mq.schemas.events import (
+    CommandResult,
+    HubRoster,
+    OutpostAnnouncement,
+    ProgressEvent,
+    WatchReport,
+)
 from jupyterhub_outpost_mq.schemas.secrets import RedactedRepr
 from jupyterhub_outpost_mq.schemas.trust import Sealed
 
@@ -42,6 +48,7 @@ Body = (
     | ProgressEvent
     | OutpostAnnouncement
     | HubRoster
+    | WatchReport
 )
 
 

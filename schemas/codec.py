@@ -34,7 +34,13 @@ from jupyterhub_outpost_mq.schemas.commands import (
     TunnelCommand,
 )
 from jupyterhub_outpost_mq.schemas.errors import DecodeError
-from jupyterhub_outpost_mq.schemas.events import CommandResult, HubRoster, OutpostAnnouncement, ProgressEvent
+from jupyterhub_outpost_mq.schemas.events import (
+    CommandResult,
+    HubRoster,
+    OutpostAnnouncement,
+    ProgressEvent,
+    WatchReport,
+)
 from jupyterhub_outpost_mq.schemas.trust import Frame, Keyring, empty_like, secret_paths, with_fields
 
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -52,7 +58,7 @@ HUB_SAYS = (
     HubRoster,
     OutpostAnnouncement,
 )
-BRIDGE_SAYS = (CommandResult, ProgressEvent)
+BRIDGE_SAYS = (CommandResult, ProgressEvent, WatchReport)
 
 
 class _Header(msgspec.Struct):

@@ -99,3 +99,45 @@ class HubRoster(msgspec.Struct, frozen=True, kw_only=True, tag="roster"):
     part: Annotated[int, msgspec.Meta(ge=0, lt=1000)] = 0
     parts: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
     servers: Annotated[list[RosterEntry], msgspec.Meta(max_length=ROSTER_PART_MAX)] = []
+    # Seconds from this roster on for which the hub wants status watch reports
+    # (:class:`WatchReport`) of the Outpost accounts it uses; 0 = none.
+    watch_for: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 0.0
+
+
+WATCH_PART_MAX = 5000
+"""Most services per watch report (~60 bytes each); a bigger listing goes out in parts."""
+
+
+class WatchedService(msgspec.Struct, frozen=True, array_like=True):
+    """One service an Outpost lists: its name, ``start_id`` and status (``None`` while it
+    runs, else its exit code, as the Outpost's poll answers)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+    start_id: Annotated[str, msgspec.Meta(max_length=64)]
+    status: int | None = None
+
+
+class ServiceId(msgspec.Struct, frozen=True, array_like=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+    start_id: Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class WatchReport(msgspec.Struct, frozen=True, kw_only=True, tag="watch"):
+    """What a bridge's status watch saw in one Outpost account's listing, for one hub.
+
+    ``listing`` names the (bridge run, Outpost account) stream; reports of a stream are
+    numbered by ``seq``. A ``full`` report replaces everything the hub knows of the stream;
+    any other applies on top of report ``base`` (the previous one): ``services`` new or
+    changed, ``gone`` no longer listed. An empty report says "no change" and keeps the
+    stream fresh; the next one is due within ``interval`` seconds. A hub that missed a
+    report (``base`` is not the last ``seq`` it applied) ignores the stream until its next
+    ``full`` one. See :mod:`jupyterhub_outpost_mq.bridge.status_watch`."""
+
+    outpost: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    listing: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    seq: Annotated[int, msgspec.Meta(ge=1)]
+    base: Annotated[int, msgspec.Meta(ge=0)] = 0
+    full: bool = False
+    interval: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 5.0
+    services: Annotated[list[WatchedService], msgspec.Meta(max_length=WATCH_PART_MAX)] = []
+    gone: Annotated[list[ServiceId], msgspec.Meta(max_length=WATCH_PART_MAX)] = []

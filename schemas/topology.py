@@ -161,6 +161,13 @@ class Topology:
     def hub_queue(self, hub_id: str) -> str:
         return f"{self.prefix}.hub.{hub_id}"
 
+    @staticmethod
+    def watch_routing_key(hub_id: str) -> str:
+        """The ``P.replies`` routing key of a hub's status watch reports: a hub that reads them
+        binds its queue with it too. Not the hub id itself, so the audit stream (bound with
+        the hub id) does not collect them; ":" cannot occur in a hub id."""
+        return f"watch:{hub_id}"
+
     def outpost_queue_arguments(self) -> dict[str, Any]:
         return {
             "x-queue-type": "quorum",

@@ -189,6 +189,18 @@ class OutpostTraits(LoggingConfigurable):
         answered from memory, without a round trip (JupyterHub polls on page loads and API
         calls too, not only every ``poll_interval``). 0 = always ask the Outpost.""",
     ).tag(config=True)
+    status_watch_max_age = Float(
+        20.0,
+        help="""Seconds a status from the bridges' status watch stays good for ``poll()``. Each
+        bridge lists the services of the Outpost accounts it serves every
+        ``OutpostBridge.watch_interval`` seconds and sends this hub what changed; a poll then
+        answers from memory, without a command over RabbitMQ, while the watch that last listed
+        the server was heard from within this time. Otherwise (a server not listed yet, a
+        bridge that went quiet or missed a report) the poll asks the Outpost as before, and
+        ``request_404_poll_keep_running``, ``request_failed_poll_keep_running`` and the poll
+        grace apply to its answer. 0 = no watch: every poll asks the Outpost (see
+        docs/performance.md).""",
+    ).tag(config=True)
     poll_failure_grace_count = Integer(
         0,
         help="""Consecutive failed polls (Outpost error or unreachable, 404, bridge or broker not
@@ -647,4 +659,7 @@ def outpost_settings(config: Config, spawner_class: Any) -> OutpostTraits:
         section = config.get(cls.__name__)
         if isinstance(section, Config):
             merged.merge(section)
-    return OutpostTraits(config=Config({"OutpostTraits": merged}))
+    # Only OutpostTraits' own options: the sections also hold Spawner options
+    # (start_timeout, poll_interval, ...), which traitlets would warn about at every hub start.
+    ours = set(OutpostTraits.class_trait_names(config=True))
+    return OutpostTraits(config=Config({"OutpostTraits": Config({k: v for k, v in merged.items() if k in ours})}))

@@ -84,7 +84,14 @@ class RosterSender:
         chunks = split(entries)
         broker = await self._broker.ready(15)
         for part, chunk in enumerate(chunks):
-            roster = HubRoster(snapshot=snapshot, part=part, parts=len(chunks), servers=chunk)
+            roster = HubRoster(
+                snapshot=snapshot,
+                part=part,
+                parts=len(chunks),
+                servers=chunk,
+                # Reports until three rosters were missed (the hub stopped, say).
+                watch_for=3 * self._interval if broker.reads_watch_reports else 0.0,
+            )
             await broker.broadcast(Envelope(id=new_id(), hub=broker.hub_id, body=roster))
         log.debug("roster sent: %d servers in %d part(s)", len(entries), len(chunks))
         return len(entries)

@@ -3,7 +3,8 @@
 ``RepliesRouter`` is fed by the broker consumer; spawners register what they wait for:
 a future per command id (results) and a listener per (user, server, start_id) (events).
 Events for a start nobody listens to any more (an earlier start, a late duplicate) are
-dropped here, so they never land in the current start's progress. A result settles a waiting
+dropped here, so they never land in the current start's progress. Status watch reports go to
+the :class:`~jupyterhub_outpost_mq.spawner.watch.WatchTable`. A result settles a waiting
 command only when it answers exactly that command: same hub, same server (user, name,
 start_id) and the command's type; anything else is logged and ignored.
 """
@@ -14,7 +15,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from jupyterhub_outpost_mq.schemas import CommandResult, Envelope, ProgressEvent
+from jupyterhub_outpost_mq.schemas import CommandResult, Envelope, ProgressEvent, WatchReport
+from jupyterhub_outpost_mq.spawner.watch import WatchTable
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
 
@@ -32,6 +34,8 @@ class RepliesRouter:
         # Called with results nobody waits for (e.g. a start that finished while the hub
         # was restarting): the spawner side decides whether the server must be stopped.
         self.on_unclaimed: UnclaimedHandler | None = None
+        # What the bridges' status watches report; polls answer from it (spawner.watch).
+        self.watch = WatchTable()
 
     def expect(self, command: Envelope) -> asyncio.Future[CommandResult]:
         """A future for the result answering ``command``."""
@@ -81,6 +85,9 @@ class RepliesRouter:
                 listener(body)
             else:
                 log.debug("event for a start nobody follows: %s", envelope.describe())
+        elif isinstance(body, WatchReport):
+            if not self.watch.apply(body):
+                log.debug("watch report %s#%d out of order: waiting for a full one", body.listing, body.seq)
         else:
             log.warning("unexpected %s message on the hub queue", envelope.type)
 

@@ -56,6 +56,7 @@ from jupyterhub_outpost_mq.spawner.plan import plan_poll, plan_start, plan_stop,
 from jupyterhub_outpost_mq.spawner.progress import EventLog
 from jupyterhub_outpost_mq.spawner.tunnel_plan import expand_name, remote_forward_spec, tunnel_spec
 from jupyterhub_outpost_mq.spawner.tunnel_traits import TunnelTraits
+from jupyterhub_outpost_mq.spawner.watch import UNKNOWN
 
 T = TypeVar("T")
 
@@ -726,7 +727,8 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         if decision is True and self._fresh_status():
             status = None
         elif decision is True:
-            status = await self._poll_outpost()
+            watched = self._watched_status()
+            status = await self._poll_outpost() if watched is UNKNOWN else watched
             if status is not None:
                 await self._ended_at_outpost(status)
         elif decision is False:
@@ -783,6 +785,19 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
                 "could not hand the stop of %s start_id=%s to the bridge: %s", self._log_name, start_id, exc
             )
         await self._run_custom_removals()
+
+    def _watched_status(self) -> Any:
+        """The status the bridges' status watch reported (:mod:`jupyterhub_outpost_mq.spawner.watch`),
+        or ``UNKNOWN`` when there is none fresh enough (then the Outpost is asked)."""
+        if self.status_watch_max_age <= 0 or not self._outpost_key:
+            return UNKNOWN
+        broker = HubBroker.of(self)
+        status = broker.router.watch.status(
+            self._outpost_key, self.service_name, self.start_id, self.status_watch_max_age
+        )
+        if status is None:
+            self._poll_failures = (0, 0.0)
+        return status
 
     def _fresh_status(self) -> bool:
         """The Outpost reported the server running less than ``poll_status_max_age`` ago."""

@@ -190,13 +190,24 @@ async def start_service(request: web.Request) -> web.Response:
 
 
 async def list_services(request: web.Request) -> web.Response:
-    return web.json_response(request.app[REGISTRY].list_for(request[HUB]))
+    """``GET /services/``: the hub's services as upstream lists them. With
+    ``DEV_OUTPOST_LIST_STATUS=1`` each entry also carries ``status`` (``None`` running, else
+    the exit code, as a poll answers): the extension the bridge's status watch reads to learn
+    every status with one request (the upstream Outpost lists none)."""
+    registry = request.app[REGISTRY]
+    services = registry.list_for(request[HUB])
+    if os.environ.get("DEV_OUTPOST_LIST_STATUS", "") == "1":
+        for entry in services:
+            record = registry.get(request[HUB], entry["name"], entry["start_id"])
+            entry["status"] = await registry.poll(record) if record is not None else None
+    return web.json_response(services)
 
 
 async def get_service(request: web.Request) -> web.Response:
     record = find_record(request)
     if record is None:
         return not_found()
+    request.app[REGISTRY].poll_counts[record.key] += 1
     try:
         status = await request.app[REGISTRY].poll(record)
     except Exception as exc:

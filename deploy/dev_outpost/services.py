@@ -250,6 +250,7 @@ class ServiceRegistry:
         self.home_root = home_root
         self._records: dict[ServiceKey, ServiceRecord] = {}
         self._start_counts: Counter[ServiceKey] = Counter()
+        self.poll_counts: Counter[ServiceKey] = Counter()  # GET /services/{name}/{start_id}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
 
@@ -272,6 +273,7 @@ class ServiceRegistry:
     def stats_for(self, hub: str) -> dict[str, dict[str, int]]:
         return {
             "starts": {f"{k[1]}/{k[2]}": n for k, n in self._start_counts.items() if k[0] == hub},
+            "polls": {f"{k[1]}/{k[2]}": n for k, n in self.poll_counts.items() if k[0] == hub},
             "pids": {f"{k[1]}/{k[2]}": r.pid for k, r in self._records.items() if k[0] == hub and r.pid},
         }
 

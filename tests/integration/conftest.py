@@ -46,7 +46,8 @@ def outpost(workdir: Path) -> Iterator[Outpost]:
 
 @pytest.fixture(scope="session")
 def bridge(rabbitmq: str, workdir: Path, prefix: str) -> Iterator[Bridge]:
-    bridge = Bridge(workdir, prefix, workdir / "journal.sqlite").start()
+    # 50 in flight per Outpost: the poison tests (tests/security) send more than that.
+    bridge = Bridge(workdir, prefix, workdir / "journal.sqlite", ["--OutpostBridge.outpost_in_flight=50"]).start()
     yield bridge
     bridge.stop()
 

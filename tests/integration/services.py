@@ -85,7 +85,9 @@ class Process:
 
 
 class Outpost(Process):
-    def __init__(self, log_dir: Path, credentials: str, port: int | None = None) -> None:
+    def __init__(
+        self, log_dir: Path, credentials: str, port: int | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.port = port or free_port()
         self.credentials = credentials
         super().__init__(
@@ -100,6 +102,7 @@ class Outpost(Process):
                 credentials,
             ],
             log_dir,
+            env=env,
         )
 
     @property

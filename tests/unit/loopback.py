@@ -25,6 +25,8 @@ class FakeOutpost:
         self.services: dict[str, dict[str, Any]] = {}
         self.requests: list[str] = []
         self.hold_posts: asyncio.Event | None = None  # a sync start answers once it is set
+        self.list_status = True  # the listing carries each service's status (upstream's does not)
+        self.list_fails = False  # the listing answers 503
         self.posted = asyncio.Event()  # set by every POSTed start
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -67,7 +69,13 @@ class FakeOutpost:
 
     async def _list(self, request: web.Request) -> web.Response:
         self._seen(request)
-        return web.json_response(list(self.services.values()))
+        if self.list_fails:
+            return web.json_response({"detail": "unavailable"}, status=503)
+        listed = [dict(s) for s in self.services.values()]
+        if not self.list_status:
+            for entry in listed:
+                entry.pop("status", None)
+        return web.json_response(listed)
 
     async def _get(self, request: web.Request) -> web.Response:
         self._seen(request)

@@ -1,0 +1,196 @@
+"""The bridge's status watch (bridge.status_watch.StatusWatch), in process, against an
+Outpost on loopback that counts requests: one listing per account and pass, single-server
+requests only where the listing has no status (and then at most every status_interval),
+reports numbered so the hub's table (spawner.watch.WatchTable) follows them, nothing for hubs
+that do not ask, and a full report after one that may have been lost."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from jupyterhub_outpost_mq.bridge.circuit import CircuitBreaker, GuardedOutpostClient
+from jupyterhub_outpost_mq.bridge.ledger import ServerLedger
+from jupyterhub_outpost_mq.bridge.outpost_access import OutpostAccess
+from jupyterhub_outpost_mq.bridge.rosters import Rosters
+from jupyterhub_outpost_mq.bridge.status_watch import StatusWatch
+from jupyterhub_outpost_mq.schemas import Envelope, HubRoster, OutpostTarget, WatchReport, outpost_key
+from jupyterhub_outpost_mq.spawner.watch import UNKNOWN, WatchTable
+from tests.unit.loopback import FakeOutpost
+
+aio = pytest.mark.asyncio(loop_scope="session")
+HUB = "hub-a"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Setup:
+    def __init__(self, outpost: FakeOutpost, *, watching: bool = True) -> None:
+        self.outpost = outpost
+        self.clock = Clock()
+        self.target = OutpostTarget(url=f"{outpost.url}/services", headers={"Authorization": "Basic eDp5"})
+        self.ledger = ServerLedger(":memory:")
+        self.ledger.used(self.target, HUB)
+        self.rosters = Rosters(":memory:", clock=self.clock)
+        self.rosters.receive(HUB, HubRoster(snapshot="r1", watch_for=180.0 if watching else 0.0))
+        self.client = GuardedOutpostClient(CircuitBreaker(), access=OutpostAccess(["http://127.0.0.1:*"]))
+        self.sent: list[Envelope] = []
+        self.fail_next = False
+        self.watch = StatusWatch(
+            self.ledger, self.client, self.rosters, self.publish, interval=5, status_interval=30, clock=self.clock
+        )
+        self.table = WatchTable(self.clock)
+
+    async def publish(self, envelope: Envelope) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise ConnectionError("broker gone")
+        self.sent.append(envelope)
+        assert isinstance(envelope.body, WatchReport)
+        self.table.apply(envelope.body)
+
+    def reports(self) -> list[WatchReport]:
+        return [e.body for e in self.sent]  # type: ignore[misc]
+
+    def status(self, name: str) -> Any:
+        return self.table.status(outpost_key(self.target.url), name, "s1", 20)
+
+    async def next_pass(self) -> int:
+        self.clock.now += 5.1
+        return await self.watch.run_once()
+
+    def count(self, kind: str) -> int:
+        listing = "GET /services/"
+        if kind == "list":
+            return sum(r == listing for r in self.outpost.requests)
+        return sum(r.startswith("GET /services/") and r != listing for r in self.outpost.requests)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def outpost() -> AsyncIterator[FakeOutpost]:
+    fake = await FakeOutpost().start()
+    yield fake
+    await fake.close()
+
+
+def run(outpost: FakeOutpost, *names: str) -> None:
+    outpost.requests.clear()
+    outpost.services.clear()
+    for name in names:
+        outpost.services[f"{name}/s1"] = {"name": name, "start_id": "s1", "status": None}
+
+
+@aio
+async def test_a_listing_with_status_costs_one_request_per_pass(outpost: FakeOutpost) -> None:
+    run(outpost, "alice", "bob", "carol")
+    outpost.list_status = True
+    s = Setup(outpost)
+    await s.client.start()
+    try:
+        assert await s.watch.run_once() == 1
+        first = s.reports()[0]
+        assert first.full and first.seq == 1 and len(first.services) == 3
+        assert s.status("alice") is None and s.status("bob") is None
+
+        assert await s.watch.run_once() == 0  # not due yet
+        assert await s.next_pass() == 1
+        assert s.reports()[1].services == [] and s.reports()[1].base == 1  # "no change" keeps it fresh
+
+        outpost.services["bob/s1"]["status"] = 3  # bob's server exited
+        del outpost.services["carol/s1"]
+        await s.next_pass()
+        change = s.reports()[2]
+        assert [(x.name, x.status) for x in change.services] == [("bob", 3)]
+        assert [x.name for x in change.gone] == ["carol"]
+        assert s.status("bob") == 3 and s.status("carol") is UNKNOWN and s.status("alice") is None
+        assert s.count("list") == 3 and s.count("single") == 0
+    finally:
+        await s.client.close()
+
+
+@aio
+async def test_without_status_in_the_listing_each_server_is_asked_at_most_every_status_interval(
+    outpost: FakeOutpost,
+) -> None:
+    run(outpost, "alice", "bob")
+    outpost.list_status = False
+    s = Setup(outpost)
+    await s.client.start()
+    try:
+        await s.watch.run_once()
+        assert s.count("single") == 2  # newly listed: asked at once
+        for _ in range(4):
+            await s.next_pass()
+        assert s.count("list") == 5 and s.count("single") == 2  # 20 s later: not asked again
+        outpost.services["alice/s1"]["status"] = 0
+        s.clock.now += 10  # past status_interval
+        await s.next_pass()
+        assert s.count("single") == 4
+        assert s.status("alice") == 0
+        await s.next_pass()
+        s.clock.now += 40
+        await s.next_pass()
+        assert s.count("single") == 5  # an exit code is final: only bob is asked again
+    finally:
+        await s.client.close()
+
+
+@aio
+async def test_nothing_is_listed_for_hubs_that_do_not_ask(outpost: FakeOutpost) -> None:
+    run(outpost, "alice")
+    s = Setup(outpost, watching=False)
+    await s.client.start()
+    try:
+        assert await s.watch.run_once() == 0
+        assert outpost.requests == [] and s.sent == []
+    finally:
+        await s.client.close()
+
+
+@aio
+async def test_a_report_that_may_be_lost_is_followed_by_a_full_one(outpost: FakeOutpost) -> None:
+    run(outpost, "alice")
+    outpost.list_status = True
+    s = Setup(outpost)
+    await s.client.start()
+    try:
+        await s.watch.run_once()
+        outpost.services["alice/s1"]["status"] = 1
+        s.fail_next = True
+        await s.next_pass()  # the change did not go out
+        assert len(s.sent) == 1
+        await s.next_pass()
+        assert s.reports()[-1].full and s.status("alice") == 1
+    finally:
+        await s.client.close()
+
+
+@aio
+async def test_an_outpost_that_fails_is_listed_less_often_and_reported_on_when_back(outpost: FakeOutpost) -> None:
+    run(outpost, "alice")
+    outpost.list_status = True
+    outpost.list_fails = True
+    s = Setup(outpost)
+    await s.client.start()
+    try:
+        await s.watch.run_once()  # fails: next try in 10 s, not 5
+        await s.next_pass()
+        assert s.count("list") == 1 and s.sent == []
+        await s.next_pass()
+        assert s.count("list") == 2
+        outpost.list_fails = False
+        s.clock.now += 20
+        await s.next_pass()
+        assert s.reports()[-1].full and s.status("alice") is None
+    finally:
+        outpost.list_fails = False
+        await s.client.close()
