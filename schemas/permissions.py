@@ -147,7 +147,12 @@ def hub_account(topology: Topology, hub_id: str, user: str | None = None) -> Acc
     t = topology
     check_hub_id(hub_id)
     needs = (
-        _exact(t.command_exchange, configure="declares it", write="publishes commands", read="binds Outpost queues"),
+        _exact(
+            t.command_exchange,
+            configure="declares it",
+            write="publishes commands",
+            read="binds Outpost queues and the audit exchange",
+        ),
         _exact(
             t.dead_letter_exchange,
             configure="declares it",
@@ -156,11 +161,15 @@ def hub_account(topology: Topology, hub_id: str, user: str | None = None) -> Acc
         ),
         _exact(t.dead_letter_queue, configure="declares it", write="binds it to the dead-letter exchange"),
         _exact(t.control_exchange, configure="declares it", write="broadcasts rosters and recreate_forward"),
-        _exact(t.reply_exchange, configure="declares it", read="binds its reply queue and the audit stream"),
+        _exact(
+            t.reply_exchange,
+            configure="declares it",
+            read="binds its reply queue (results, events, watch reports) and the audit stream",
+        ),
         _exact(
             t.audit_exchange,
             configure="declares exchange and stream",
-            write="publishes the replay copy; binds the stream",
+            write="routes its commands there (binding from the commands exchange); binds the stream",
             read="binds the stream to the exchange (and so may read it)",
         ),
         _exact(

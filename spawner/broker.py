@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -53,6 +54,8 @@ from jupyterhub_outpost_mq.spawner.server_state import RepliesRouter
 from jupyterhub_outpost_mq.spawner.unclaimed import UnclaimedStarts
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
+
+REDECLARE_SECONDS = 60.0
 
 
 def raise_if_cancelled() -> None:
@@ -119,6 +122,8 @@ class HubBroker:
         self.keyring = keyring
         self._user_id = broker_user(url)  # set on every message: RabbitMQ vouches for it
         self.bridge_broker_users: frozenset[str] = frozenset()  # who may publish replies; empty: anyone
+        # The rosters ask the bridges for status watch reports (OutpostSpawner.status_watch_max_age).
+        self.reads_watch_reports = False
         self.outbox = outbox if outbox is not None else HubOutbox(":memory:")  # tests: not durable
         self._outbox_lock = asyncio.Lock()
         self._drainer: asyncio.Task[None] | None = None
@@ -131,7 +136,7 @@ class HubBroker:
         self._registry: aio_pika.abc.AbstractExchange | None = None
         self._control: aio_pika.abc.AbstractExchange | None = None
         self._audit: aio_pika.abc.AbstractExchange | None = None
-        self._outposts: set[str] = set()
+        self._outposts: dict[str, float] = {}  # Outpost key -> when its queue was last declared
         self._ready: asyncio.Task[None] | None = None
         self.roster: RosterSender | None = None  # started by attach()
         self.unclaimed: UnclaimedStarts | None = None  # set by attach()
@@ -155,6 +160,7 @@ class HubBroker:
                 outbox,
             )
             broker.bridge_broker_users = frozenset(settings.bridge_broker_users)
+            broker.reads_watch_reports = settings.status_watch_max_age > 0
             cls._instances[key] = broker
         return broker
 
@@ -244,8 +250,8 @@ class HubBroker:
         await dead_queue.bind(dead)
         self._control = await channel.declare_exchange(t.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
         replies = await channel.declare_exchange(t.reply_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
-        # The replay stream: secret-free copies of this hub's commands (published below) and,
-        # through a binding, every result and event addressed to this hub.
+        # The replay stream: this hub's commands (secrets sealed), routed to it from P.commands
+        # per Outpost (ensure_outpost), and every result and event addressed to this hub.
         self._audit = await channel.declare_exchange(t.audit_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
         audit = await channel.declare_queue(t.audit_stream, durable=True, arguments=t.audit_arguments())
         await audit.bind(self._audit)
@@ -266,6 +272,8 @@ class HubBroker:
                 t.hub_queue(self.hub_id),
             )
         await queue.bind(replies, routing_key=self.hub_id)
+        if self.reads_watch_reports:
+            await queue.bind(replies, routing_key=t.watch_routing_key(self.hub_id))
         await queue.consume(self._on_reply, no_ack=False)
         log.info("connected to RabbitMQ; consuming %s", t.hub_queue(self.hub_id))
         if len(self.outbox):  # left by an outage or by this hub before a restart
@@ -289,43 +297,52 @@ class HubBroker:
             await message.ack()
 
     async def ensure_outpost(self, key: str, origin: str) -> None:
-        """Declare the Outpost's command queue and announce it to the bridges (once per process)."""
-        if key in self._outposts:
+        """Declare the Outpost's command queue, route its commands to the replay stream too,
+        and announce it to the bridges (once per process). The declaration is repeated every
+        ``REDECLARE_SECONDS``: a queue deleted meanwhile is back within that time (the replay
+        stream's route means a command would not come back unroutable)."""
+        declared = self._outposts.get(key)
+        now = time.monotonic()
+        if declared is not None and now - declared < REDECLARE_SECONDS:
             return
         assert self._channel is not None and self._commands is not None and self._registry is not None
+        assert self._audit is not None
         t = self.topology
         try:
             queue = await self._channel.declare_queue(
                 t.outpost_queue(key), durable=True, arguments=t.outpost_queue_arguments(), timeout=15
             )
             await queue.bind(self._commands, routing_key=key, timeout=15)
-            announcement = Envelope(id=new_id(), hub=self.hub_id, body=OutpostAnnouncement(key=key, origin=origin))
-            await self._registry.publish(
-                aio_pika.Message(
-                    encode_wire(announcement, self.keyring),
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    user_id=self._user_id,
-                ),
-                routing_key="announce",
-                timeout=15,
-            )
+            # The replay stream gets the very message the broker routes to the Outpost's queue:
+            # one publish per command, no copy sent by the hub.
+            await self._audit.bind(self._commands, routing_key=key, timeout=15)
+            if declared is None:
+                announcement = Envelope(id=new_id(), hub=self.hub_id, body=OutpostAnnouncement(key=key, origin=origin))
+                await self._registry.publish(
+                    aio_pika.Message(
+                        encode_wire(announcement, self.keyring),
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        user_id=self._user_id,
+                    ),
+                    routing_key="announce",
+                    timeout=15,
+                )
         except asyncio.CancelledError:
             raise_if_cancelled()
             raise BrokerUnavailable(f"the connection to RabbitMQ broke while declaring {key}") from None
         except Exception as exc:
             raise BrokerUnavailable(f"RabbitMQ did not declare the Outpost queue {key}: {exc}") from exc
-        self._outposts.add(key)
+        self._outposts[key] = now
 
     async def publish(self, command: Envelope, outpost: str) -> None:
-        """Publish a command to an Outpost's queue; returns once the broker confirmed it.
-        The same signed bytes (secrets sealed) go to the replay stream (its failure never
-        fails the command). Whatever the outbox still holds goes first (a stop kept during an
-        outage must reach the bridge before a later start of the same server)."""
+        """Publish a command to an Outpost's queue (the broker also routes it to the replay
+        stream); returns once the broker confirmed it. Whatever the outbox still holds goes
+        first (a stop kept during an outage must reach the bridge before a later start of the
+        same server)."""
         assert self._commands is not None
         if len(self.outbox):
             await self._send_outbox()
-        body = await self._publish(self._commands, command, outpost, mandatory=True)
-        await self._record(command, body)
+        await self._publish(self._commands, command, outpost, mandatory=True)
 
     async def request(
         self,
@@ -392,29 +409,6 @@ class HubBroker:
                 )
                 self.outbox.sent(item.message_id)
                 log.info("outbox: %s %s handed to RabbitMQ", item.kind, item.message_id)
-                if self._audit is not None:
-                    await self._record_body(item.message_id, item.kind, item.body)
-
-    async def _record(self, command: Envelope, body: bytes) -> None:
-        await self._record_body(command.id, command.type, body)
-
-    async def _record_body(self, message_id: str, kind: str, body: bytes) -> None:
-        if self._audit is None:
-            return
-        try:
-            await self._audit.publish(
-                aio_pika.Message(
-                    body,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    message_id=message_id,
-                    type=kind,
-                    user_id=self._user_id,
-                ),
-                routing_key="",
-                timeout=5,
-            )
-        except Exception as exc:  # the replay copy is best effort; the command went out
-            log.warning("no replay copy of %s %s: %s", kind, message_id, exc)
 
     async def broadcast(self, command: Envelope) -> None:
         """Publish a command every running bridge carries out (``P.control``). Not mandatory:
