@@ -140,6 +140,7 @@ class CommandConsumer:
         self._hub_ids = hub_ids
         self._slots: dict[str, _Slot] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._event_tasks: set[asyncio.Future[None]] = set()  # progress events being published
         self._outposts: set[str] = set()
         self._outposts_lock = asyncio.Lock()
         self._recreated: OrderedDict[str, CommandResult] = OrderedDict()
@@ -341,14 +342,11 @@ class CommandConsumer:
         log.info("carrying out %s redelivered=%s", envelope.describe(), message.redelivered)
 
         async def emit(event: ProgressEvent) -> None:
-            # A progress event is a courtesy: one that cannot be published (broker restarting)
-            # must not abort the command; the result itself is published before the ack.
-            try:
-                await self._broker.publish_reply(reply(envelope, event))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("progress event not delivered (%s) %s", exc, envelope.describe())
+            # A progress event is a courtesy: the command goes on at once (the Outpost call is
+            # not held up by the broker's confirm of the event), and one that cannot be
+            # published (broker restarting) does not abort it; the result itself is published
+            # before the ack. Published in order on the one publish channel.
+            self._spawn_event(self._publish_event(reply(envelope, event)))
 
         async def notice(text: str) -> None:
             await emit(ProgressEvent(source="bridge", message=text))
@@ -367,6 +365,19 @@ class CommandConsumer:
         log.info("%s cancelled by a stop %s", envelope.type, envelope.describe())
         return self._pipeline.cancelled(envelope)
 
+    def _spawn_event(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
+
+    async def _publish_event(self, event: Envelope) -> None:
+        try:
+            await self._broker.publish_reply(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("progress event not delivered (%s) %s", exc, event.describe())
+
     async def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` seconds for in-flight commands; cancel the rest.
 
@@ -378,6 +389,8 @@ class CommandConsumer:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+        if self._event_tasks:  # the last progress events: a moment to go out, no more
+            await asyncio.wait(set(self._event_tasks), timeout=2)
         return len(pending)
 
 
