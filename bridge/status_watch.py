@@ -25,6 +25,7 @@ the hub then asks the Outpost with a poll command, as without the watch.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -73,6 +74,7 @@ class _Account:
     statuses: dict[Pair, int | None] = field(default_factory=dict)  # what the watch knows now
     checked: dict[Pair, float] = field(default_factory=dict)  # when a server's own GET last answered
     sent: dict[str, _Sent] = field(default_factory=dict)  # hub -> what it was told
+    task: asyncio.Future[int] | None = None  # its pass, while one runs
 
 
 class StatusWatch:
@@ -116,9 +118,6 @@ class StatusWatch:
         if self._interval > 0:
             self._runner.start()
 
-    async def stop(self) -> None:
-        await self._runner.stop()
-
     async def run_once(self) -> int:
         """One pass over the accounts that are due; returns how many reports went out."""
         if self.publish is None:
@@ -137,10 +136,25 @@ class StatusWatch:
             if account is None:
                 listing = f"{self._run}.{next(self._numbers)}"
                 account = self._accounts[ident] = _Account(listing, target, self._interval)
-            if now >= account.due:
+            if now >= account.due and account.task is None:
                 due.append((account, recipients))
-        sent = await asyncio.gather(*(self._pass(account, hubs) for account, hubs in due))
-        return sum(sent)
+        # Each account's pass runs on its own: one Outpost that answers slowly (or not at all,
+        # up to CALL_SECONDS) delays the next pass of no other.
+        tasks = [asyncio.ensure_future(self._pass(account, hubs)) for account, hubs in due]
+        for (account, _), task in zip(due, tasks, strict=True):
+            account.task = task
+            task.add_done_callback(functools.partial(_pass_ended, account))
+        if not tasks:
+            return 0
+        done, _ = await asyncio.wait(tasks, timeout=max(self._interval, 0.1))
+        return sum(t.result() for t in done if not t.cancelled() and t.exception() is None)
+
+    async def stop(self) -> None:
+        await self._runner.stop()
+        passes = [a.task for a in self._accounts.values() if a.task is not None]
+        for task in passes:
+            task.cancel()
+        await asyncio.gather(*passes, return_exceptions=True)
 
     async def _pass(self, account: _Account, hubs: frozenset[str]) -> int:
         began = self._clock()
@@ -256,6 +270,10 @@ class StatusWatch:
         if self._metrics is not None:
             self._metrics.watch_reports.inc(reports)
         return reports
+
+
+def _pass_ended(account: _Account, _task: object) -> None:
+    account.task = None
 
 
 _GONE = object()

@@ -6,6 +6,8 @@ that do not ask, and a full report after one that may have been lost."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -194,3 +196,33 @@ async def test_an_outpost_that_fails_is_listed_less_often_and_reported_on_when_b
     finally:
         outpost.list_fails = False
         await s.client.close()
+
+
+@aio
+async def test_an_outpost_that_never_answers_delays_no_other(outpost: FakeOutpost) -> None:
+    run(outpost, "alice")
+    outpost.list_status = True
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # accepts, reads nothing, answers nothing
+
+    frozen = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = frozen.sockets[0].getsockname()[1]
+    s = Setup(outpost)
+    s.ledger.used(OutpostTarget(url=f"http://127.0.0.1:{port}/services", headers={}), HUB)
+    s.watch = StatusWatch(s.ledger, s.client, s.rosters, s.publish, interval=0.3)  # the real clock
+    await s.client.start()
+    try:
+        began = time.monotonic()
+        assert await s.watch.run_once() == 1  # the live account's report, after at most ~0.3 s
+        await asyncio.sleep(0.35)
+        assert await s.watch.run_once() == 1  # and again, while the frozen listing still waits
+        assert time.monotonic() - began < 3
+        assert len(accepted) == 1  # one listing in flight at the frozen Outpost, not one per pass
+    finally:
+        await s.watch.stop()
+        await s.client.close()
+        frozen.close()
+        for writer in accepted:
+            writer.close()
