@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -78,6 +79,13 @@ def hub_keyring(settings: Any) -> Keyring:
         return Keyring.for_hub(own, settings.bridge_public_keys)
     except KeyError_ as exc:
         raise KeysMissing(f"OutpostSpawner.bridge_public_keys / hub_key_file: {exc}") from None
+
+
+def outbox_scope(amqp_url: str, prefix: str) -> str:
+    """Which broker and names an outbox's commands are for: host, port, vhost and prefix
+    (never the credentials)."""
+    parts = urlsplit(amqp_url)
+    return f"{parts.hostname or ''}:{parts.port or ''}{parts.path or '/'}|{prefix}"
 
 
 def close_with_hub(users: Any) -> None:
@@ -150,7 +158,7 @@ class HubBroker:
         broker = cls._instances.get(key)
         if broker is None:
             keyring = hub_keyring(settings)
-            outbox = HubOutbox(settings.hub_state_path)
+            outbox = HubOutbox(settings.hub_state_path, scope=outbox_scope(settings.amqp_url, settings.name_prefix))
             broker = cls(
                 settings.amqp_url,
                 Topology(settings.name_prefix),
@@ -212,7 +220,10 @@ class HubBroker:
         loop_id = id(asyncio.get_running_loop())
         brokers, cls._instances = [b for k, b in cls._instances.items() if k[0] == loop_id], {}
         for broker in brokers:
-            await broker.close()
+            try:
+                await broker.close()
+            except Exception:  # one broker's failure must not leave the others open
+                log.exception("closing the RabbitMQ link of hub %s failed", broker.hub_id)
 
     @property
     def link_down(self) -> bool:

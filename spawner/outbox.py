@@ -46,10 +46,16 @@ class NotedStart:
 
 
 class HubOutbox:
-    """One per hub process (owned by its :class:`~jupyterhub_outpost_mq.spawner.broker.HubBroker`)."""
+    """One per hub process and broker (owned by its :class:`~jupyterhub_outpost_mq.spawner.broker.HubBroker`).
 
-    def __init__(self, path: str | Path) -> None:
+    ``scope`` names the broker and name prefix the commands are for: hubs (or spawner classes)
+    of one process that share the file but use another broker or prefix never send each
+    other's commands. Rows written before scopes existed (``""``) are adopted by the first
+    scope that opens the file."""
+
+    def __init__(self, path: str | Path, scope: str = "") -> None:
         self.path = str(path)
+        self.scope = scope
         if self.path != ":memory:":
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # private before SQLite writes a byte
             os.close(fd)
@@ -59,29 +65,36 @@ class HubOutbox:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS pending (message_id TEXT PRIMARY KEY, key TEXT NOT NULL,"
-            " origin TEXT NOT NULL, kind TEXT NOT NULL, body BLOB NOT NULL, created REAL NOT NULL)"
+            " origin TEXT NOT NULL, kind TEXT NOT NULL, body BLOB NOT NULL, created REAL NOT NULL,"
+            " scope TEXT NOT NULL DEFAULT '')"
         )
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS starts (user TEXT NOT NULL, server TEXT NOT NULL, start_id TEXT NOT NULL,"
-            " created REAL NOT NULL, PRIMARY KEY (user, server, start_id))"
+            " created REAL NOT NULL, scope TEXT NOT NULL DEFAULT '', PRIMARY KEY (user, server, start_id))"
         )
-        self._count = self._db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
+        for table in ("pending", "starts"):
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if "scope" not in columns:  # a file from before scopes
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN scope TEXT NOT NULL DEFAULT ''")
+            if scope:
+                self._db.execute(f"UPDATE {table} SET scope = ? WHERE scope = ''", (scope,))
 
     def __len__(self) -> int:
-        """Commands waiting for the broker."""
-        return int(self._count)
+        """Commands of this scope waiting for the broker (read from the file: another
+        outbox object on it may have sent some)."""
+        return int(self._db.execute("SELECT COUNT(*) FROM pending WHERE scope = ?", (self.scope,)).fetchone()[0])
 
     def add(self, message_id: str, key: str, origin: str, kind: str, body: bytes) -> None:
-        inserted = self._db.execute(
-            "INSERT OR IGNORE INTO pending VALUES (?, ?, ?, ?, ?, ?)",
-            (message_id, key, origin, kind, body, time.time()),
-        ).rowcount
-        self._count += inserted
+        self._db.execute(
+            "INSERT OR IGNORE INTO pending VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (message_id, key, origin, kind, body, time.time(), self.scope),
+        )
 
     def pending(self) -> list[Pending]:
         """Oldest first: the order they were handed over in."""
         rows = self._db.execute(
-            "SELECT message_id, key, origin, kind, body, created FROM pending ORDER BY created, rowid"
+            "SELECT message_id, key, origin, kind, body, created FROM pending WHERE scope = ? ORDER BY created, rowid",
+            (self.scope,),
         )
         return [Pending(*row) for row in rows]
 
@@ -90,18 +103,30 @@ class HubOutbox:
 
     def sent(self, message_id: str) -> None:
         """The broker confirmed it: forget it."""
-        self._count -= self._db.execute("DELETE FROM pending WHERE message_id = ?", (message_id,)).rowcount
+        self._db.execute("DELETE FROM pending WHERE message_id = ?", (message_id,))
 
     def note_start(self, user: str, server: str, start_id: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO starts VALUES (?, ?, ?, ?)", (user, server, start_id, time.time()))
+        self._db.execute(
+            "INSERT OR REPLACE INTO starts VALUES (?, ?, ?, ?, ?)", (user, server, start_id, time.time(), self.scope)
+        )
 
     def start_recorded(self, user: str, server: str, start_id: str) -> None:
-        """JupyterHub has the start's state (or the start is over): forget the note."""
-        self._db.execute("DELETE FROM starts WHERE user = ? AND server = ? AND start_id = ?", (user, server, start_id))
+        """JupyterHub has the start's state (or the start is over): forget the note. Not
+        synced to disk on its own (the next durable write takes it along): a note that
+        outlives a crash only makes the restarted hub check a start it knows."""
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._db.execute(
+                "DELETE FROM starts WHERE user = ? AND server = ? AND start_id = ?", (user, server, start_id)
+            )
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
 
     def noted_starts(self, before: float) -> list[NotedStart]:
-        """Starts noted before ``before`` (a ``time.time()``) and not yet recorded."""
-        rows = self._db.execute("SELECT user, server, start_id, created FROM starts WHERE created < ?", (before,))
+        """Starts of this scope noted before ``before`` (a ``time.time()``) and not yet recorded."""
+        rows = self._db.execute(
+            "SELECT user, server, start_id, created FROM starts WHERE created < ? AND scope = ?", (before, self.scope)
+        )
         return [NotedStart(*row) for row in rows]
 
     def close(self) -> None:
