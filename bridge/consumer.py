@@ -303,8 +303,9 @@ class CommandConsumer:
                 error_id = uuid.uuid4().hex[:8]
                 log.exception("command failed unexpectedly (error %s) %s", error_id, envelope.describe())
                 answer = reply(envelope, internal_failure(envelope, error_id))
-            self._outcomes.answered(envelope, answer)
             await self._broker.publish_reply(answer)
+            # After the publish: the ledger and metrics are no reason for the hub to wait.
+            self._outcomes.answered(envelope, answer)
             log.info("%s %s in %.0f ms", envelope.describe(), outcome(answer), (time.monotonic() - began) * 1000)
         except asyncio.CancelledError:
             raise

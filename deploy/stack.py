@@ -95,7 +95,16 @@ def main() -> None:
     plan = [
         (
             "dev-outpost",
-            [sys.executable, "-m", "jupyterhub_outpost_mq.deploy.dev_outpost", "--port", str(args.outpost_port)],
+            [
+                sys.executable,
+                "-m",
+                "jupyterhub_outpost_mq.deploy.dev_outpost",
+                "--port",
+                str(args.outpost_port),
+                # The servers' logs and the users' homes stay with the stack's state.
+                f"--state-dir={state / 'dev-outpost'}",
+                f"--home-root={state / 'homes'}",
+            ],
             args.outpost_port,
         ),
         (

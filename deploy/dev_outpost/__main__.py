@@ -69,14 +69,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=Path(tempfile.gettempdir()) / "dev-outpost-homes",
         help="parent directory of the per-user HOME directories",
     )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where the servers' log files go (kept); default: a temporary folder removed on exit",
+    )
     parser.add_argument("--log-level", default="INFO", help="Python logging level name")
     return parser.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace, credentials: dict[str, str]) -> None:
-    # Log files of running services; removed again when the Outpost exits.
-    state_dir = Path(tempfile.mkdtemp(prefix="dev-outpost-state-"))
-    registry = ServiceRegistry(bind_ip=args.bind, state_dir=state_dir, home_root=args.home_root)
+    # Log files of the services: kept in --state-dir, else removed again when the Outpost exits.
+    temporary = args.state_dir is None
+    state_dir = Path(tempfile.mkdtemp(prefix="dev-outpost-state-")) if temporary else args.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    registry = ServiceRegistry(
+        bind_ip=args.bind, state_dir=state_dir, home_root=args.home_root, keep_logs=not temporary
+    )
     runner = web.AppRunner(create_app(credentials, registry), handle_signals=False)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -93,7 +103,8 @@ async def serve(args: argparse.Namespace, credentials: dict[str, str]) -> None:
     finally:
         # Stops the listening site first, then runs on_shutdown (which stops every service).
         await runner.cleanup()
-        shutil.rmtree(state_dir, ignore_errors=True)
+        if temporary:
+            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,7 +131,9 @@ class DevSingleuserSpawner(SimpleLocalProcessSpawner):  # type: ignore[misc]
             if key in MISC_HANDLED_HERE:
                 continue
             if key not in configurable:
-                self.log.warning("misc key %r is not a spawner trait, ignored", key)
+                if key not in _MISC_IGNORED:  # once per key, not at every start
+                    _MISC_IGNORED.add(key)
+                    self.log.info("misc key %r is not a trait of this Outpost's spawner: ignored", key)
                 continue
             setattr(self, key, value)
 
@@ -196,6 +198,9 @@ class DevSingleuserSpawner(SimpleLocalProcessSpawner):  # type: ignore[misc]
             self._process_group = 0
 
 
+_MISC_IGNORED: set[str] = set()
+
+
 def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -244,9 +249,10 @@ class ServiceRecord:
 class ServiceRegistry:
     """Owns all service records, their spawners and background tasks."""
 
-    def __init__(self, *, bind_ip: str, state_dir: Path, home_root: Path) -> None:
+    def __init__(self, *, bind_ip: str, state_dir: Path, home_root: Path, keep_logs: bool = False) -> None:
         self.bind_ip = bind_ip
         self.state_dir = state_dir
+        self.keep_logs = keep_logs  # a server's log stays after its DELETE (for the admin to read)
         self.home_root = home_root
         self._records: dict[ServiceKey, ServiceRecord] = {}
         self._start_counts: Counter[ServiceKey] = Counter()
@@ -413,7 +419,8 @@ class ServiceRegistry:
     def _forget(self, record: ServiceRecord) -> None:
         if self._records.get(record.key) is record:
             del self._records[record.key]
-            record.log_path.unlink(missing_ok=True)
+            if not self.keep_logs:
+                record.log_path.unlink(missing_ok=True)
 
     def _own(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run coro as a task this registry owns until it finishes."""
