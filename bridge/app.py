@@ -42,6 +42,18 @@ from jupyterhub_outpost_mq.schemas import Topology
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
+class Computed(Unicode):  # type: ignore[type-arg]
+    """A string option whose default is computed when the bridge starts: ``--help-all`` and
+    the generated config show ``shown`` instead of an empty string."""
+
+    def __init__(self, shown: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.shown = shown
+
+    def default_value_repr(self) -> str:
+        return self.shown
+
+
 class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTraits):
     """Consumes JupyterHub commands from RabbitMQ and carries them out at Outposts."""
 
@@ -63,8 +75,10 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
     description = package_doc or ""
     config_file = Unicode("outpost_bridge_config.py", help="The config file to load (a Python file).").tag(config=True)
     generate_config = Bool(False, help="Write a default config file and exit.").tag(config=True)
+    overwrite_config = Bool(False, help="With --generate-config: replace an existing config file.").tag(config=True)
 
-    amqp_url = Unicode(
+    amqp_url = Computed(
+        "$AMQP_URL, else 'amqp://guest:guest@127.0.0.1:5672/'",
         help="""RabbitMQ URL (``amqp://user:password@host:port/vhost``). Defaults to the
         ``AMQP_URL`` environment variable, else ``amqp://guest:guest@127.0.0.1:5672/``.
         The password is never logged.""",
@@ -108,7 +122,8 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
     prefetch = Integer(0, help="Deprecated name of ``outpost_in_flight`` (0 = not set); when set, it wins.").tag(
         config=True
     )
-    journal_path = Unicode(
+    journal_path = Computed(
+        "'$XDG_STATE_HOME/outpost-bridge/journal.sqlite' (XDG_STATE_HOME: ~/.local/state)",
         help="""SQLite file of the idempotency journal (which starts were sent). Keep it on
         persistent storage: it is what stops a restarted bridge from starting a server twice.
         Default: ``$XDG_STATE_HOME/outpost-bridge/journal.sqlite`` (or ``~/.local/state/...``).""",
@@ -152,14 +167,15 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
         browser connections through one forward queue here (the kernel caps it at
         ``net.core.somaxconn``).""",
     ).tag(config=True)
-    tunnel_db_path = Unicode(
+    tunnel_db_path = Computed(
+        "journal_path",
         help="""SQLite file recording the open forwards, restored when the bridge starts.
         Default: the journal file (``journal_path``); keep it on persistent storage.""",
     ).tag(config=True)
 
     @default("tunnel_db_path")
     def _default_tunnel_db_path(self) -> str:
-        return self.journal_path
+        return str(self.journal_path)
 
     tunnel_restore_timeout = Float(
         30.0,
@@ -167,7 +183,8 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
         before it reports ready (the ports are bound at once; nodes still down keep being
         reconnected in the background).""",
     ).tag(config=True)
-    known_hosts_path = Unicode(
+    known_hosts_path = Computed(
+        "'known_hosts' next to journal_path",
         help="""OpenSSH known-hosts file for SSH nodes. Policy equals
         ``StrictHostKeyChecking=accept-new``: an unknown node's key is added, a changed key is
         refused. Default: ``known_hosts`` next to the journal. Example:
@@ -245,6 +262,10 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
             {"OutpostBridge": {"generate_config": True}},
             "Write a default config file and exit.",
         ),
+        "force": (
+            {"OutpostBridge": {"overwrite_config": True}},
+            "With --generate-config: replace an existing config file.",
+        ),
         "debug": ({"Application": {"log_level": logging.DEBUG}}, "Log at debug level."),
     }
     classes = [Application]
@@ -261,8 +282,8 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
 
     def write_default_config(self) -> None:
         path = self.config_file
-        if os.path.exists(path):
-            print(f"{path} exists; not overwriting it", file=sys.stderr)
+        if os.path.exists(path) and not self.overwrite_config:
+            print(f"{path} exists; not overwriting it (--force replaces it)", file=sys.stderr)
             self.exit(1)
         with open(path, "w") as f:
             f.write(self.generate_config_file())
