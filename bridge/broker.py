@@ -10,6 +10,7 @@ with the bridges' key (:mod:`~jupyterhub_outpost_mq.schemas.trust`).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import json
 import logging
@@ -170,6 +171,7 @@ class BridgeBroker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=incoming.message_id,
             user_id=self._user_id,
+            timestamp=datetime.datetime.now(datetime.UTC),  # when it was dead-lettered (outpost-mq-dlq)
         )
         try:
             await self._dead.publish(message, routing_key="dead", timeout=30)

@@ -151,6 +151,7 @@ print(json.dumps({
     print(f"outpost-bridge --help-all in a fresh [bridge] venv: {time.monotonic() - began:.2f} s")
     assert "--OutpostBridge.amqp_url" in text
     run(where / "bin" / "outpost-mq-replay", "--help", cwd=outside, env=clean_env())
+    run(where / "bin" / "outpost-mq-dlq", "--help", cwd=outside, env=clean_env())
 
     assert port_open(5672), f"RabbitMQ is not listening at {AMQP_URL}: run the tests with ./dev test"
     serve_until_ready(bridge, outside)
