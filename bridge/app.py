@@ -2,11 +2,11 @@
 
 Start order: journal -> tunnel store -> restore every stored forward (bounded by
 ``tunnel_restore_timeout``) -> Kubernetes client -> HTTP client -> broker (topology) ->
-control queue -> registry (Outpost queues) -> ready. Stop order on SIGTERM/SIGINT: stop
-consuming -> let in-flight commands finish (bounded by ``shutdown_timeout``; the rest stay
-unacked and are redelivered) -> close the broker -> stop listening on forwards (they stay
-recorded for the next start) -> close SSH connections -> Kubernetes and HTTP clients ->
-journal.
+control queue -> registry (Outpost queues) -> status reports -> ready. Stop order on
+SIGTERM/SIGINT: stop consuming -> let in-flight commands finish (bounded by
+``shutdown_timeout``; the rest stay unacked and are redelivered) -> status reports -> close
+the broker -> stop listening on forwards (they stay recorded for the next start) -> close SSH
+connections -> Kubernetes and HTTP clients -> journal.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Any
@@ -25,6 +26,7 @@ from jupyterhub_outpost_mq.bridge import __doc__ as package_doc
 from jupyterhub_outpost_mq.bridge.broker import BridgeBroker
 from jupyterhub_outpost_mq.bridge.consumer import CommandConsumer
 from jupyterhub_outpost_mq.bridge.errors import ConfigurationError
+from jupyterhub_outpost_mq.bridge.in_flight import InFlight
 from jupyterhub_outpost_mq.bridge.journal import StartJournal
 from jupyterhub_outpost_mq.bridge.k8s_services import SERVICE_ACCOUNT_DIR, ServiceManager
 from jupyterhub_outpost_mq.bridge.keys import KeyTraits
@@ -35,9 +37,11 @@ from jupyterhub_outpost_mq.bridge.remote_forward import RemoteForwardRunner
 from jupyterhub_outpost_mq.bridge.resilience import Resilience, ResilienceTraits
 from jupyterhub_outpost_mq.bridge.retry import Backoff
 from jupyterhub_outpost_mq.bridge.ssh_connections import SshPool
+from jupyterhub_outpost_mq.bridge.status_report import StatusReporter, default_bridge_name
 from jupyterhub_outpost_mq.bridge.tunnel_store import TunnelStore
 from jupyterhub_outpost_mq.bridge.tunnels import TunnelManager
 from jupyterhub_outpost_mq.schemas import Topology
+from jupyterhub_outpost_mq.schemas.events import BRIDGE_NAME_PATTERN
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -145,6 +149,42 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
     http_limit_per_host = Integer(
         0, help="Open HTTP connections per Outpost host; 0 (default) = ``outpost_in_flight``."
     ).tag(config=True)
+
+    # -- status for the hubs' Outposts page ------------------------------------------------
+    status_interval = Float(
+        10.0,
+        help="""Seconds between the status messages this bridge sends the hubs for their
+        Outposts page (``/hub/outposts``): per Outpost its circuit, queue depth, commands in
+        flight, running servers and deferred stops. Not persistent; a hub forgets a bridge
+        silent for three intervals. 0 sends none. See docs/outposts-page.md.""",
+    ).tag(config=True)
+
+    @validate("status_interval")
+    def _check_status_interval(self, proposal: dict[str, Any]) -> float:
+        value = float(proposal["value"])
+        if value != 0 and not 1 <= value <= 3600:
+            raise ConfigurationError(f"OutpostBridge.status_interval must be 0 (off) or 1-3600 seconds, got {value}")
+        return value
+
+    bridge_name = Computed(
+        "'<hostname>:<pid>'",
+        help="""How the Outposts page names this bridge (letters, digits and ``_.:@-``, at most
+        128). Default: the host name and the process id. Example:
+        ``c.OutpostBridge.bridge_name = "bridge-a"``.""",
+    ).tag(config=True)
+
+    @default("bridge_name")
+    def _default_bridge_name(self) -> str:
+        return default_bridge_name()
+
+    @validate("bridge_name")
+    def _check_bridge_name(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"])
+        if not (1 <= len(value) <= 128 and re.match(BRIDGE_NAME_PATTERN, value)):
+            raise ConfigurationError(
+                f"OutpostBridge.bridge_name must be 1-128 letters, digits or '_.:@-', got {value!r}"
+            )
+        return value
 
     # -- tunnels (SSH forwards) ------------------------------------------------------------
     tunnel_bind_host = Unicode(
@@ -346,6 +386,7 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
             access=self._outpost_access,
         )
         client = resilience.client  # an OutpostClient behind per-Outpost circuits
+        reporter: StatusReporter | None = None
         broker = BridgeBroker(
             self.amqp_url,
             Topology(self.name_prefix),
@@ -366,7 +407,15 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
                 pool, tunnels.settings, command_timeout=self.remote_forward_timeout, backoff=backoff
             )
             reach = Reachability(tunnels, remote, services, public_host=self.tunnel_public_host)
-            pipeline = Pipeline(client, journal, backoff=backoff, reach=reach, deferred_stops=resilience.deferred_stops)
+            carrying = InFlight()
+            pipeline = Pipeline(
+                client,
+                journal,
+                backoff=backoff,
+                reach=reach,
+                deferred_stops=resilience.deferred_stops,
+                in_flight=carrying,
+            )
             consumer = CommandConsumer(
                 broker,
                 pipeline,
@@ -377,8 +426,21 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
                 outcomes=resilience.outcomes,
             )
             resilience.watch.publish = broker.publish_watch
+            if self.status_interval:
+                reporter = StatusReporter(
+                    self.bridge_name,
+                    self.status_interval,
+                    breaker=resilience.breaker,
+                    in_flight=carrying,
+                    counts=resilience.status_counts,
+                    depths=broker.queue_depths,
+                    publish=broker.publish_status,
+                )
+                resilience.outcomes.on_announced(reporter.served)
             await broker.consume_control(consumer.on_control)
             await broker.follow_registry(consumer.on_registry)
+            if reporter is not None:
+                await reporter.start()
             resilience.set_ready(lambda: broker.connected)
             self.log.info("outpost-bridge ready")
             print("outpost-bridge ready", flush=True)
@@ -390,6 +452,8 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
             if handed_back:
                 self.log.warning("%d command(s) handed back unacked; they will be redelivered", handed_back)
         finally:
+            if reporter is not None:
+                await reporter.stop()
             await broker.close()
             await tunnels.close()
             await pool.close()

@@ -151,6 +151,42 @@ class BridgeBroker:
         )
         await self._replies.publish(outgoing, routing_key=self.topology.watch_routing_key(message.hub), timeout=10)
 
+    async def publish_status(self, message: Envelope, ttl: float) -> None:
+        """Publish a bridge status (the hubs' Outposts page, :mod:`~jupyterhub_outpost_mq.bridge.status_report`):
+        not persistent, not mandatory (no hub listening: dropped), expiring after ``ttl`` s."""
+        if self._replies is None or not self.connected:
+            return
+        outgoing = aio_pika.Message(
+            body=encode_wire(message, self.keyring),
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            expiration=ttl,
+            message_id=message.id,
+            content_type="application/msgpack",
+            type=message.type,
+            user_id=self._user_id,
+        )
+        await self._replies.publish(outgoing, routing_key=self.topology.STATUS_ROUTING_KEY, timeout=10)
+
+    async def queue_depths(self, keys: list[str]) -> dict[str, int]:
+        """Ready messages per Outpost queue (passive declares on a channel of their own: a
+        queue deleted meanwhile closes that channel, not the bridge's others)."""
+        if self._connection is None or not keys or not self.connected:
+            return {}
+        found: dict[str, int] = {}
+        channel = await self._connection.channel()
+        try:
+            for key in keys:
+                queue = await channel.declare_queue(self.topology.outpost_queue(key), passive=True)
+                result = queue.declaration_result
+                if result is not None:
+                    found[key] = int(result.message_count or 0)
+        except aio_pika.exceptions.ChannelClosed as exc:  # a queue that is gone: the rest next time
+            log.debug("queue depth: %s", exc)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return found
+
     async def dead_letter(self, incoming: AbstractIncomingMessage, reason: str) -> None:
         """Put a redacted account of a poison message into the dead-letter queue, with the
         reason in a header: never the message itself, which may carry secrets in clear. Never

@@ -54,6 +54,17 @@ message; the breaker calls it while the command waits for an open circuit."""
 DEFAULT_COOLDOWN = Backoff(initial=1.0, maximum=10.0, jitter=0.2)
 
 
+@dataclass(frozen=True)
+class Health:
+    """One circuit as the bridge's status report shows it: ``last_error`` is the public text of
+    its last failure (never a URL or an exception's text); ages in seconds (None: never)."""
+
+    state: State
+    last_error: str
+    since_success: float | None
+    since_failure: float | None
+
+
 @dataclass
 class _Circuit:
     failures: int = 0
@@ -61,6 +72,8 @@ class _Circuit:
     open_until: float = 0.0
     probe_since: float | None = None
     last_error: str = ""
+    last_public: str = ""  # the last failure's public text (the Outposts page shows it)
+    failed_at: float | None = None  # the breaker's clock at the last failure
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -96,6 +109,7 @@ class CircuitBreaker:
         self._clock = clock
         self._on_change = on_change
         self._circuits: dict[str, _Circuit] = {}
+        self._succeeded: dict[str, float] = {}  # origin -> the clock at its last answer
 
     def state(self, origin: str) -> State:
         circuit = self._circuits.get(origin)
@@ -148,7 +162,25 @@ class CircuitBreaker:
             except TimeoutError:
                 pass
 
+    def origins(self) -> set[str]:
+        """Every origin that failed or answered since the bridge started."""
+        return set(self._circuits) | set(self._succeeded)
+
+    def health(self, origin: str) -> Health:
+        """What the Outposts page shows of ``origin``'s circuit (read only)."""
+        now = self._clock()
+        circuit = self._circuits.get(origin)
+        succeeded = self._succeeded.get(origin)
+        failed = circuit.failed_at if circuit is not None else None
+        return Health(
+            state="closed" if circuit is None else circuit.state,
+            last_error=circuit.last_public if circuit is not None else "",
+            since_success=None if succeeded is None else max(0.0, now - succeeded),
+            since_failure=None if failed is None else max(0.0, now - failed),
+        )
+
     def success(self, origin: str) -> None:
+        self._succeeded[origin] = self._clock()
         circuit = self._circuits.get(origin)
         if circuit is None:
             return
@@ -159,10 +191,14 @@ class CircuitBreaker:
             self._changed(origin, circuit)
         circuit.notify()
 
-    def failure(self, origin: str, error: str) -> None:
+    def failure(self, origin: str, error: str, public: str = "") -> None:
+        """A transient failure; ``error`` is for the log, ``public`` (no URL, no exception
+        text) for what others see of it."""
         circuit = self._circuits.setdefault(origin, _Circuit())
         circuit.failures += 1
         circuit.last_error = error
+        circuit.last_public = public or "the Outpost failed"
+        circuit.failed_at = self._clock()
         probing = circuit.probe_since is not None
         if probing or (circuit.opened == 0 and circuit.failures >= self._threshold):
             circuit.opened += 1
@@ -210,7 +246,7 @@ class GuardedOutpostClient(OutpostClient):
         try:
             result = await super().call(method, url, time_left=time_left, **kwargs)
         except TransientOutpostError as exc:
-            self.breaker.failure(origin, str(exc))
+            self.breaker.failure(origin, str(exc), exc.public)
             raise
         except RequestSettingsError:
             # The command's settings, not the Outpost: no verdict (a probe slot is freed).

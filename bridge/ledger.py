@@ -144,6 +144,11 @@ class ServerLedger:
         ).fetchone()
         return None if row is None else row[0]
 
+    def running_by_outpost(self) -> dict[str, int]:
+        """How many servers the ledger holds running, per Outpost key."""
+        rows = self._db.execute("SELECT outpost, COUNT(*) FROM servers WHERE state='running' GROUP BY outpost")
+        return {str(key): int(count) for key, count in rows}
+
     def targets(self) -> list[tuple[OutpostTarget, frozenset[str]]]:
         """Every distinct (URL, headers) the bridge used (each lists its own services), with
         the hubs known to use it (none for rows older than the hub record); targets whose

@@ -49,6 +49,7 @@ from jupyterhub_outpost_mq.bridge.errors import (
     TunnelError,
     TunnelSpecError,
 )
+from jupyterhub_outpost_mq.bridge.in_flight import InFlight
 from jupyterhub_outpost_mq.bridge.journal import StartJournal
 from jupyterhub_outpost_mq.bridge.outpost import OutpostClient, answer_message, summarize_419
 from jupyterhub_outpost_mq.bridge.outpost_api import OutpostApi, Started
@@ -229,8 +230,10 @@ class Pipeline:
         clock: Callable[[], float] = time.time,
         reach: Reachability | None = None,
         deferred_stops: DeferredStops | None = None,
+        in_flight: InFlight | None = None,
     ) -> None:
         self._api = OutpostApi.of(client)
+        self.in_flight = in_flight  # counts what runs, per Outpost (bridge.status_report)
         self._journal = journal
         self._reach = reach
         self._deferred_stops = deferred_stops
@@ -238,7 +241,16 @@ class Pipeline:
         self._clock = clock
 
     async def run(self, command: Envelope, *, redelivered: bool, emit: Emit) -> Envelope:
-        """Carry out one command; return the reply to publish."""
+        """Carry out one command; return the reply to publish (counted in ``in_flight`` meanwhile)."""
+        if self.in_flight is None:
+            return await self._run(command, redelivered=redelivered, emit=emit)
+        key = self.in_flight.begin(command)
+        try:
+            return await self._run(command, redelivered=redelivered, emit=emit)
+        finally:
+            self.in_flight.end(command, key)
+
+    async def _run(self, command: Envelope, *, redelivered: bool, emit: Emit) -> Envelope:
         body = command.body
         try:
             self._check_target(command)

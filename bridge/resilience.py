@@ -23,6 +23,7 @@ from jupyterhub_outpost_mq.bridge.outpost_access import OutpostAccess
 from jupyterhub_outpost_mq.bridge.reconcile import Reconciler, Sightings
 from jupyterhub_outpost_mq.bridge.retry import Backoff
 from jupyterhub_outpost_mq.bridge.rosters import Rosters
+from jupyterhub_outpost_mq.bridge.status_report import LedgerCounts
 from jupyterhub_outpost_mq.bridge.status_watch import StatusWatch
 from jupyterhub_outpost_mq.bridge.stop_store import StopStore
 from jupyterhub_outpost_mq.schemas import CommandResult, Envelope, HubRoster
@@ -189,6 +190,26 @@ class Resilience:
             MetricsServer(self.metrics, host=settings.metrics_host, port=settings.metrics_port)
             if settings.metrics_port
             else None
+        )
+
+    def status_counts(self) -> LedgerCounts:
+        """What the bridge's status report (:mod:`~jupyterhub_outpost_mq.bridge.status_report`)
+        takes from the stores and metrics: servers the ledger holds running and deferred stops,
+        per Outpost key; orphans found and stopped since the bridge started."""
+        running = self._ledger.running_by_outpost()
+        deferred: dict[str, int] = {}
+        for stop in self._stop_store.pending():
+            deferred[stop.outpost] = deferred.get(stop.outpost, 0) + 1
+
+        def orphans(action: str) -> int:
+            value = self.metrics.registry.get_sample_value("outpost_bridge_orphans_total", {"action": action})
+            return int(value or 0)
+
+        return LedgerCounts(
+            running=running,
+            deferred_stops=deferred,
+            orphans_found=orphans("found"),
+            orphans_stopped=orphans("stopped"),
         )
 
     def set_ready(self, ready: Callable[[], bool]) -> None:

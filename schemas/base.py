@@ -23,6 +23,7 @@ from jupyterhub_outpost_mq.schemas.commands import (
     TunnelCommand,
 )
 from jupyterhub_outpost_mq.schemas.events import (
+    BridgeStatus,
     CommandResult,
     HubRoster,
     OutpostAnnouncement,
@@ -49,6 +50,7 @@ Body = (
     | OutpostAnnouncement
     | HubRoster
     | WatchReport
+    | BridgeStatus
 )
 
 

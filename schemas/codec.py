@@ -8,7 +8,7 @@ Two forms:
   MessagePack validity, frame version, the signature against the keys this side trusts, the
   envelope's full schema (types, required fields, string and number limits), whether the
   signer may say this (a hub only for its own hub id and only commands, rosters and
-  announcements; the bridges only results and events), and opens sealed secrets.
+  announcements; the bridges only results, events, watch reports and status), and opens sealed secrets.
 - **Local** (:func:`encode` / :func:`decode`): the plain envelope (schema version 1), for what
   a process keeps on its own disk (journal, deferred stops) and for tests.
 
@@ -35,6 +35,7 @@ from jupyterhub_outpost_mq.schemas.commands import (
 )
 from jupyterhub_outpost_mq.schemas.errors import DecodeError
 from jupyterhub_outpost_mq.schemas.events import (
+    BridgeStatus,
     CommandResult,
     HubRoster,
     OutpostAnnouncement,
@@ -58,7 +59,7 @@ HUB_SAYS = (
     HubRoster,
     OutpostAnnouncement,
 )
-BRIDGE_SAYS = (CommandResult, ProgressEvent, WatchReport)
+BRIDGE_SAYS = (CommandResult, ProgressEvent, WatchReport, BridgeStatus)
 
 
 class _Header(msgspec.Struct):

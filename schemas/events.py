@@ -141,3 +141,58 @@ class WatchReport(msgspec.Struct, frozen=True, kw_only=True, tag="watch"):
     interval: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 5.0
     services: Annotated[list[WatchedService], msgspec.Meta(max_length=WATCH_PART_MAX)] = []
     gone: Annotated[list[ServiceId], msgspec.Meta(max_length=WATCH_PART_MAX)] = []
+
+
+STATUS_OUTPOSTS_MAX = 500
+"""Most Outposts per bridge status message (under 1 KiB each at the limits below, so a full
+message stays well below the 1 MiB message limit); a bridge serving more reports the first
+ones by key and says how many there are (``outposts_total``)."""
+STATUS_ERROR_CHARS = 300
+"""Longest last-error text in a status message (the rest is in the bridge's log)."""
+BRIDGE_NAME_PATTERN = r"^[A-Za-z0-9_.:@-]+$"
+"""What a bridge id may hold (``OutpostBridge.bridge_name``; by default ``<hostname>:<pid>``)."""
+
+Count = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=1_000_000_000)]
+
+
+class OutpostHealth(msgspec.Struct, frozen=True, kw_only=True):
+    """What one bridge knows of one Outpost it serves (its queue ``key``), when it reports.
+
+    ``circuit`` is the bridge's circuit breaker for the Outpost's origin, ``last_error`` the
+    public text of its last transient failure (no URL, no exception text, never a credential),
+    ``since_success`` the seconds since its last answer and ``since_failure`` since that failure
+    (None: none since the bridge started). ``queue_depth`` counts the commands ready in the
+    Outpost's queue (None: unknown), ``in_flight`` those this bridge carries out now
+    (``starts`` of them starts). ``running`` is what the bridge's ledger holds running there,
+    ``deferred_stops`` the stops it keeps for the Outpost's return."""
+
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    origin: Annotated[str, msgspec.Meta(max_length=300)] = ""
+    circuit: Literal["closed", "open", "half_open"] = "closed"
+    last_error: Annotated[str, msgspec.Meta(max_length=STATUS_ERROR_CHARS)] = ""
+    since_success: Seconds | None = None
+    since_failure: Seconds | None = None
+    queue_depth: Count | None = None
+    in_flight: Count = 0
+    starts: Count = 0
+    running: Count = 0
+    deferred_stops: Count = 0
+
+
+class BridgeStatus(msgspec.Struct, frozen=True, kw_only=True, tag="status"):
+    """A bridge's periodic account of the Outposts it serves, for the hubs' Outposts page.
+
+    Broadcast on ``P.replies`` under :meth:`~jupyterhub_outpost_mq.schemas.topology.Topology.status_routing_key`
+    every ``interval`` seconds, not persistent and with an expiration: a hub that is down
+    misses them, and a hub holds a bridge's last one until three intervals passed without a
+    new one. The envelope's ``hub`` is ``"bridges"`` (for every hub). ``orphans_found`` and
+    ``orphans_stopped`` count since the bridge started, over all Outposts."""
+
+    bridge: Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=BRIDGE_NAME_PATTERN)]
+    interval: Annotated[float, msgspec.Meta(gt=0, le=86400)]
+    seq: Annotated[int, msgspec.Meta(ge=1)] = 1
+    orphans_found: Count = 0
+    orphans_stopped: Count = 0
+    outposts_total: Count = 0
+    outposts: Annotated[list[OutpostHealth], msgspec.Meta(max_length=STATUS_OUTPOSTS_MAX)] = []

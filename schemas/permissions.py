@@ -164,7 +164,7 @@ def hub_account(topology: Topology, hub_id: str, user: str | None = None) -> Acc
         _exact(
             t.reply_exchange,
             configure="declares it",
-            read="binds its reply queue (results, events, watch reports) and the audit stream",
+            read="binds its reply queue (results, events, watch reports), its status queue and the audit stream",
         ),
         _exact(
             t.audit_exchange,
@@ -181,6 +181,12 @@ def hub_account(topology: Topology, hub_id: str, user: str | None = None) -> Acc
         _exact(
             t.hub_queue(hub_id),
             configure="declares its reply queue",
+            write="binds it to the replies",
+            read="consumes it",
+        ),
+        _exact(
+            t.status_queue(hub_id),
+            configure="declares its auto-delete queue of the bridges' status (Outposts page)",
             write="binds it to the replies",
             read="consumes it",
         ),
@@ -217,7 +223,7 @@ def bridge_account(topology: Topology, user: str | None = None) -> Account:
             write="binds it to the control exchange",
             read="consumes it",
         ),
-        _exact(t.reply_exchange, configure="declares it", write="publishes results and events"),
+        _exact(t.reply_exchange, configure="declares it", write="publishes results, events and its status"),
         _exact(
             t.registry_exchange,
             configure="declares exchange and stream",

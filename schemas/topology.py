@@ -9,6 +9,9 @@ Layout (``P`` is the configurable name prefix)::
     P.replies    direct exchange   routing key = hub id
         -> P.hub.<hub id>          one durable quorum queue per hub: results and events survive
                                    a hub restart
+                 routing key "status:bridges"
+        -> P.status.<hub id>       one small auto-delete queue per hub: the bridges' periodic
+                                   status (the Outposts page), gone while the hub is
     P.outposts   direct exchange -> P.outposts (stream): which Outpost queues exist; bridges
                                    read it from the start and follow it
     P.dead       fanout exchange -> P.dead-letters.capped: poison messages, with a reason header
@@ -38,6 +41,11 @@ that crashes its consumer is redelivered forever."""
 DEAD_LETTER_MAX_BYTES = 256 * 1024 * 1024
 DEAD_LETTER_MAX_COUNT = 100_000
 DEAD_LETTER_TTL_MS = 14 * 24 * 3600 * 1000
+STATUS_QUEUE_MAX = 1000
+"""Most bridge status messages a hub's status queue holds (the oldest are dropped)."""
+STATUS_QUEUE_TTL_MS = 120 * 1000
+"""Longest a bridge status message waits in a hub's status queue (each also expires after
+three of its bridge's intervals)."""
 
 
 def outpost_key(url: str) -> str:
@@ -167,6 +175,33 @@ class Topology:
         binds its queue with it too. Not the hub id itself, so the audit stream (bound with
         the hub id) does not collect them; ":" cannot occur in a hub id."""
         return f"watch:{hub_id}"
+
+    def status_queue(self, hub_id: str) -> str:
+        """A hub's queue of bridge status messages. Not ``P.hub.<hub id>.status``: hub ids may
+        hold dots, so that could be another hub's reply queue."""
+        return f"{self.prefix}.status.{hub_id}"
+
+    STATUS_ROUTING_KEY = "status:bridges"
+    """The ``P.replies`` routing key of the bridges' status messages; ":" cannot occur in a hub
+    id, so it is never a hub's (replies, audit stream) nor a watch key (``watch:<hub id>``)."""
+
+    @staticmethod
+    def status_routing_key() -> str:
+        return Topology.STATUS_ROUTING_KEY
+
+    def status_queue_arguments(self) -> dict[str, Any]:
+        # Declared auto-delete (gone once its hub stops consuming) and expiring when unused (in
+        # case it was declared and never consumed), so a hub that is down accumulates nothing.
+        # Not exclusive: a hub restarted after a crash must not wait until RabbitMQ noticed the
+        # old connection's death (RESOURCE_LOCKED until then). A classic queue without a
+        # dead-letter exchange (the hub queue's would dead-letter every expired status), capped
+        # in case the hub stops reading while connected; each message expires on its own too.
+        return {
+            "x-max-length": STATUS_QUEUE_MAX,
+            "x-overflow": "drop-head",
+            "x-message-ttl": STATUS_QUEUE_TTL_MS,
+            "x-expires": STATUS_QUEUE_TTL_MS,
+        }
 
     def outpost_queue_arguments(self) -> dict[str, Any]:
         return {

@@ -34,6 +34,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from jupyterhub_outpost_mq.schemas import (
+    BridgeStatus,
     CommandResult,
     DecodeError,
     Envelope,
@@ -202,6 +203,7 @@ class HubBroker:
             drainer.cancel()
             await asyncio.gather(drainer, return_exceptions=True)
         connection, self._connection, self._ready = self._connection, None, None
+        self.router.bridges.clear()  # the Outposts page shows nothing of a closed link
         if connection is not None:
             try:
                 await asyncio.wait_for(connection.close(), timeout)
@@ -286,6 +288,7 @@ class HubBroker:
         if self.reads_watch_reports:
             await queue.bind(replies, routing_key=t.watch_routing_key(self.hub_id))
         await queue.consume(self._on_reply, no_ack=False)
+        await self._consume_status(replies)
         log.info("connected to RabbitMQ; consuming %s", t.hub_queue(self.hub_id))
         if len(self.outbox):  # left by an outage or by this hub before a restart
             log.info("outbox: %d command(s) to send", len(self.outbox))
@@ -306,6 +309,38 @@ class HubBroker:
             self.router.deliver(envelope)
         finally:
             await message.ack()
+
+    async def _consume_status(self, replies: aio_pika.abc.AbstractExchange) -> None:
+        """Consume the bridges' status (Outposts page) through a queue that is deleted once this
+        hub stops consuming it, so a hub that is down collects none (and no dead letters of
+        expired ones). On a channel of its own, and best effort: the page is no reason for the
+        hub's link to fail."""
+        assert self._connection is not None
+        t = self.topology
+        try:
+            channel = await self._connection.channel()
+            queue = await channel.declare_queue(
+                t.status_queue(self.hub_id), auto_delete=True, arguments=t.status_queue_arguments()
+            )
+            await queue.bind(replies, routing_key=t.STATUS_ROUTING_KEY)
+            await queue.consume(self._on_status, no_ack=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("not reading the bridges' status (the Outposts page stays empty): %s", exc)
+
+    async def _on_status(self, message: AbstractIncomingMessage) -> None:
+        """A bridge's status for the Outposts page (no ack: the queue is consumed without)."""
+        try:
+            if self.bridge_broker_users and message.user_id not in self.bridge_broker_users:
+                raise DecodeError("forged", f"published by broker user {message.user_id!r}, not a bridge's")
+            envelope = decode_wire(message.body, self.keyring)
+            if not isinstance(envelope.body, BridgeStatus):
+                raise DecodeError("invalid", f"a {envelope.type!r} message on the status queue")
+        except DecodeError as exc:
+            log.warning("dropping a bridge status %s: %s", message.message_id, exc)
+            return
+        self.router.deliver(envelope)
 
     async def ensure_outpost(self, key: str, origin: str) -> None:
         """Declare the Outpost's command queue, route its commands to the replay stream too,

@@ -4,7 +4,8 @@
 a future per command id (results) and a listener per (user, server, start_id) (events).
 Events for a start nobody listens to any more (an earlier start, a late duplicate) are
 dropped here, so they never land in the current start's progress. Status watch reports go to
-the :class:`~jupyterhub_outpost_mq.spawner.watch.WatchTable`. A result settles a waiting
+the :class:`~jupyterhub_outpost_mq.spawner.watch.WatchTable`, the bridges' own status (the
+Outposts page) to the :class:`BridgeBoard`. A result settles a waiting
 command only when it answers exactly that command: same hub, same server (user, name,
 start_id) and the command's type; anything else is logged and ignored.
 """
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 
-from jupyterhub_outpost_mq.schemas import CommandResult, Envelope, ProgressEvent, WatchReport
+from jupyterhub_outpost_mq.schemas import BridgeStatus, CommandResult, Envelope, ProgressEvent, WatchReport
 from jupyterhub_outpost_mq.spawner.watch import WatchTable
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
@@ -36,6 +39,8 @@ class RepliesRouter:
         self.on_unclaimed: UnclaimedHandler | None = None
         # What the bridges' status watches report; polls answer from it (spawner.watch).
         self.watch = WatchTable()
+        # The latest status of each bridge, for the Outposts page (handlers.outposts).
+        self.bridges = BridgeBoard()
 
     def expect(self, command: Envelope) -> asyncio.Future[CommandResult]:
         """A future for the result answering ``command``."""
@@ -85,6 +90,8 @@ class RepliesRouter:
                 listener(body)
             else:
                 log.debug("event for a start nobody follows: %s", envelope.describe())
+        elif isinstance(body, BridgeStatus):
+            self.bridges.receive(body)
         elif isinstance(body, WatchReport):
             if not self.watch.apply(body):
                 log.debug("watch report %s#%d out of order: waiting for a full one", body.listing, body.seq)
@@ -101,3 +108,38 @@ def answers(result: Envelope, command: Envelope) -> bool:
         and result.server == command.server
         and body.command == command.type
     )
+
+
+BRIDGES_MAX = 64
+"""Most bridges a hub keeps the status of (the least recently heard one makes room)."""
+SILENT_INTERVALS = 3
+"""A bridge silent for more than this many of its own intervals is dropped from the board."""
+
+
+class BridgeBoard:
+    """The latest :class:`BridgeStatus` of each bridge and when it arrived, for the Outposts
+    page. A bridge silent for more than :data:`SILENT_INTERVALS` of its intervals is forgotten;
+    at most :data:`BRIDGES_MAX` are kept. Ages are measured on this hub's clock only (from
+    arrival), so the bridges' clocks do not matter."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_bridges: int = BRIDGES_MAX) -> None:
+        self._clock = clock
+        self._max = max_bridges
+        self._latest: OrderedDict[str, tuple[BridgeStatus, float]] = OrderedDict()
+
+    def receive(self, status: BridgeStatus) -> None:
+        self._latest.pop(status.bridge, None)
+        self._latest[status.bridge] = (status, self._clock())
+        while len(self._latest) > self._max:
+            self._latest.popitem(last=False)
+
+    def current(self) -> list[tuple[BridgeStatus, float]]:
+        """Each bridge heard from recently, with the age (seconds) of its status, by name."""
+        now = self._clock()
+        for name, (status, heard) in list(self._latest.items()):
+            if now - heard > SILENT_INTERVALS * status.interval:
+                del self._latest[name]
+        return sorted(((status, now - heard) for status, heard in self._latest.values()), key=lambda x: x[0].bridge)
+
+    def clear(self) -> None:
+        self._latest.clear()

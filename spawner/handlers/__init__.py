@@ -1,8 +1,9 @@
-"""Hub API handlers at the upstream OutpostSpawner's paths, registered with JupyterHub on import."""
+"""Hub API handlers at the upstream OutpostSpawner's paths, and the admins' Outposts page
+(``/hub/outposts``), registered with JupyterHub on import."""
 
-from jupyterhub import apihandlers
+from jupyterhub import apihandlers, handlers
 
-from jupyterhub_outpost_mq.spawner.handlers import events, flavors, servers, tunnels
+from jupyterhub_outpost_mq.spawner.handlers import events, flavors, outposts, servers, tunnels
 
 _REGISTERED = False
 
@@ -11,8 +12,9 @@ def register() -> None:
     """Append our handlers to JupyterHub's API handlers (once)."""
     global _REGISTERED
     if not _REGISTERED:
-        for module in (events, tunnels, servers, flavors):
+        for module in (events, tunnels, servers, flavors, outposts):
             apihandlers.default_handlers.extend(module.default_handlers)
+        handlers.default_handlers.extend(outposts.page_handlers)
         _REGISTERED = True
 
 
