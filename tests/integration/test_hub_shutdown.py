@@ -14,11 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from .services import Bridge, Outpost, new_user, pid_alive, second_hub, wait_for
+from .services import Bridge, Hub, Outpost, new_user, pid_alive, second_hub, wait_for
 
 pytestmark = pytest.mark.integration
 
 CLOSED = "closed the RabbitMQ connection of hub"
+
+
+def a_running_server(hub: Hub, outpost: Outpost) -> tuple[str, str, int]:
+    """A new user's default server, ready: (user, start_id, the server's pid at the Outpost)."""
+    user = new_user(hub)
+    assert hub.api("POST", hub.server_path(user), json={}).status_code in (201, 202)
+    assert hub.progress(user)[-1].get("ready")
+    start_id = str(hub.server_model(user)["state"]["start_id"])  # type: ignore[index]
+    return user, start_id, int(outpost.get("/_dev/stats")["pids"][f"{user}/{start_id}"])
 
 
 def test_sigterm_closes_the_link_after_the_hubs_own_stops(
@@ -26,12 +35,7 @@ def test_sigterm_closes_the_link_after_the_hubs_own_stops(
 ) -> None:
     hub = second_hub(workdir, "shutdown-hub", prefix, outpost)
     hub.argv.append("--JupyterHub.cleanup_servers=True")  # JupyterHub stops every server at shutdown
-    hub.start()
-    user = new_user(hub)
-    assert hub.api("POST", hub.server_path(user), json={}).status_code in (201, 202)
-    assert hub.progress(user)[-1].get("ready")
-    start_id = hub.server_model(user)["state"]["start_id"]  # type: ignore[index]
-    pid = outpost.get("/_dev/stats")["pids"][f"{user}/{start_id}"]
+    _, start_id, pid = a_running_server(hub.start(), outpost)
 
     assert hub.stop(signal.SIGTERM, timeout=60) == 0, hub.log()[-3000:]
     log = hub.log()
@@ -48,11 +52,7 @@ def test_sigterm_leaves_servers_running_and_closes_the_link(
     outpost: Outpost, bridge: Bridge, workdir: Path, prefix: str
 ) -> None:
     hub = second_hub(workdir, "shutdown-keep-hub", prefix, outpost).start()  # cleanup_servers = False
-    user = new_user(hub)
-    assert hub.api("POST", hub.server_path(user), json={}).status_code in (201, 202)
-    assert hub.progress(user)[-1].get("ready")
-    start_id = hub.server_model(user)["state"]["start_id"]  # type: ignore[index]
-    pid = outpost.get("/_dev/stats")["pids"][f"{user}/{start_id}"]
+    user, _, pid = a_running_server(hub, outpost)
 
     assert hub.stop(signal.SIGTERM, timeout=60) == 0, hub.log()[-3000:]
     assert CLOSED in hub.log(), hub.log()[-3000:]
