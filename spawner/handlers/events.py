@@ -108,6 +108,10 @@ class ProgressEventsHandler(APIHandler):
         )
 
 
+PROGRESS_FLUSH_SECONDS = 0.5
+"""How long a failed event from outside waits before it ends the spawn (see end_pending_spawn)."""
+
+
 async def end_pending_spawn(handler: APIHandler, spawner: Any) -> None:
     """End a spawn whose server the Outpost reported failed after ``start()`` returned (the
     hub waits for the server's HTTP endpoint until ``http_timeout``): interrupt the spawn and
@@ -117,6 +121,11 @@ async def end_pending_spawn(handler: APIHandler, spawner: Any) -> None:
     if future is None or future.done():
         return
     handler.log.warning("%s: the Outpost reported the start failed; ending the spawn", spawner._log_name)
+    # An open spawn page must show the Outpost's reason first: JupyterHub's progress stream
+    # stops when the spawn ends and drops an event it has not yielded by then.
+    await asyncio.sleep(PROGRESS_FLUSH_SECONDS)
+    if future.done():
+        return
     future.cancel()
     await asyncio.wait({future})  # its done callbacks clear the spawn's pending flags
     if spawner.pending:
