@@ -92,7 +92,7 @@ class ProgressEventsHandler(APIHandler):
         if not added:
             self.log.info("ignored an event for %s (earlier start, repeated or filtered)", spawner._log_name)
         self.set_status(204)
-        if added and event.get("failed") and spawner._waiting_for_response:
+        if added and event.get("failed") and start_returned(spawner):
             self.finish()  # answered first: the poster (an Outpost) does not wait for the stop
             await end_pending_spawn(self, spawner)
 
@@ -106,6 +106,14 @@ class ProgressEventsHandler(APIHandler):
                 "ready": spawner.ready,
             }
         )
+
+
+def start_returned(spawner: Any) -> bool:
+    """``start()`` has returned and the spawn is not over: JupyterHub waits for the server's
+    HTTP endpoint, or is about to (between the return and ``_waiting_for_response`` lie a few
+    turns of the event loop, in which a failed event used to be lost). Before the return,
+    ``start()`` itself watches for failed events."""
+    return bool(spawner._waiting_for_response or (spawner._spawn_pending and spawner._answer_wait_since))
 
 
 PROGRESS_FLUSH_SECONDS = 0.5
