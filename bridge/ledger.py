@@ -74,6 +74,8 @@ class ServerLedger:
         # must not become a write each time; the row is refreshed once an hour.
         self._hub_seen: dict[tuple[str, str], float] = {}
         self._refused = {ident for (ident,) in self._db.execute("SELECT ident FROM refused_targets")}
+        # targets(), until the next write: (target, hubs) by account ident.
+        self._targets: dict[str, tuple[OutpostTarget, frozenset[str]]] | None = None
 
     def answered(self, command: Envelope, result: CommandResult) -> None:
         """Learn from one answered command (an :class:`~jupyterhub_outpost_mq.bridge.outcomes.Outcomes` listener)."""
@@ -91,6 +93,7 @@ class ServerLedger:
             self.record(body.target, body.name, command.server.start_id, "ended")
 
     def record(self, target: OutpostTarget, name: str, start_id: str, state: State) -> None:
+        self._targets = None
         self._db.execute(
             "INSERT OR REPLACE INTO servers VALUES (?, ?, ?, ?, ?, ?)",
             (outpost_key(target.url), name, start_id, state, _target_encoder.encode(target), time.time()),
@@ -105,6 +108,7 @@ class ServerLedger:
     def forget(self, target: OutpostTarget) -> None:
         """Drop every row of ``target`` (the bridge may not call it)."""
         ident = target_ident(target)
+        self._targets = None
         self._db.execute("DELETE FROM target_hubs WHERE ident=?", (ident,))
         rows = self._db.execute("SELECT outpost, name, start_id, target FROM servers").fetchall()
         for outpost, name, start_id, blob in rows:
@@ -134,6 +138,7 @@ class ServerLedger:
         if now - self._hub_seen.get((ident, hub), 0.0) < 3600:
             return
         self._hub_seen[(ident, hub)] = now
+        self._targets = None
         self._db.execute(
             "INSERT OR REPLACE INTO target_hubs VALUES (?, ?, ?, ?)", (ident, hub, _target_encoder.encode(target), now)
         )
@@ -152,14 +157,17 @@ class ServerLedger:
     def targets(self) -> list[tuple[OutpostTarget, frozenset[str]]]:
         """Every distinct (URL, headers) the bridge used (each lists its own services), with
         the hubs known to use it (none for rows older than the hub record); targets whose
-        credentials were refused are left out."""
-        seen: dict[str, tuple[OutpostTarget, set[str]]] = {}
-        for (blob,) in self._db.execute("SELECT DISTINCT target FROM servers"):
-            target = _target_decoder.decode(blob)
-            seen.setdefault(target_ident(target), (target, set()))
-        for ident, hub, blob in self._db.execute("SELECT ident, hub, target FROM target_hubs"):
-            seen.setdefault(ident, (_target_decoder.decode(blob), set()))[1].add(hub)
-        return [(target, frozenset(hubs)) for ident, (target, hubs) in seen.items() if ident not in self._refused]
+        credentials were refused are left out. Read from the file only after a write: the
+        status watch and the reconciler ask every few seconds."""
+        if self._targets is None:
+            seen: dict[str, tuple[OutpostTarget, set[str]]] = {}
+            for (blob,) in self._db.execute("SELECT DISTINCT target FROM servers"):
+                target = _target_decoder.decode(blob)
+                seen.setdefault(target_ident(target), (target, set()))
+            for ident, hub, blob in self._db.execute("SELECT ident, hub, target FROM target_hubs"):
+                seen.setdefault(ident, (_target_decoder.decode(blob), set()))[1].add(hub)
+            self._targets = {ident: (target, frozenset(hubs)) for ident, (target, hubs) in seen.items()}
+        return [entry for ident, entry in self._targets.items() if ident not in self._refused]
 
     def close(self) -> None:
         self._db.close()
