@@ -123,6 +123,9 @@ class Reconciler:
                 self._first_seen[orphan] = now - max(0.0, wall - first)
         self._found: set[OrphanKey] = set()
         self._reported: set[OrphanKey] = set()
+        # Outpost key -> action ("found", "stopped", ...) -> orphans since the bridge started
+        # (the status report's per-Outpost counts; the metric counts them over all Outposts).
+        self.orphans: dict[str, dict[str, int]] = {}
         self._runner = Periodic("orphan reconciliation", self.run_once, interval)
 
     async def start(self) -> None:
@@ -213,14 +216,14 @@ class Reconciler:
             return False
         if orphan not in self._found:
             self._found.add(orphan)
-            self._count("found")
+            self._count("found", orphan[0])
             log.info("orphan at Outpost %s: server=%s start_id=%s (no hub owns it)", *orphan)
         if now - first < self._grace:
             return False
         if self._dry_run:
             if orphan not in self._reported:
                 self._reported.add(orphan)
-                self._count("dry_run")
+                self._count("dry_run", orphan[0])
                 log.warning(
                     "dry run: would stop orphan server=%s start_id=%s at Outpost %s", orphan[1], orphan[2], orphan[0]
                 )
@@ -228,10 +231,10 @@ class Reconciler:
         try:
             await self._api.delete(target, orphan[1], orphan[2], time_left=CALL_SECONDS)
         except (OutpostAnswerError, TransientError) as exc:
-            self._count("stop_failed")
+            self._count("stop_failed", orphan[0])
             log.warning("could not stop orphan server=%s start_id=%s: %s", orphan[1], orphan[2], exc)
             return False
-        self._count("stopped")
+        self._count("stopped", orphan[0])
         log.warning("stopped orphan server=%s start_id=%s at Outpost %s", orphan[1], orphan[2], orphan[0])
         self._forget(orphan)
         return True
@@ -267,6 +270,8 @@ class Reconciler:
         self._ledger.forget(target)
         log.warning("reconcile: dropped the Outpost target %s from the ledger: %s", redact_url(target.url), reason)
 
-    def _count(self, action: str) -> None:
+    def _count(self, action: str, outpost: str) -> None:
+        counts = self.orphans.setdefault(outpost, {})
+        counts[action] = counts.get(action, 0) + 1
         if self._metrics is not None:
             self._metrics.orphans.labels(action=action).inc()

@@ -3,7 +3,10 @@ selected messages into a debug queue.
 
 The hub writes the signed copy of every command it publishes to the ``P.audit`` stream (its
 secrets sealed for the bridges), and the stream is bound to the hub's replies, so results and
-progress events land there too (retention: 7 days or 1 GiB, whichever comes first). Lines are
+progress events land there too (retention: 7 days or 1 GiB, whichever comes first). What only
+the hub sees it notes there itself (:class:`~jupyterhub_outpost_mq.schemas.TimelineNote`): the
+events an Outpost posts to the hub's events API, the moment the server answered and JupyterHub
+marked it ready, and a spawn that failed in the hub. Lines are
 in the order the messages were made (``Envelope.created``), not the order they reached the
 stream. Each line says whether the message is genuine: ``--trust`` names the public keys to
 check signatures with (the hubs' and the bridges'); without them a line names only the signing
@@ -43,6 +46,7 @@ from jupyterhub_outpost_mq.schemas import (
     ProgressEvent,
     PublicKey,
     StartCommand,
+    TimelineNote,
     Topology,
     decode_wire,
     peek,
@@ -302,6 +306,11 @@ def describe(recorded: Recorded) -> str:
     elif isinstance(body, ProgressEvent):
         progress = f"{body.progress}%" if body.progress is not None else "-"
         line += f" [{body.source}] {progress}{' FAILED' if body.failed else ''} {body.message[:200]}"
+    elif isinstance(body, TimelineNote):
+        source = "outpost" if body.what == "outpost_event" else "hub"
+        progress = f" {body.progress}%" if body.progress is not None else ""
+        what = "" if body.what == "outpost_event" else f" {body.what.replace('_', ' ')}"
+        line += f" [{source}]{what}{progress}{' FAILED' if body.failed else ''} {body.message[:200]}"
     elif isinstance(body, StartCommand):
         line += f" outpost={url_origin(body.target.url)}"
     return line

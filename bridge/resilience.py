@@ -210,6 +210,7 @@ class Resilience:
             deferred_stops=deferred,
             orphans_found=orphans("found"),
             orphans_stopped=orphans("stopped"),
+            orphans={key: dict(actions) for key, actions in self.reconciler.orphans.items()},
         )
 
     def set_ready(self, ready: Callable[[], bool]) -> None:

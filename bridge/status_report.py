@@ -62,6 +62,8 @@ class LedgerCounts:
     deferred_stops: dict[str, int] = field(default_factory=dict)
     orphans_found: int = 0
     orphans_stopped: int = 0
+    # per Outpost key: action ("found", "stopped") -> count
+    orphans: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def one_line(text: str, limit: int = STATUS_ERROR_CHARS) -> str:
@@ -89,6 +91,7 @@ def build_status(
     for origin in breaker.origins():
         origins.setdefault(outpost_key(origin), origin)
     keys = set(served) | set(origins) | set(in_flight.commands) | set(counts.running) | set(counts.deferred_stops)
+    keys |= set(counts.orphans)
     outposts = []
     for key in sorted(keys)[:STATUS_OUTPOSTS_MAX]:
         origin = origins.get(key, "")
@@ -106,6 +109,8 @@ def build_status(
                 starts=in_flight.starts.get(key, 0),
                 running=counts.running.get(key, 0),
                 deferred_stops=counts.deferred_stops.get(key, 0),
+                orphans_found=counts.orphans.get(key, {}).get("found", 0),
+                orphans_stopped=counts.orphans.get(key, {}).get("stopped", 0),
             )
         )
     return BridgeStatus(

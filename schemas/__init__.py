@@ -33,6 +33,7 @@ from jupyterhub_outpost_mq.schemas.events import (
     ProgressEvent,
     RosterEntry,
     ServiceId,
+    TimelineNote,
     WatchedService,
     WatchReport,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "SshEndpoint",
     "StartCommand",
     "StopCommand",
+    "TimelineNote",
     "Topology",
     "TunnelCommand",
     "TunnelSpec",

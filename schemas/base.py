@@ -28,6 +28,7 @@ from jupyterhub_outpost_mq.schemas.events import (
     HubRoster,
     OutpostAnnouncement,
     ProgressEvent,
+    TimelineNote,
     WatchReport,
 )
 from jupyterhub_outpost_mq.schemas.secrets import RedactedRepr
@@ -51,6 +52,7 @@ Body = (
     | HubRoster
     | WatchReport
     | BridgeStatus
+    | TimelineNote
 )
 
 

@@ -40,6 +40,7 @@ from jupyterhub_outpost_mq.schemas.events import (
     HubRoster,
     OutpostAnnouncement,
     ProgressEvent,
+    TimelineNote,
     WatchReport,
 )
 from jupyterhub_outpost_mq.schemas.trust import Frame, Keyring, empty_like, secret_paths, with_fields
@@ -58,6 +59,7 @@ HUB_SAYS = (
     RecreateForwardCommand,
     HubRoster,
     OutpostAnnouncement,
+    TimelineNote,
 )
 BRIDGE_SAYS = (CommandResult, ProgressEvent, WatchReport, BridgeStatus)
 

@@ -67,6 +67,24 @@ class ProgressEvent(msgspec.Struct, frozen=True, kw_only=True, tag="event"):
     seq: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
+NOTE_TEXT_CHARS = 1000
+"""Longest text of a :class:`TimelineNote` (the spawn page keeps the whole event)."""
+
+
+class TimelineNote(msgspec.Struct, frozen=True, kw_only=True, tag="note"):
+    """What the hub saw of a start that no bridge message carries, for the replay stream only
+    (``outpost-mq-replay``): an event the Outpost posted to the hub's events API
+    (``outpost_event``), the moment JupyterHub found the server answering and marked it ready
+    (``ready``), or how the spawn ended otherwise once ``start()`` had returned or failed in the
+    hub (``spawn_failed``). Signed by the hub and published to ``P.audit`` only, best effort:
+    nothing acts on it."""
+
+    what: Literal["outpost_event", "ready", "spawn_failed"]
+    message: Annotated[str, msgspec.Meta(max_length=NOTE_TEXT_CHARS)] = ""
+    progress: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
+    failed: bool = False
+
+
 class OutpostAnnouncement(msgspec.Struct, frozen=True, kw_only=True, tag="outpost"):
     """A hub tells the bridges that commands for this Outpost queue exist."""
 
@@ -165,7 +183,9 @@ class OutpostHealth(msgspec.Struct, frozen=True, kw_only=True):
     (None: none since the bridge started). ``queue_depth`` counts the commands ready in the
     Outpost's queue (None: unknown), ``in_flight`` those this bridge carries out now
     (``starts`` of them starts). ``running`` is what the bridge's ledger holds running there,
-    ``deferred_stops`` the stops it keeps for the Outpost's return."""
+    ``deferred_stops`` the stops it keeps for the Outpost's return, ``orphans_found`` and
+    ``orphans_stopped`` the services there no hub owns that this bridge found and stopped
+    since it started."""
 
     key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     origin: Annotated[str, msgspec.Meta(max_length=300)] = ""
@@ -178,6 +198,8 @@ class OutpostHealth(msgspec.Struct, frozen=True, kw_only=True):
     starts: Count = 0
     running: Count = 0
     deferred_stops: Count = 0
+    orphans_found: Count = 0
+    orphans_stopped: Count = 0
 
 
 class BridgeStatus(msgspec.Struct, frozen=True, kw_only=True, tag="status"):

@@ -169,7 +169,8 @@ def hub_account(topology: Topology, hub_id: str, user: str | None = None) -> Acc
         _exact(
             t.audit_exchange,
             configure="declares exchange and stream",
-            write="routes its commands there (binding from the commands exchange); binds the stream",
+            write="routes its commands there (binding from the commands exchange), notes what only it sees;"
+            " binds the stream",
             read="binds the stream to the exchange (and so may read it)",
         ),
         _exact(

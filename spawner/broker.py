@@ -42,6 +42,8 @@ from jupyterhub_outpost_mq.schemas import (
     Keyring,
     OutpostAnnouncement,
     PrivateKey,
+    ServerRef,
+    TimelineNote,
     Topology,
     decode_wire,
     encode_wire,
@@ -58,6 +60,8 @@ from jupyterhub_outpost_mq.spawner.unclaimed import UnclaimedStarts
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
 
 REDECLARE_SECONDS = 60.0
+NOTES_IN_FLIGHT = 100
+"""Most timeline notes awaiting the broker's confirm; more are dropped (they are best effort)."""
 
 
 def raise_if_cancelled() -> None:
@@ -149,6 +153,8 @@ class HubBroker:
         self._ready: asyncio.Task[None] | None = None
         self.roster: RosterSender | None = None  # started by attach()
         self.unclaimed: UnclaimedStarts | None = None  # set by attach()
+        self._notes: set[asyncio.Future[Any]] = set()
+        self.notes_dropped = 0
 
     @classmethod
     def of(cls, settings: Any) -> HubBroker:
@@ -202,6 +208,10 @@ class HubBroker:
         if drainer is not None:
             drainer.cancel()
             await asyncio.gather(drainer, return_exceptions=True)
+        if self._notes:  # confirms of timeline notes: a moment, then they are let go
+            await asyncio.wait(set(self._notes), timeout=1)
+            for sent in set(self._notes):
+                sent.cancel()
         connection, self._connection, self._ready = self._connection, None, None
         self.router.bridges.clear()  # the Outposts page shows nothing of a closed link
         if connection is not None:
@@ -455,6 +465,25 @@ class HubBroker:
                 )
                 self.outbox.sent(item.message_id)
                 log.info("outbox: %s %s handed to RabbitMQ", item.kind, item.message_id)
+
+    def note(self, server: ServerRef, note: TimelineNote) -> bool:
+        """Record ``note`` in the replay stream (``P.audit``), without waiting: False when it
+        was dropped (the link is down, or :data:`NOTES_IN_FLIGHT` notes wait already). Nothing
+        acts on a note, so none is kept for later and a failed publish is only counted."""
+        if self._audit is None or self.link_down or len(self._notes) >= NOTES_IN_FLIGHT:
+            self.notes_dropped += 1
+            return False
+        envelope = Envelope(id=new_id(), hub=self.hub_id, server=server, body=note)
+        sent = asyncio.ensure_future(self._publish(self._audit, envelope, "", mandatory=False))
+        self._notes.add(sent)
+        sent.add_done_callback(self._note_sent)
+        return True
+
+    def _note_sent(self, sent: asyncio.Future[Any]) -> None:
+        self._notes.discard(sent)
+        if sent.cancelled() or sent.exception() is not None:
+            self.notes_dropped += 1
+            log.debug("a timeline note was not recorded: %s", "cancelled" if sent.cancelled() else sent.exception())
 
     async def broadcast(self, command: Envelope) -> None:
         """Publish a command every running bridge carries out (``P.control``). Not mandatory:

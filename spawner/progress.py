@@ -204,6 +204,11 @@ def bounded_event(event: dict[str, Any], max_bytes: int, *, raw_html: bool = Fal
     return shown
 
 
+def plain_text(fragment: str, max_chars: int = 4096) -> str:
+    """An HTML fragment's text, without tags (for logs and the replay stream)."""
+    return html.unescape(nh3.clean(fragment[: max_chars * 4], tags=set())).strip()[:max_chars]
+
+
 def event_digest(event: dict[str, Any]) -> bytes:
     """What makes two posts the same event (an Outpost retrying its POST), in 32 bytes."""
     keys = ("progress", "message", "html_message", "failed")

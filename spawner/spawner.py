@@ -37,10 +37,12 @@ from jupyterhub_outpost_mq.schemas import (
     ProgressEvent,
     RosterEntry,
     ServerRef,
+    TimelineNote,
     TunnelCommand,
     TunnelSpec,
 )
 from jupyterhub_outpost_mq.schemas.base import new_id
+from jupyterhub_outpost_mq.schemas.events import NOTE_TEXT_CHARS
 from jupyterhub_outpost_mq.spawner import progress as events
 from jupyterhub_outpost_mq.spawner.broker import HubBroker
 from jupyterhub_outpost_mq.spawner.errors import (
@@ -282,6 +284,43 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             failure.set_result(event)
         return True
 
+    def note_timeline(self, what: str, message: str = "", *, progress: int | None = None, failed: bool = False) -> None:
+        """Record what the hub saw of the current start in the replay stream (a
+        :class:`~jupyterhub_outpost_mq.schemas.TimelineNote`: an Outpost's event posted to the
+        hub, the server ready, the spawn failed), best effort and without waiting."""
+        if not self.start_id:
+            return
+        text = " ".join(message.split())
+        try:
+            note = TimelineNote(
+                what=what,  # type: ignore[arg-type]
+                message=text if len(text) <= NOTE_TEXT_CHARS else text[: NOTE_TEXT_CHARS - 1] + "…",
+                progress=progress if isinstance(progress, int) and 0 <= progress <= 100 else None,
+                failed=failed,
+            )
+            broker = HubBroker.of(self)
+        except Exception as exc:  # no keys, say: the start itself reports that
+            self.log.debug("no timeline note for %s: %s", self._log_name, exc)
+            return
+        broker.note(ServerRef(user=self.user.name, server=self.name, start_id=self.start_id), note)
+
+    def note_outpost_event(self, event: dict[str, Any]) -> None:
+        """An event the Outpost posted to the events API, for the replay stream."""
+        text = str(event.get("message") or "") or events.plain_text(str(event.get("html_message") or ""))
+        self.note_timeline("outpost_event", text, progress=event.get("progress"), failed=bool(event.get("failed")))
+
+    def _note_spawn_end(self, spawn: asyncio.Future[Any], start_id: str) -> None:
+        """JupyterHub's spawn of this start ended: the server answered (``ready``), or not."""
+        if start_id != self.start_id:
+            return
+        if spawn.cancelled():
+            self.note_timeline("spawn_failed", "the spawn was cancelled (a stop, or a failed event)", failed=True)
+        elif (error := spawn.exception()) is not None:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            self.note_timeline("spawn_failed", reason, failed=True)
+        else:
+            self.note_timeline("ready", "the server answered; JupyterHub marked it ready", progress=100)
+
     def _event_log(self) -> EventLog:  # (``events`` names the trait in the class body)
         """The bounded log around ``self.events`` (a new one whenever the list is replaced:
         a new start, or state loaded); serial numbers go on from the previous log."""
@@ -484,6 +523,9 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self._answer_wait_since = time.monotonic()
         shown = [e.get("progress") for e in self.events if isinstance(e, dict)]
         self.add_event(events.waiting_for_answer(max((p for p in shown if isinstance(p, int | float)), default=0)))
+        spawn = getattr(self, "_spawn_future", None)
+        if spawn is not None and not spawn.done():  # JupyterHub's spawn of this start
+            spawn.add_done_callback(lambda ended, start_id=self.start_id: self._note_spawn_end(ended, start_id))
         return url
 
     async def _unless_start_failed(self, step: Awaitable[T]) -> T:
@@ -678,6 +720,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         summary = str(exc) or type(exc).__name__
         self.add_event(events.start_failed(summary, detail))
         self.log.warning("start of %s failed: %s", self._log_name, summary)
+        self.note_timeline("spawn_failed", summary, failed=True)
 
     # -- poll -----------------------------------------------------------------------------
     def start_polling(self) -> None:

@@ -91,6 +91,8 @@ class ProgressEventsHandler(APIHandler):
         added = spawner.add_event(event, start_id=start_id, key=key, external=True)
         if not added:
             self.log.info("ignored an event for %s (earlier start, repeated or filtered)", spawner._log_name)
+        else:
+            spawner.note_outpost_event(event)  # the replay stream's copy
         self.set_status(204)
         if added and event.get("failed") and start_returned(spawner):
             self.finish()  # answered first: the poster (an Outpost) does not wait for the stop

@@ -3,7 +3,8 @@
 The data is what the bridges last reported (:class:`~jupyterhub_outpost_mq.schemas.BridgeStatus`,
 held by the hub's :class:`~jupyterhub_outpost_mq.spawner.server_state.BridgeBoard`): per Outpost
 its circuit, last error, time since its last answer, queue depth, commands in flight, starts in
-progress, running servers and deferred stops, and which bridges serve it. The page renders the
+progress, running servers, deferred stops, orphans found and stopped there, and which bridges
+serve it. The page renders the
 same model as the API, and polls the API every few seconds. Both need the ``admin-ui`` or
 ``admin:servers`` scope (JupyterHub's admin role has both); anyone else gets 403.
 """
@@ -90,6 +91,8 @@ def outposts_model(current: list[tuple[BridgeStatus, float]]) -> dict[str, Any]:
                 "starts": h.starts,
                 "running": h.running,
                 "deferred_stops": h.deferred_stops,
+                "orphans_found": h.orphans_found,
+                "orphans_stopped": h.orphans_stopped,
             }
             for bridge, h, age in seen
         ]
@@ -111,6 +114,8 @@ def outposts_model(current: list[tuple[BridgeStatus, float]]) -> dict[str, Any]:
                 "starts": sum(int(b["starts"] or 0) for b in per_bridge),
                 "running": sum(int(b["running"] or 0) for b in per_bridge),
                 "deferred_stops": sum(int(b["deferred_stops"] or 0) for b in per_bridge),
+                "orphans_found": sum(int(b["orphans_found"] or 0) for b in per_bridge),
+                "orphans_stopped": sum(int(b["orphans_stopped"] or 0) for b in per_bridge),
                 "bridges": [b["bridge"] for b in per_bridge],
                 "per_bridge": per_bridge,
             }

@@ -1,12 +1,15 @@
 """The admins' Outposts page (issue 14) with a real hub, bridge and dev Outpost: the bridge's
 status reaches the hub through RabbitMQ, ``/hub/api/outposts`` lists the Outpost with its
 circuit, running servers and bridge for admins only, the page renders for a logged-in admin and
-its refresh call (cookie + XSRF header, as the page's fetch sends it) answers, and an Outpost
-that went away shows as failing."""
+its refresh call (cookie + XSRF header, as the page's fetch sends it) answers, a start's
+timeline (``outpost-mq-replay``) holds what only the hub saw (the Outpost's own events, the
+ready moment) beside the bridge's messages, and an Outpost that went away shows as failing."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from .services import Bridge, Hub, Outpost, new_user, wait_for
+from .services import AMQP_URL, BIN, Bridge, Hub, Outpost, new_user, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +41,7 @@ class Stack:
             ],
         ).start()
         self.hub = Hub(here, here / "state", prefix, self.outpost).start()
+        self.prefix = prefix
 
     @property
     def origin(self) -> str:
@@ -122,6 +126,44 @@ def test_a_running_server_shows_on_the_outposts_page_for_admins_only(stack: Stac
     refreshed = admin.get(f"{hub.url}/hub/api/outposts", headers={"X-XSRFToken": match.group(1)}, timeout=30)
     assert refreshed.status_code == 200, refreshed.text
     assert any(o["origin"] == stack.origin for o in refreshed.json()["outposts"])
+
+
+def test_a_start_s_timeline_holds_the_outpost_s_events_and_the_ready_moment(stack: Stack) -> None:
+    """A start through the real hub: the dev Outpost posts its progress to the hub's events
+    API (the bridge never sees those), JupyterHub marks the server ready, the user stops it.
+    ``outpost-mq-replay --server`` shows all of it in time order: the hub's start command,
+    the bridge's result, the Outpost's events, the ready moment, the stop and its result."""
+    hub = stack.hub
+    user = new_user(hub)
+    assert hub.api("POST", hub.server_path(user), json={}).status_code in (201, 202)
+    assert hub.progress(user)[-1].get("ready")
+    assert hub.api("DELETE", hub.server_path(user)).status_code in (202, 204)
+
+    def timeline() -> list[str] | None:
+        done = subprocess.run(
+            [str(BIN / "outpost-mq-replay"), "--name-prefix", stack.prefix, "--server", f"{user}/"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "AMQP_URL": AMQP_URL},
+            timeout=120,
+        )
+        assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stderr
+        lines = done.stdout.splitlines()
+        return lines if any(" stop ok" in line for line in lines) else None
+
+    lines = wait_for(timeline, 60, "the stop's result in the timeline")
+    assert [x[:23] for x in lines] == sorted(x[:23] for x in lines)  # in the order it happened
+
+    def first(needle: str) -> int:
+        return next(i for i, line in enumerate(lines) if needle in line)
+
+    outpost_events = [line for line in lines if " type=note " in line and "[outpost]" in line]
+    assert any("jupyterhub-singleuser process started" in line for line in outpost_events), lines
+    assert "[hub] ready 100%" in lines[first("[hub] ready")]
+    assert first("type=start ") < first("process started") < first("[hub] ready")
+    assert first(" start ok") < first("[hub] ready")
+    assert first("[hub] ready") < first("type=stop ") < first(" stop ok")
+    assert all("[unverified key=" in line for line in lines)  # no --trust: the signer's key id only
 
 
 def test_an_outpost_that_went_away_shows_as_failing(stack: Stack) -> None:

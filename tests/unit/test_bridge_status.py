@@ -93,12 +93,19 @@ def test_the_status_shows_circuit_last_error_and_counts_per_outpost() -> None:
         origins=carrying.origins,
         breaker=circuits,
         in_flight=carrying,
-        counts=LedgerCounts(running={KEY: 3}, deferred_stops={KEY: 2}, orphans_found=5, orphans_stopped=4),
+        counts=LedgerCounts(
+            running={KEY: 3},
+            deferred_stops={KEY: 2},
+            orphans_found=5,
+            orphans_stopped=4,
+            orphans={KEY: {"found": 2, "stopped": 1, "dry_run": 1}, "other-80-0123456789": {"found": 3}},
+        ),
         depths={KEY: 11},
     )
-    assert (status.bridge, status.interval, status.seq, status.outposts_total) == ("host:1", 10, 7, 1)
+    assert (status.bridge, status.interval, status.seq, status.outposts_total) == ("host:1", 10, 7, 2)
     assert (status.orphans_found, status.orphans_stopped) == (5, 4)
-    [health] = status.outposts
+    health, other = sorted(status.outposts, key=lambda h: h.key != KEY)
+    assert (other.key, other.orphans_found, other.orphans_stopped, other.running) == ("other-80-0123456789", 3, 0, 0)
     assert health == OutpostHealth(
         key=KEY,
         origin=ORIGIN,
@@ -111,6 +118,8 @@ def test_the_status_shows_circuit_last_error_and_counts_per_outpost() -> None:
         starts=1,
         running=3,
         deferred_stops=2,
+        orphans_found=2,
+        orphans_stopped=1,
     )
     carrying.end(command, key)
     assert not carrying.commands and not carrying.starts
@@ -327,6 +336,8 @@ def test_the_page_model_sums_bridges_and_shows_the_worst_circuit() -> None:
         running=1,
         deferred_stops=2,
         queue_depth=5,
+        orphans_found=2,
+        orphans_stopped=1,
     )
     model = outposts_model([(a, 0.5), (b, 1.0)])
     assert [bridge["bridge"] for bridge in model["bridges"]] == ["a", "b"]
@@ -343,6 +354,8 @@ def test_the_page_model_sums_bridges_and_shows_the_worst_circuit() -> None:
         "starts": 1,
         "running": 3,
         "deferred_stops": 2,
+        "orphans_found": 2,
+        "orphans_stopped": 1,
         "bridges": ["a", "b"],
     }
 

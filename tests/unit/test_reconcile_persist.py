@@ -124,6 +124,8 @@ async def test_restarts_do_not_restart_the_grace_of_an_orphan(tmp_path: Path) ->
     assert await process.reconciler.run_once() == [(KEY, "ended", "1")]
     assert outpost.deleted == ["ended"]
     assert process.sightings.all() == {}  # stopped: forgotten
+    # The status report's per-Outpost counts (since this process started)
+    assert process.reconciler.orphans == {KEY: {"found": 1, "stopped": 1}}
 
 
 @aio

@@ -33,11 +33,15 @@ from jupyterhub_outpost_mq.schemas import (
     ProgressEvent,
     ServerRef,
     StartCommand,
+    TimelineNote,
     Topology,
+    decode_wire,
     encode,
     encode_wire,
 )
+from jupyterhub_outpost_mq.schemas.errors import DecodeError
 from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER
+from jupyterhub_outpost_mq.spawner.broker import HubBroker
 
 HUB = PrivateKey.generate("hub")
 BRIDGE = PrivateKey.generate("bridge")
@@ -103,6 +107,40 @@ def test_a_line_is_compact_with_short_ids_and_says_why_a_start_failed() -> None:
     )
     progress = describe(Recorded(8, event(NOW + 1, "Sending the start to the Outpost"), b"", "verified"))
     assert progress.endswith("[verified] [bridge] 10% Sending the start to the Outpost")
+
+
+def note(created: float, body: TimelineNote) -> Envelope:
+    return Envelope(id=f"n{int(created * 1000)}", hub="hub1", server=REF, created=created, body=body)
+
+
+def test_the_hub_s_notes_read_as_the_outpost_s_events_and_the_ready_moment() -> None:
+    posted = TimelineNote(what="outpost_event", message="Outpost: process started (pid 7)", progress=60)
+    assert describe(Recorded(9, note(NOW + 2, posted), b"", "verified")).endswith(
+        "type=note   alice/gpu start=5tart1d0 id=n1800000 [verified] [outpost] 60% Outpost: process started (pid 7)"
+    )
+    ready = TimelineNote(what="ready", message="the server answered", progress=100)
+    shown = describe(Recorded(10, note(NOW + 3, ready), b"", "verified"))
+    assert shown.endswith("[hub] ready 100% the server answered")
+    failed = TimelineNote(what="spawn_failed", message="Server didn't respond in 30 seconds", failed=True)
+    assert describe(Recorded(11, note(NOW + 4, failed), b"", "verified")).endswith(
+        "[hub] spawn failed FAILED Server didn't respond in 30 seconds"
+    )
+
+
+def test_only_a_hub_may_sign_a_note_and_its_text_is_bounded() -> None:
+    ready = note(NOW, TimelineNote(what="ready"))
+    assert decode_wire(encode_wire(ready, HUB_SIGNS), BRIDGE_SIGNS).body == ready.body
+    with pytest.raises(DecodeError, match="the bridges' key signed a 'note' message"):
+        decode_wire(encode_wire(ready, BRIDGE_SIGNS), HUB_SIGNS)
+    too_long = note(NOW, TimelineNote(what="outpost_event", message="x" * 1001))
+    with pytest.raises(DecodeError, match="length <= 1000"):
+        decode_wire(encode_wire(too_long, HUB_SIGNS), BRIDGE_SIGNS)
+
+
+def test_a_note_is_dropped_not_kept_while_the_hub_has_no_link() -> None:
+    broker = HubBroker("amqp://guest:guest@127.0.0.1:1/", T, "hub1", 10, HUB_SIGNS)
+    assert broker.note(REF, TimelineNote(what="ready")) is False
+    assert broker.notes_dropped == 1 and len(broker.outbox) == 0  # notes never wait in the outbox
 
 
 def test_the_json_form_is_the_redacted_envelope() -> None:
