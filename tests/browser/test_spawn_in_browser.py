@@ -5,6 +5,7 @@ from there until its JupyterLab loads."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
@@ -160,4 +161,8 @@ def test_an_admin_finds_the_outpost_on_the_outposts_page(browser: Browser, hub: 
     browser.wait(lambda d: d.find_element(By.ID, "outposts-updated").text != updated, "the page's own refresh")
     row = browser.driver.find_element(By.CSS_SELECTOR, "#outposts-rows tr[data-key]")
     assert "closed" in row.text and origin in row.text, row.text
+    assert "0 / 0" in row.text, row.text  # orphans found / stopped
+    if os.environ.get("OUTPOST_MQ_DOCS_SCREENSHOT"):  # docs/outposts-page.png is made this way
+        browser.driver.set_window_size(1400, 700)
+        browser.driver.save_screenshot(os.environ["OUTPOST_MQ_DOCS_SCREENSHOT"])
     hub.api("DELETE", hub.server_path(user))
