@@ -26,7 +26,6 @@ from urllib.parse import quote, urlparse
 
 from jupyterhub.spawner import Spawner
 from jupyterhub.utils import random_port, url_path_join
-from tornado.ioloop import PeriodicCallback
 from traitlets import Any as AnyTrait
 from traitlets import Dict, Unicode, default
 
@@ -55,6 +54,7 @@ from jupyterhub_outpost_mq.spawner.errors import (
 from jupyterhub_outpost_mq.spawner.hooks import call_hook, resolve
 from jupyterhub_outpost_mq.spawner.outpost_traits import OutpostTraits
 from jupyterhub_outpost_mq.spawner.plan import plan_poll, plan_start, plan_stop, resolve_target
+from jupyterhub_outpost_mq.spawner.polling import PollGroup
 from jupyterhub_outpost_mq.spawner.progress import EventLog
 from jupyterhub_outpost_mq.spawner.tunnel_plan import expand_name, remote_forward_spec, tunnel_spec
 from jupyterhub_outpost_mq.spawner.tunnel_traits import TunnelTraits
@@ -725,15 +725,21 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     # -- poll -----------------------------------------------------------------------------
     def start_polling(self) -> None:
         """JupyterHub's polling, at ``custom_poll_interval`` milliseconds when set (JupyterHub's
-        own ``poll_interval`` is whole seconds), with ``poll_jitter``."""
+        own ``poll_interval`` is whole seconds), with ``poll_jitter``; one timer for all
+        spawners of the hub process (:mod:`~jupyterhub_outpost_mq.spawner.polling`), and a
+        task only for a poll that cannot answer from memory."""
         if self.poll_interval_ms is None and self.custom_poll_interval and not callable(self.custom_poll_interval):
             self.poll_interval_ms = float(self.custom_poll_interval)
-        if not self.poll_interval_ms or self.poll_interval_ms <= 0:
-            super().start_polling()
+        if self.poll_interval_ms and self.poll_interval_ms > 0:
+            interval = self.poll_interval_ms / 1000
+        elif self.poll_interval > 0:
+            interval = float(self.poll_interval)
         else:
+            self.log.debug("not polling %s (poll_interval is 0)", self._log_name)
+            interval = 0.0
+        if interval:
             self.stop_polling()
-            self._poll_callback = PeriodicCallback(self.poll_and_notify, self.poll_interval_ms, jitter=self.poll_jitter)
-            self._poll_callback.start()
+            self._poll_callback = PollGroup.join(self, interval, self.poll_jitter)
         if self._first_poll and self.start_id:
             # Called once when the hub starts with this server running.
             self._recreate_task = asyncio.ensure_future(self._recreate_at_start())
@@ -841,6 +847,15 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         if status is None:
             self._poll_failures = (0, 0.0)
         return status
+
+    def _poll_known_running(self) -> bool:
+        """Whether ``poll()`` would answer "running" now from memory alone (a recent answer of
+        the Outpost, or the status watch): the hub's poll timer then skips the poll."""
+        if self._request_pending:
+            return True
+        if not self.start_id or self._start_noted or self._ended_start == self.start_id or self.pre_poll_hook:
+            return False
+        return self._fresh_status() or self._watched_status() is None
 
     def _fresh_status(self) -> bool:
         """The Outpost reported the server running less than ``poll_status_max_age`` ago."""
