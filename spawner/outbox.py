@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,19 +108,31 @@ class HubOutbox:
         self._db.execute("DELETE FROM pending WHERE message_id = ?", (message_id,))
 
     def note_start(self, user: str, server: str, start_id: str) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO starts VALUES (?, ?, ?, ?, ?)", (user, server, start_id, time.time(), self.scope)
-        )
+        """Note a start before it is published. Written, not synced to disk on its own (the
+        next durable write takes it along): a hub process that dies keeps it (the write is in
+        the operating system's hands), and what only a crash of the machine could lose, the
+        bridges' orphan reconciliation finds instead (docs/reliability.md). Saves an fsync
+        on every start's path."""
+        with self._unsynced():
+            self._db.execute(
+                "INSERT OR REPLACE INTO starts VALUES (?, ?, ?, ?, ?)",
+                (user, server, start_id, time.time(), self.scope),
+            )
 
     def start_recorded(self, user: str, server: str, start_id: str) -> None:
         """JupyterHub has the start's state (or the start is over): forget the note. Not
-        synced to disk on its own (the next durable write takes it along): a note that
-        outlives a crash only makes the restarted hub check a start it knows."""
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        try:
+        synced to disk on its own either: a note that outlives a crash only makes the
+        restarted hub check a start it knows."""
+        with self._unsynced():
             self._db.execute(
                 "DELETE FROM starts WHERE user = ? AND server = ? AND start_id = ?", (user, server, start_id)
             )
+
+    @contextmanager
+    def _unsynced(self) -> Iterator[None]:
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            yield
         finally:
             self._db.execute("PRAGMA synchronous=FULL")
 
