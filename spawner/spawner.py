@@ -855,7 +855,12 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             return True
         if not self.start_id or self._start_noted or self._ended_start == self.start_id or self.pre_poll_hook:
             return False
-        return self._fresh_status() or self._watched_status() is None
+        if self._fresh_status():
+            return True
+        try:
+            return self._watched_status() is None
+        except OutpostSpawnerError:  # no keys, say: poll() reports it
+            return False
 
     def _fresh_status(self) -> bool:
         """The Outpost reported the server running less than ``poll_status_max_age`` ago."""
