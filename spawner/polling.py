@@ -49,6 +49,8 @@ class PollGroup:
     def join(cls, spawner: Any, interval: float, jitter: float) -> Polling:
         """Start polling ``spawner`` every ``interval`` s; returns its :class:`Polling`."""
         loop = asyncio.get_running_loop()
+        for stale in [key for key, group in cls._groups.items() if group.loop.is_closed()]:
+            del cls._groups[stale]  # the groups of event loops that ended (test processes)
         key = (id(loop), float(interval), float(jitter))
         group = cls._groups.get(key)
         if group is None or group.loop is not loop:
@@ -85,9 +87,6 @@ class PollGroup:
             heapq.heappop(due)  # drop what is stale at the top, so the timer waits for a live turn
         if due:
             self._arm(due[0][0])
-
-    def __len__(self) -> int:
-        return sum(1 for when, _, polling in self._due if polling.active and polling.due == when)
 
 
 class Polling:

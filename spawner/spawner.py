@@ -760,13 +760,11 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     async def poll(self) -> int | None:
         """``None`` while the server runs, else its exit code; ``pre_poll_hook`` may answer
         instead of the Outpost."""
-        if not self.start_id:
-            return 0
-        if self._request_pending:
-            return None
-        self._start_recorded()  # JupyterHub polls only once it saved the start's state
-        if self._ended_start == self.start_id:  # known: JupyterHub polls again while it cleans up
-            return self._exit_code if self._exit_code is not None else 0
+        if self.start_id and not self._request_pending:
+            self._start_recorded()  # JupyterHub polls only once it saved the start's state
+        status = self._status_from_memory()
+        if status is not UNKNOWN:
+            return status  # type: ignore[no-any-return]
         decision: Any = True
         if self.pre_poll_hook:
             try:
@@ -788,7 +786,24 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             self._exit_code = status
             if not self.events or not self.events[-1].get("failed"):
                 self.add_event(events.stopped_with(status))
-        return status
+        return status  # type: ignore[no-any-return]
+
+    def _status_from_memory(self) -> Any:
+        """What ``poll()`` answers without awaiting anything, or ``UNKNOWN``: the one place of
+        poll()'s rules for the answers it knows (no start, a request in flight, an ended start,
+        a recent "running" from the Outpost or the status watch). A ``pre_poll_hook`` is always
+        asked first, and a reported end needs the stop handed over: both take the slow path."""
+        if not self.start_id:
+            return 0
+        if self._request_pending:
+            return None
+        if self._ended_start == self.start_id:  # known: JupyterHub polls again while it cleans up
+            return self._exit_code if self._exit_code is not None else 0
+        if self.pre_poll_hook or self._start_noted:  # the timer's check: poll() records the start
+            return UNKNOWN
+        if self._fresh_status():
+            return None
+        return None if self._watched_status() is None else UNKNOWN
 
     async def _poll_outpost(self) -> int | None:
         try:
@@ -849,16 +864,10 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         return status
 
     def _poll_known_running(self) -> bool:
-        """Whether ``poll()`` would answer "running" now from memory alone (a recent answer of
-        the Outpost, or the status watch): the hub's poll timer then skips the poll."""
-        if self._request_pending:
-            return True
-        if not self.start_id or self._start_noted or self._ended_start == self.start_id or self.pre_poll_hook:
-            return False
-        if self._fresh_status():
-            return True
+        """Whether ``poll()`` would answer "running" now from memory alone: the hub's poll
+        timer (:mod:`jupyterhub_outpost_mq.spawner.polling`) then skips the poll."""
         try:
-            return self._watched_status() is None
+            return self.start_id != "" and self._status_from_memory() is None
         except OutpostSpawnerError:  # no keys, say: poll() reports it
             return False
 

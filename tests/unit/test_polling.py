@@ -110,7 +110,30 @@ async def test_a_restart_of_polling_leaves_one_turn_per_interval() -> None:
         spawner.stop_polling()
         spawner.start_polling()
     group = spawner._poll_callback.group
-    assert len(group) >= 1
+    live = [polling for when, _, polling in group._due if polling.active and polling.due == when]
+    assert live == [spawner._poll_callback]  # the four stopped turns are dead entries
     await asyncio.sleep(INTERVAL * 3.5)
     assert 2 <= spawner.checks <= 4
     spawner.stop_polling()
+
+
+async def test_the_groups_of_ended_event_loops_are_dropped() -> None:
+    async def join() -> PollGroup:
+        spawner = Spawner()
+        spawner.start_polling(interval=7.0)
+        group: PollGroup = spawner._poll_callback.group
+        spawner.stop_polling()
+        return group
+
+    def in_a_loop_of_its_own() -> PollGroup:
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(join())
+        finally:
+            loop.close()
+
+    ended = await asyncio.to_thread(in_a_loop_of_its_own)
+    assert ended in PollGroup._groups.values()
+    current = await join()  # a later join drops the group of the closed loop
+    assert ended not in PollGroup._groups.values()
+    assert current in PollGroup._groups.values() and current.loop is asyncio.get_running_loop()
