@@ -41,6 +41,7 @@ from jupyterhub_outpost_mq.bridge.status_report import StatusReporter, default_b
 from jupyterhub_outpost_mq.bridge.tunnel_store import TunnelStore
 from jupyterhub_outpost_mq.bridge.tunnels import TunnelManager
 from jupyterhub_outpost_mq.schemas import Topology
+from jupyterhub_outpost_mq.schemas.cluster import nodes_text
 from jupyterhub_outpost_mq.schemas.events import BRIDGE_NAME_PATTERN
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -85,7 +86,10 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
         "$AMQP_URL, else 'amqp://guest:guest@127.0.0.1:5672/'",
         help="""RabbitMQ URL (``amqp://user:password@host:port/vhost``). Defaults to the
         ``AMQP_URL`` environment variable, else ``amqp://guest:guest@127.0.0.1:5672/``.
-        The password is never logged.""",
+        For a cluster, name every node, comma-separated, with the credentials, vhost and
+        query once (``amqps://bridge:secret@rmq-0:5671,rmq-1:5671,rmq-2:5671/jupyter``):
+        the bridge connects to one of them and moves to another when its node is lost
+        (docs/scaling.md). The password is never logged.""",
     ).tag(config=True)
 
     @default("amqp_url")
@@ -338,17 +342,7 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
             raise ConfigurationError("OutpostBridge.tunnel_listen_backlog must be >= 1")
 
     def _log_config(self) -> None:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(self.amqp_url)
-        self.log.info(
-            "broker %s://%s%s prefix=%s journal=%s",
-            parts.scheme,
-            parts.hostname,
-            f":{parts.port}" if parts.port else "",
-            self.name_prefix,
-            self.journal_path,
-        )
+        self.log.info("broker %s prefix=%s journal=%s", nodes_text(self.amqp_url), self.name_prefix, self.journal_path)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then shut down in order."""

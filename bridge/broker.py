@@ -14,6 +14,8 @@ import datetime
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -28,6 +30,7 @@ from aio_pika.abc import (
 )
 
 from jupyterhub_outpost_mq.schemas import Envelope, Keyring, Topology, encode_wire, peek, redacted
+from jupyterhub_outpost_mq.schemas.cluster import connect_cluster
 from jupyterhub_outpost_mq.schemas.liveness import liveness_url
 from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER, broker_user
 
@@ -56,7 +59,8 @@ class BridgeBroker:
         self._consumers: list[tuple[Any, str]] = []
 
     async def connect(self, timeout: float = 30) -> None:
-        self._connection = await asyncio.wait_for(aio_pika.connect_robust(self._url), timeout)
+        name = f"outpost-mq bridge {socket.gethostname()} {os.getpid()}"
+        self._connection = await asyncio.wait_for(connect_cluster(self._url, name=name, log=log), timeout)
         channel = await self._connection.channel(publisher_confirms=True)
         self._publish_channel = channel
         t = self.topology

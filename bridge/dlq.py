@@ -66,6 +66,7 @@ from jupyterhub_outpost_mq.schemas import (
     decode_wire,
     peek,
 )
+from jupyterhub_outpost_mq.schemas.cluster import connect_any
 from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER, DELIVERY_LIMIT, broker_user
 
 SOURCE_HEADER = "x-outpost-mq-source-queue"  # set by bridge/broker.py beside the reason
@@ -340,7 +341,7 @@ class DeadLetterQueue:
         self.count = 0
 
     async def __aenter__(self) -> DeadLetterQueue:
-        self._connection = await aio_pika.connect(self._url, timeout=15)
+        self._connection = await connect_any(self._url, name="outpost-mq dlq")
         try:
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self.queue = await self._channel.declare_queue(self.topology.dead_letter_queue, passive=True, timeout=15)

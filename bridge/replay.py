@@ -52,6 +52,7 @@ from jupyterhub_outpost_mq.schemas import (
     peek,
     redacted,
 )
+from jupyterhub_outpost_mq.schemas.cluster import connect_any
 from jupyterhub_outpost_mq.schemas.topology import url_origin
 
 IDLE_SECONDS = 1.5  # a stream has no end: the backlog is read once nothing new arrived for this long
@@ -184,7 +185,7 @@ async def stream_timeline(
     arrived = asyncio.Event()
     began = time.time()
     live = asyncio.Event()
-    connection = await aio_pika.connect(url, timeout=15)
+    connection = await connect_any(url, name="outpost-mq replay")
     async with connection:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=500)  # stream consumers need a prefetch
@@ -257,7 +258,7 @@ async def read_timeline(
 async def redrive(url: str, prefix: str, messages: Sequence[Recorded], to: str) -> str:
     """Publish recorded messages, unchanged, to the debug queue ``to``; returns its name."""
     name = Topology(prefix).debug_queue(to)
-    connection = await aio_pika.connect(url, timeout=15)
+    connection = await connect_any(url, name="outpost-mq replay")
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         await channel.declare_queue(name, durable=True)

@@ -28,7 +28,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -49,6 +48,7 @@ from jupyterhub_outpost_mq.schemas import (
     encode_wire,
 )
 from jupyterhub_outpost_mq.schemas.base import new_id
+from jupyterhub_outpost_mq.schemas.cluster import connect_cluster, nodes_text
 from jupyterhub_outpost_mq.schemas.liveness import liveness_url
 from jupyterhub_outpost_mq.schemas.topology import broker_user
 from jupyterhub_outpost_mq.spawner.errors import BrokerUnavailable, KeysMissing
@@ -89,8 +89,7 @@ def hub_keyring(settings: Any) -> Keyring:
 def outbox_scope(amqp_url: str, prefix: str) -> str:
     """Which broker and names an outbox's commands are for: host, port, vhost and prefix
     (never the credentials)."""
-    parts = urlsplit(amqp_url)
-    return f"{parts.hostname or ''}:{parts.port or ''}{parts.path or '/'}|{prefix}"
+    return f"{nodes_text(amqp_url).partition('://')[2]}|{prefix}"
 
 
 def close_with_hub(users: Any) -> None:
@@ -264,7 +263,7 @@ class HubBroker:
 
     async def _connect(self) -> None:
         t = self.topology
-        self._connection = await aio_pika.connect_robust(self._url)
+        self._connection = await connect_cluster(self._url, name=f"outpost-mq hub {self.hub_id}", log=log)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
         self._commands = await channel.declare_exchange(t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True)

@@ -44,10 +44,14 @@ class OutpostTraits(LoggingConfigurable):
     amqp_url = Unicode(
         help="""RabbitMQ URL, ``amqp://user:password@host:port/vhost``. Default: the
         ``AMQP_URL`` environment variable, else ``amqp://guest:guest@127.0.0.1:5672/``.
+        For a cluster, name every node, comma-separated (credentials, vhost and query once):
+        the hub connects to one of them and moves to another when its node is lost
+        (docs/scaling.md).
 
         Example::
 
             c.OutpostSpawner.amqp_url = "amqps://hub:secret@rabbitmq.example.org:5671/jupyter"
+            c.OutpostSpawner.amqp_url = "amqps://hub:secret@rmq-0:5671,rmq-1:5671,rmq-2:5671/jupyter"
         """,
     ).tag(config=True)
 
