@@ -37,6 +37,7 @@ RELIES_ON = {
     "bridgekill": "unacked commands redelivered on consumer death; ask before re-POSTing",
     "outage": "the hub's outbox (stops, SQLite) drained on reconnect; starts wait broker_retry_timeout",
     "commit": "the outbox's start notes, checked by the restarted hub",
+    "cluster": "quorum queues on 3 nodes; hub and bridge move to the next node of the cluster URL",
 }
 
 

@@ -3,9 +3,9 @@ starting and stopping servers through the hub's REST API, faults injected into R
 hub and the bridge, and everything counted at the dev Outpost.
 
 Each scenario owns its processes: a RabbitMQ node (:class:`RabbitNode`, so the shared broker
-is never touched), a dev Outpost, a bridge and a hub, and returns a :class:`Tally` (one row
-of the reliability table, ``benchmarks/reliability_hub.py``; in quick mode the test suite's
-``test_faults_hub.py``).
+is never touched; the ``cluster`` scenario: a three-node :class:`RabbitCluster`), a dev
+Outpost, a bridge and a hub, and returns a :class:`Tally` (one row of the reliability table,
+``benchmarks/reliability_hub.py``; in quick mode the test suite's ``test_faults_hub.py``).
 
 What is counted (every check runs once everything settled, within ``SETTLE`` seconds of the
 end of the fault):
@@ -39,7 +39,7 @@ from typing import Any
 import requests
 
 from .fault_harness import Tally
-from .rabbitnode import RabbitNode
+from .rabbitnode import RabbitCluster, RabbitNode
 from .services import Bridge, Hub, Outpost, wait_for
 
 CREDENTIALS = "faulthubs:outpost-secret"
@@ -63,14 +63,15 @@ class Op:
 
 
 class HubStack:
-    """The RabbitMQ node, dev Outpost, bridge and hub of one scenario."""
+    """The RabbitMQ node (or, with ``cluster``, three-node cluster), dev Outpost, bridge and
+    hub of one scenario."""
 
-    def __init__(self, workdir: Path, name: str, hub_env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, name: str, hub_env: dict[str, str] | None = None, cluster: bool = False) -> None:
         self.name = name
         self.prefix = f"fh-{name}-{uuid.uuid4().hex[:6]}"
         self.dir = workdir / self.prefix
         self.dir.mkdir(parents=True)
-        self.node = RabbitNode(self.dir / "broker")
+        self.broker: RabbitNode | RabbitCluster = (RabbitCluster if cluster else RabbitNode)(self.dir / "broker")
         self.outpost = Outpost(self.dir, CREDENTIALS)
         self.bridge: Bridge | None = None
         self.hub: Hub | None = None
@@ -79,15 +80,30 @@ class HubStack:
         self.users: list[str] = []
         self._lock = threading.Lock()
 
+    @property
+    def node(self) -> RabbitNode:
+        """The RabbitMQ node (of a stack without a cluster)."""
+        assert isinstance(self.broker, RabbitNode), "this stack runs on a cluster: st.cluster"
+        return self.broker
+
+    @property
+    def cluster(self) -> RabbitCluster:
+        assert isinstance(self.broker, RabbitCluster), "this stack runs on one node: st.node"
+        return self.broker
+
+    @property
+    def hub_id(self) -> str:
+        return f"{self.prefix}-hub"
+
     # -- processes -----------------------------------------------------------------------
     def start(self) -> HubStack:
-        self.node.start()
+        self.broker.start()
         self.outpost.start()
-        self.bridge = Bridge(self.dir, self.prefix, self.dir / "journal.sqlite", amqp_url=self.node.url).start()
+        self.bridge = Bridge(self.dir, self.prefix, self.dir / "journal.sqlite", amqp_url=self.broker.url).start()
         extra = json.dumps({"OutpostSpawner": {"broker_retry_timeout": 60}})
         env = {
-            "AMQP_URL": self.node.url,
-            "OUTPOST_MQ_HUB_ID": f"{self.prefix}-hub",
+            "AMQP_URL": self.broker.url,
+            "OUTPOST_MQ_HUB_ID": self.hub_id,
             "OUTPOST_MQ_EXTRA_CONFIG": extra,
             "OUTPOST_MQ_START_TIMEOUT": "120",
             **self.hub_env,
@@ -101,7 +117,7 @@ class HubStack:
         if self.bridge is not None:
             self.bridge.stop()
         self.outpost.stop()
-        self.node.stop()  # nothing to do when a scenario left it stopped
+        self.broker.stop()  # nothing to do for a node a scenario left stopped
 
     @property
     def h(self) -> Hub:
@@ -520,6 +536,102 @@ def crash_before_commit(workdir: Path, n: int = 10, hold: float = 30.0) -> Tally
         st.close()
 
 
+def cluster_node_killed(
+    workdir: Path, n: int = 20, cycles: int = 5, duration: float = 120.0, down: float = 10.0
+) -> Tally:
+    """On a three-node RabbitMQ cluster (hub and bridge given every node), ``n`` users each
+    start and stop a server ``cycles`` times, spread over ``duration`` s. Meanwhile the node
+    that leads the Outpost's quorum queue is SIGKILLed and started again ``down`` s later
+    (it rejoins), then the node the hub is connected to. After each kill a probe user starts
+    a server: the time until it is ready is the time to recover (a probe before the faults
+    gives the time a start takes without one)."""
+    tally = Tally(
+        f"Real hub on a 3-node RabbitMQ cluster: the Outpost queue's leader, then the hub's node,"
+        f" SIGKILLed and restarted ({n} users x {cycles} start/stop cycles)"
+    )
+    st = HubStack(workdir, "cluster", cluster=True).start()
+    cluster = st.cluster
+    try:
+        users = st.new_users(n)
+        calm, *probes = st.new_users(3)
+        began = time.monotonic()
+        period = duration / cycles
+
+        def label(node: RabbitNode) -> str:
+            return node.name.split("@")[0][-2:]  # n1, n2, n3
+
+        def cycle(i: int, u: str) -> None:
+            for c in range(cycles):
+                time.sleep(max(0.0, began + c * period + i * period / n - time.monotonic()))
+                if st.start_server(u, delay=1).outcome == "ready":
+                    st.stop_server(u)
+
+        def on(prefix: str) -> str:
+            """The node of the connection whose name starts with ``prefix`` ("?": none)."""
+            try:
+                return label(cluster.node_of_connection(prefix))
+            except AssertionError:
+                return "?"
+
+        def kill(victim: RabbitNode, why: str, probe: str) -> None:
+            hub_on, bridge_on = on(f"outpost-mq hub {st.hub_id}"), on("outpost-mq bridge ")
+            cluster.kill(victim)
+            killed = time.monotonic()
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                started = pool.submit(st.start_server, probe)
+                posted = pool.submit(wait_until, lambda: any(k.startswith(f"{probe}/") for k in st.posts()), SETTLE)
+                time.sleep(down)
+                cluster.restart(victim)
+                rejoined = time.monotonic() - killed
+                op, at_outpost = started.result(), posted.result()
+            recovered = op.ended - killed if op.ended is not None and op.outcome == "ready" else None
+            tally.extra.setdefault("recover_after_kill", []).append(recovered)
+            in_flight = [
+                o.ended - o.began
+                for o in st.ops
+                if o.kind == "start" and o.ended is not None and o.began < killed < o.ended
+            ]
+            tally.note(
+                f"SIGKILLed {label(victim)} ({why}; hub on {hub_on}, bridge on {bridge_on}): time to recover"
+                " (a start issued at the kill) "
+                + (f"{recovered:.1f} s" if recovered is not None else f"NONE: {op.outcome} {op.message}")
+                + " (its POST at the Outpost "
+                + (f"{at_outpost:.1f} s" if at_outpost is not None else "NEVER")
+                + f" after the kill); starts in flight at the kill took at most {max(in_flight, default=0):.1f} s;"
+                f" {label(victim)} restarted {down:.0f} s after the kill, back in the cluster after {rejoined:.1f} s;"
+                f" hub now on {on(f'outpost-mq hub {st.hub_id}')}, bridge on {on('outpost-mq bridge ')}"
+            )
+            if recovered is not None:
+                st.stop_server(probe)
+
+        def fault() -> float:
+            baseline = st.start_server(calm)
+            assert baseline.outcome == "ready" and baseline.ended is not None, baseline
+            tally.note(f"without a fault a start took {baseline.ended - baseline.began:.1f} s (the probe's baseline)")
+            st.stop_server(calm)
+            queue = wait_for(
+                lambda: [q for q in cluster.queues() if q.startswith(f"{st.prefix}.outpost.")],
+                60,
+                "the Outpost's queue",
+            )[0]
+            time.sleep(max(0.0, began + 0.15 * duration - time.monotonic()))
+            kill(cluster.leader_of(queue), f"leader of {queue}", probes[0])
+            time.sleep(max(0.0, began + 0.55 * duration - time.monotonic()))
+            kill(cluster.node_of_connection(f"outpost-mq hub {st.hub_id}"), "the hub's node", probes[1])
+            return time.monotonic()
+
+        *_, ended = in_parallel(*(lambda i=i, u=u: cycle(i, u) for i, u in enumerate(users)), fault)
+        judge(st, tally, ended)
+        # The users keep cycling after the last restart: their end is no time to recover. The
+        # time to recover is the slowest probe's (None: a probe never became ready).
+        recovered = tally.extra["recover_after_kill"]
+        if tally.recover_seconds is not None:
+            tally.recover_seconds = None if None in recovered else max(recovered)
+        return tally
+    finally:
+        st.close()
+
+
 def events(st: HubStack, user: str) -> list[dict[str, Any]]:
     r = st.h.api("GET", f"/users/progress/events/{user}")
     return list(r.json().get("events", [])) if r.ok else []
@@ -531,6 +643,7 @@ SCENARIOS: dict[str, Callable[..., Tally]] = {
     "bridgekill": bridge_killed,
     "outage": broker_outage,
     "commit": crash_before_commit,
+    "cluster": cluster_node_killed,
 }
 
 
@@ -543,4 +656,6 @@ def run(name: str, workdir: Path, quick: bool) -> Tally:
         kwargs["down"] = 20.0 if quick else 30.0
     if name == "commit":
         kwargs["hold"] = 20.0 if quick else 30.0
+    if name == "cluster":
+        kwargs.update({"n": 4, "cycles": 4, "duration": 60.0, "down": 5.0} if quick else {"n": 20, "cycles": 5})
     return SCENARIOS[name](workdir, **kwargs)
