@@ -432,6 +432,12 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
                 )
                 resilience.outcomes.on_announced(reporter.served)
             await broker.consume_control(consumer.on_control)
+            deferred = resilience.deferred_stops
+            if deferred is not None:
+                shared = broker if broker.shares_deferred_stops else None
+                deferred.share(shared, self._keyring, frozenset(self.hub_ids))
+                if shared is not None:
+                    await broker.consume_deferred(deferred.on_due)
             await broker.follow_registry(consumer.on_registry)
             if reporter is not None:
                 await reporter.start()

@@ -10,6 +10,7 @@ with the bridges' key (:mod:`~jupyterhub_outpost_mq.schemas.trust`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import json
@@ -56,6 +57,7 @@ class BridgeBroker:
         self._publish_channel: AbstractRobustChannel | None = None
         self._replies: AbstractRobustExchange | None = None
         self._dead: AbstractRobustExchange | None = None
+        self._deferred: AbstractRobustExchange | None = None
         self._consumers: list[tuple[Any, str]] = []
 
     async def connect(self, timeout: float = 30) -> None:
@@ -74,6 +76,66 @@ class BridgeBroker:
         )
         registry = await channel.declare_queue(t.registry_stream, durable=True, arguments=t.registry_arguments())
         await registry.bind(registry_exchange, routing_key="announce")
+        await self._declare_deferred()
+
+    async def _declare_deferred(self) -> None:
+        """The shared deferred-stop queues (``bridge/deferred_stops.py``), on a channel of
+        their own: a broker user made by an older ``outpost-mq-broker-users`` may not declare
+        them, and then the bridge keeps its deferred stops on its disk, as before."""
+        assert self._connection is not None
+        t = self.topology
+        channel = await self._connection.channel(publisher_confirms=True)
+        try:
+            exchange = await channel.declare_exchange(t.deferred_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+            wait = await channel.declare_queue(
+                t.deferred_wait_queue, durable=True, arguments=t.deferred_wait_arguments()
+            )
+            await wait.bind(exchange, routing_key="wait")
+            due = await channel.declare_queue(t.deferred_due_queue, durable=True, arguments=t.deferred_due_arguments())
+            await due.bind(exchange, routing_key="due")
+        except (aio_pika.exceptions.ChannelClosed, aio_pika.exceptions.ChannelInvalidStateError) as exc:
+            log.warning(
+                "cannot use the shared deferred-stop queues (%s): deferred stops stay on this bridge's disk;"
+                " give the bridge's broker user the permissions of docs/broker.md",
+                exc,
+            )
+            with contextlib.suppress(Exception):
+                await channel.close()
+            return
+        self._deferred = exchange
+
+    @property
+    def shares_deferred_stops(self) -> bool:
+        """The shared deferred-stop queues are declared (see :meth:`_declare_deferred`)."""
+        return self._deferred is not None
+
+    async def publish_deferred(self, frame: bytes, *, headers: dict[str, Any], wait: float) -> None:
+        """Hand a deferred stop (the hub's wire frame) to ``P.deferred.wait``, due again after
+        ``wait`` seconds; raises unless RabbitMQ confirmed it (a full queue refuses it)."""
+        if self._deferred is None:
+            raise RuntimeError("the shared deferred-stop queues are not available")
+        message = aio_pika.Message(
+            body=frame,
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            expiration=max(0.1, wait),
+            user_id=self._user_id,
+        )
+        await self._deferred.publish(message, routing_key="wait", timeout=30)
+
+    async def consume_deferred(self, on_message: OnMessage, prefetch: int = 20) -> bool:
+        """Consume ``P.deferred.due`` (every bridge does); False when the queues are not available."""
+        if self._deferred is None:
+            return False
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.declare_queue(
+            self.topology.deferred_due_queue, durable=True, arguments=self.topology.deferred_due_arguments()
+        )
+        tag = await queue.consume(on_message, no_ack=False)
+        self._consumers.append((queue, tag))
+        return True
 
     @property
     def connected(self) -> bool:

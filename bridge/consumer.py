@@ -353,7 +353,7 @@ class CommandConsumer:
             await emit(ProgressEvent(source="bridge", message=text))
 
         wait_notices.set(notice)  # this task's context: an open circuit tells this user
-        work = self._pipeline.run(envelope, redelivered=bool(message.redelivered), emit=emit)
+        work = self._pipeline.run(envelope, redelivered=bool(message.redelivered), emit=emit, wire=message.body)
         if cancel is None:
             return await work
         if cancel.is_set():

@@ -10,7 +10,8 @@ them in the Prometheus text format; port 0 (the default) serves nothing. Names:
 - ``outpost_bridge_dead_letters_total{kind}``: poison messages, by decode-error kind;
 - ``outpost_bridge_circuit_state{outpost}``: 0 closed, 1 open, 2 half-open;
 - ``outpost_bridge_deferred_stops_pending``: stops waiting for their Outpost; and
-  ``outpost_bridge_deferred_stops_total{outcome}``: ``recorded``, ``carried_out``, ``given_up``;
+  ``outpost_bridge_deferred_stops_total{outcome}``: ``recorded``, ``carried_out``,
+  ``already_gone`` (404: a copy already carried out, or stopped by other means), ``given_up``;
 - ``outpost_bridge_orphans_total{action}``: services at an Outpost that no hub owns:
   ``found``, ``stopped``, ``dry_run`` (would have been stopped), ``stop_failed``;
 - ``outpost_bridge_unknown_services{outpost}``: services whose owner cannot be decided

@@ -240,17 +240,18 @@ class Pipeline:
         self._backoff = backoff or Backoff()
         self._clock = clock
 
-    async def run(self, command: Envelope, *, redelivered: bool, emit: Emit) -> Envelope:
-        """Carry out one command; return the reply to publish (counted in ``in_flight`` meanwhile)."""
+    async def run(self, command: Envelope, *, redelivered: bool, emit: Emit, wire: bytes = b"") -> Envelope:
+        """Carry out one command; return the reply to publish (counted in ``in_flight`` meanwhile).
+        ``wire`` is the command's frame as the hub signed it (a deferred stop keeps it)."""
         if self.in_flight is None:
-            return await self._run(command, redelivered=redelivered, emit=emit)
+            return await self._run(command, redelivered=redelivered, emit=emit, wire=wire)
         key = self.in_flight.begin(command)
         try:
-            return await self._run(command, redelivered=redelivered, emit=emit)
+            return await self._run(command, redelivered=redelivered, emit=emit, wire=wire)
         finally:
             self.in_flight.end(command, key)
 
-    async def _run(self, command: Envelope, *, redelivered: bool, emit: Emit) -> Envelope:
+    async def _run(self, command: Envelope, *, redelivered: bool, emit: Emit, wire: bytes) -> Envelope:
         body = command.body
         try:
             self._check_target(command)
@@ -263,7 +264,7 @@ class Pipeline:
         if isinstance(body, PollCommand):
             return reply(command, await self._poll(command, body))
         if isinstance(body, StopCommand):
-            return reply(command, await self._stop(command, body))
+            return reply(command, await self._stop(command, body, wire))
         if isinstance(body, TunnelCommand):
             return reply(command, await self._tunnel(command, body))
         if isinstance(body, FlavorsCommand):
@@ -506,7 +507,7 @@ class Pipeline:
             return _error_result(command, "poll", exc)
         return CommandResult(command="poll", ok=True, status=found.status, logs=found.logs)
 
-    async def _stop(self, command: Envelope, stop: StopCommand) -> CommandResult:
+    async def _stop(self, command: Envelope, stop: StopCommand, wire: bytes = b"") -> CommandResult:
         # A start of this start_id that was not answered yet (its delivery still to come, or
         # to come again) must never POST after its stop: it answers "cancelled".
         self._journal.settle(*self._start_key(command, stop), encode(reply(command, CANCELLED_START)))
@@ -515,10 +516,10 @@ class Pipeline:
         problems = await self._remove_reachability(command, stop.name, stop.tunnel, stop.remote_forward)
         for problem in problems:
             log.warning("stop: %s %s", problem, command.describe())
-        result = await self._stop_at_outpost(command, stop)
+        result = await self._stop_at_outpost(command, stop, wire)
         return msgspec.structs.replace(result, logs=[*result.logs, *problems]) if problems else result
 
-    async def _stop_at_outpost(self, command: Envelope, stop: StopCommand) -> CommandResult:
+    async def _stop_at_outpost(self, command: Envelope, stop: StopCommand, wire: bytes) -> CommandResult:
         # With deferred stops, a stop whose Outpost is down is recorded and answered at once
         # (bridge.deferred_stops) instead of holding the hub for its whole deadline: when its
         # circuit is open, or once the direct attempts failed for a short while or opened it.
@@ -545,7 +546,7 @@ class Pipeline:
             return _error_result(command, "stop", exc)
         except DeadlinePassed as exc:
             if deferred is not None:
-                return deferred.defer(command, str(exc.last))
+                return deferred.defer(command, str(exc.last), wire)
             return _error_result(command, "stop", exc)
         return CommandResult(command="stop", ok=True, logs=stopped.logs)
 

@@ -197,9 +197,7 @@ class Resilience:
         takes from the stores and metrics: servers the ledger holds running and deferred stops,
         per Outpost key; orphans found and stopped since the bridge started."""
         running = self._ledger.running_by_outpost()
-        deferred: dict[str, int] = {}
-        for stop in self._stop_store.pending():
-            deferred[stop.outpost] = deferred.get(stop.outpost, 0) + 1
+        deferred = self.deferred_stops.counts() if self.deferred_stops is not None else {}
 
         def orphans(action: str) -> int:
             value = self.metrics.registry.get_sample_value("outpost_bridge_orphans_total", {"action": action})

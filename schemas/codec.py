@@ -91,6 +91,14 @@ def _version(data: bytes) -> int:
         raise DecodeError("invalid", "nested too deeply") from None
 
 
+def is_wire(data: bytes) -> bool:
+    """Whether ``data`` is a signed wire frame (else, say, the local form of :func:`encode`)."""
+    try:
+        return _version(data) == WIRE_VERSION
+    except DecodeError:
+        return False
+
+
 def decode(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
     """Parse and validate one plain envelope (the local form), or raise :class:`DecodeError`."""
     if len(data) > max_bytes:

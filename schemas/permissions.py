@@ -239,6 +239,24 @@ def bridge_account(topology: Topology, user: str | None = None) -> Account:
             write="binds them to the commands",
             read="consumes them",
         ),
+        _exact(
+            t.deferred_exchange,
+            configure="declares it",
+            write="hands deferred stops over (to wait), dead-letter exchange of the wait queue",
+            read="binds the deferred-stop queues",
+        ),
+        _exact(
+            t.deferred_wait_queue,
+            configure="declares it",
+            write="binds it to the deferred exchange",
+            read="asked of a new queue with a dead-letter exchange",
+        ),
+        _exact(
+            t.deferred_due_queue,
+            configure="declares it",
+            write="binds it to the deferred exchange",
+            read="consumes the deferred stops that are due",
+        ),
     )
     return Account("bridge", user or user_name(t, "bridge"), needs)
 

@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 
 DEAD_LETTER_REASON_HEADER = "x-outpost-mq-reason"
 DELIVERY_LIMIT = 20
+DEFERRED_STOPS_MAX = 100_000
+"""Most deferred stops the shared wait queue holds; beyond, bridges keep them on their disk."""
 """Quorum queues in RabbitMQ < 4.0 have no default delivery limit: without one a message
 that crashes its consumer is redelivered forever."""
 
@@ -160,6 +162,23 @@ class Topology:
     def audit_stream(self) -> str:
         return f"{self.prefix}.audit"
 
+    @property
+    def deferred_exchange(self) -> str:
+        """Stops a bridge accepted while their Outpost was down (``bridge/deferred_stops.py``):
+        routing key ``wait`` to :attr:`deferred_wait_queue`, ``due`` to :attr:`deferred_due_queue`."""
+        return f"{self.prefix}.deferred"
+
+    @property
+    def deferred_wait_queue(self) -> str:
+        """Deferred stops waiting out their retry interval (per-message expiration), then
+        dead-lettered (at least once) to the due queue."""
+        return f"{self.prefix}.deferred.wait"
+
+    @property
+    def deferred_due_queue(self) -> str:
+        """Deferred stops due for an attempt, consumed by every bridge."""
+        return f"{self.prefix}.deferred.due"
+
     def debug_queue(self, name: str) -> str:
         return f"{self.prefix}.debug.{name}"
 
@@ -234,6 +253,25 @@ class Topology:
             "x-max-length-bytes": 1024 * 1024 * 1024,
             "x-stream-max-segment-size-bytes": 16 * 1024 * 1024,
             "x-max-age": "7D",
+        }
+
+    def deferred_wait_arguments(self) -> dict[str, Any]:
+        # At-least-once dead-lettering (RabbitMQ >= 3.10) needs reject-publish: a full queue
+        # refuses new stops (the bridge keeps them on its disk) instead of dropping old ones.
+        return {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": self.deferred_exchange,
+            "x-dead-letter-routing-key": "due",
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+            "x-max-length": DEFERRED_STOPS_MAX,
+        }
+
+    def deferred_due_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": self.dead_letter_exchange,
         }
 
     def dead_letter_arguments(self) -> dict[str, Any]:

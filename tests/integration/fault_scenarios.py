@@ -358,17 +358,65 @@ async def stop_while_down(workdir: Path, n: int = 10, *, amqp_url: str = AMQP_UR
         back = time.monotonic()
         took = await wait_until(lambda: not (set(users) & listed(outpost)), 60)
         remaining = await asyncio.to_thread(listed, outpost)
-        carried = await asyncio.to_thread(
-            metric, metrics_port, "outpost_bridge_deferred_stops_total", outcome="carried_out"
-        )
+        await wait_until(lambda: sum(stops_ended(metrics_port)) >= n, 10)  # the count follows the DELETE
+        carried, gone = await asyncio.to_thread(stops_ended, metrics_port)
         tally.attempted = n
         count_outcomes(tally, stops)
         tally.lost += sum(1 for u in users if u in remaining)
         tally.recover_seconds = took if took is not None else time.monotonic() - back
-        tally.extra = {"deferred": deferred, "answered_within": answered, "carried_out": carried}
+        tally.extra = {"deferred": deferred, "answered_within": answered, "carried_out": carried, "already_gone": gone}
         tally.note(
             f"{deferred}/{n} answered ok+deferred within {answered:.1f} s of the outage; after a SIGKILL and"
             f" restart of the bridge {carried:.0f} carried out once the Outpost answered"
+        )
+    return tally
+
+
+def stops_ended(port: int) -> tuple[float, float]:
+    """A bridge's deferred stops ended by a DELETE: ``(carried_out, already_gone)``; a stop is
+    delivered at least once, and a second copy finds its server gone (404)."""
+    name = "outpost_bridge_deferred_stops_total"
+    return metric(port, name, outcome="carried_out"), metric(port, name, outcome="already_gone")
+
+
+async def stop_while_down_bridge_gone(workdir: Path, n: int = 10, *, amqp_url: str = AMQP_URL) -> Tally:
+    """Two bridges; stops sent while the Outpost is down are deferred by the bridge that
+    serves the Outpost, which is then SIGKILLed and never comes back: the other bridge carries
+    them out once the Outpost answers (the deferred stops are in RabbitMQ, not on the dead
+    bridge's disk)."""
+    tally = Tally(f"Stop while the Outpost is down: {n} stops, the deferring bridge SIGKILLed for good")
+    async with stack(workdir, "stopgone", amqp_url) as st:
+        outpost = await st.outpost()
+        proxy = st.proxy(outpost.port)
+        url = url_of(proxy.port)
+        first_port, other_port = free_port(), free_port()
+        first = await st.bridge(f"--OutpostBridge.metrics_port={first_port}", name="first")
+        hub = await st.hub()
+        users = [new_id("sg") for _ in range(n)]
+        ready = await send_all(hub, [(start_body(url, CREDENTIALS, u, "1"), u, "1", 60) for u in users], url)
+        await settle(hub, ready, 60)
+        assert all(s.result is not None and s.result.ok for s in ready)
+        await st.bridge(f"--OutpostBridge.metrics_port={other_port}", name="other")  # stands by
+        proxy.set("reset")
+        stops = await send_all(hub, [(stop_body(url, CREDENTIALS, u), u, "1", 3600) for u in users], url)
+        await settle(hub, stops, 60)
+        deferred = sum(1 for s in stops if s.result is not None and s.result.ok and s.result.deferred)
+        handed = await wait_until(lambda: first.log().count("deferred stop handed over to RabbitMQ") >= n, 30)
+        await asyncio.to_thread(first.stop, signal.SIGKILL)  # gone for good
+        proxy.set("pass")
+        back = time.monotonic()
+        took = await wait_until(lambda: not (set(users) & listed(outpost)), 60)
+        remaining = await asyncio.to_thread(listed, outpost)
+        await wait_until(lambda: sum(stops_ended(other_port)) >= n, 10)
+        carried, _ = await asyncio.to_thread(stops_ended, other_port)
+        tally.attempted = n
+        count_outcomes(tally, stops)
+        tally.lost += sum(1 for u in users if u in remaining)
+        tally.recover_seconds = took if took is not None else time.monotonic() - back
+        tally.extra = {"deferred": deferred, "carried_out_by_other": carried, "handed_over": handed is not None}
+        tally.note(
+            f"{deferred}/{n} answered ok+deferred; the deferring bridge was SIGKILLed and not restarted;"
+            f" the other bridge carried out {carried:.0f} once the Outpost answered"
         )
     return tally
 

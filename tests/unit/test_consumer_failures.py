@@ -40,7 +40,7 @@ class Broker:
 
 
 class ExplodingPipeline:
-    async def run(self, command: Envelope, *, redelivered: bool, emit: Any) -> Envelope:
+    async def run(self, command: Envelope, *, redelivered: bool, emit: Any, wire: bytes = b"") -> Envelope:
         raise RuntimeError("an input nobody foresaw (secret detail)")
 
 

@@ -96,7 +96,7 @@ class GatedPipeline:
     def gate(self, envelope: Envelope) -> asyncio.Event:
         return self.gates.setdefault(envelope.id, asyncio.Event())
 
-    async def run(self, command: Envelope, *, redelivered: bool, emit: Any) -> Envelope:
+    async def run(self, command: Envelope, *, redelivered: bool, emit: Any, wire: bytes = b"") -> Envelope:
         self.log.append(f"begin {command.id}")
         try:
             await self.gate(command).wait()
