@@ -36,6 +36,7 @@ from jupyterhub_outpost_mq.bridge.reachability import Reachability
 from jupyterhub_outpost_mq.bridge.remote_forward import RemoteForwardRunner
 from jupyterhub_outpost_mq.bridge.resilience import Resilience, ResilienceTraits
 from jupyterhub_outpost_mq.bridge.retry import Backoff
+from jupyterhub_outpost_mq.bridge.shards import Shards
 from jupyterhub_outpost_mq.bridge.ssh_connections import SshPool
 from jupyterhub_outpost_mq.bridge.status_report import StatusReporter, default_bridge_name
 from jupyterhub_outpost_mq.bridge.tunnel_store import TunnelStore
@@ -155,6 +156,23 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
     ).tag(config=True)
 
     # -- status for the hubs' Outposts page ------------------------------------------------
+    membership_interval = Float(
+        1.0,
+        help="""Seconds between this bridge's heartbeats to the other bridges (``P.members``).
+        The bridges share the Outposts' command queues out among themselves from these
+        (docs/scaling.md): a bridge not heard from for three intervals is taken for gone and
+        its queues are taken by the others, so this bounds the failover time after a bridge
+        dies without stopping (about 3-4 intervals). A new bridge listens for 1.5 intervals
+        before it takes any queue.""",
+    ).tag(config=True)
+
+    @validate("membership_interval")
+    def _check_membership_interval(self, proposal: dict[str, Any]) -> float:
+        value = float(proposal["value"])
+        if not 0.1 <= value <= 60:
+            raise ConfigurationError(f"OutpostBridge.membership_interval must be 0.1-60 seconds, got {value}")
+        return value
+
     status_interval = Float(
         10.0,
         help="""Seconds between the status messages this bridge sends the hubs for their
@@ -419,6 +437,10 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
                 reach=reach,
                 outcomes=resilience.outcomes,
             )
+            shards = Shards(
+                broker, self._keyring, consumer.on_command, interval=self.membership_interval, in_flight=in_flight
+            )
+            consumer.use_shards(shards)
             resilience.watch.publish = broker.publish_watch
             if self.status_interval:
                 reporter = StatusReporter(
@@ -438,6 +460,7 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
                 deferred.share(shared, self._keyring, frozenset(self.hub_ids))
                 if shared is not None:
                     await broker.consume_deferred(deferred.on_due)
+            await shards.start()
             await broker.follow_registry(consumer.on_registry)
             if reporter is not None:
                 await reporter.start()
@@ -447,10 +470,12 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
             await stop.wait()
             resilience.set_ready(lambda: False)
             self.log.info("stopping: no new commands; waiting for %d in flight", consumer.in_flight)
+            await shards.stop_taking()
             await broker.stop_consuming()
             handed_back = await consumer.drain(self.shutdown_timeout)
             if handed_back:
                 self.log.warning("%d command(s) handed back unacked; they will be redelivered", handed_back)
+            await shards.leave()
         finally:
             if reporter is not None:
                 await reporter.stop()

@@ -58,6 +58,7 @@ class BridgeBroker:
         self._replies: AbstractRobustExchange | None = None
         self._dead: AbstractRobustExchange | None = None
         self._deferred: AbstractRobustExchange | None = None
+        self._members: Any = None
         self._consumers: list[tuple[Any, str]] = []
 
     async def connect(self, timeout: float = 30) -> None:
@@ -167,6 +168,63 @@ class BridgeBroker:
         await queue.bind(exchange, routing_key=key)
         tag = await queue.consume(on_message, no_ack=False)
         self._consumers.append((queue, tag))
+
+    async def consume_unit(self, routing_key: str, on_message: OnMessage, prefetch: int = 0) -> tuple[Any, Any, str]:
+        """Consume one command queue (an Outpost's shard, ``bridge/shards.py``) on a channel
+        of its own (``prefetch`` 0: the bridge's); returns ``(channel, queue, consumer tag)``."""
+        assert self._connection is not None
+        t = self.topology
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch or self._prefetch)
+        exchange = await channel.declare_exchange(t.command_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        queue = await channel.declare_queue(
+            t.outpost_queue(routing_key), durable=True, arguments=t.outpost_queue_arguments()
+        )
+        await queue.bind(exchange, routing_key=routing_key)
+        tag = await queue.consume(on_message, no_ack=False)
+        return channel, queue, tag
+
+    @staticmethod
+    async def cancel_unit(queue: Any, tag: str) -> None:
+        """No new deliveries from a unit's queue; those delivered stay ours until acked."""
+        try:
+            await queue.cancel(tag)
+        except Exception as exc:  # the channel may be gone already: its deliveries return anyway
+            log.debug("cancel consumer %s: %s", tag, exc)
+
+    @staticmethod
+    async def close_unit(channel: Any) -> None:
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+    async def consume_members(self, bridge: str, on_message: OnMessage) -> None:
+        """Consume the bridges' heartbeats (``P.members``) through this bridge's exclusive
+        queue, without acks (a heartbeat is worth nothing later)."""
+        assert self._connection is not None
+        t = self.topology
+        channel = await self._connection.channel()
+        exchange = await channel.declare_exchange(t.members_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        queue = await channel.declare_queue(
+            t.members_queue(bridge), exclusive=True, auto_delete=True, arguments={"x-max-length": 1000}
+        )
+        await queue.bind(exchange)
+        tag = await queue.consume(on_message, no_ack=True)
+        self._consumers.append((queue, tag))
+        self._members = exchange
+
+    async def publish_member(self, message: Envelope, ttl: float) -> None:
+        """Publish this bridge's heartbeat: not persistent, expiring after ``ttl`` s."""
+        if self._members is None or not self.connected:
+            return
+        outgoing = aio_pika.Message(
+            body=encode_wire(message, self.keyring),
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            expiration=ttl,
+            message_id=message.id,
+            type=message.type,
+            user_id=self._user_id,
+        )
+        await self._members.publish(outgoing, routing_key="", timeout=10)
 
     async def consume_control(self, on_message: OnMessage) -> str:
         """Consume ``P.control`` (commands every bridge carries out) through this bridge's own

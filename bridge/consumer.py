@@ -43,6 +43,7 @@ from jupyterhub_outpost_mq.bridge.circuit import wait_notices
 from jupyterhub_outpost_mq.bridge.outcomes import Outcomes
 from jupyterhub_outpost_mq.bridge.pipeline import Pipeline, reply, run_cancellable
 from jupyterhub_outpost_mq.bridge.reachability import Reachability
+from jupyterhub_outpost_mq.bridge.shards import Shards
 from jupyterhub_outpost_mq.schemas import (
     CommandResult,
     DecodeError,
@@ -129,8 +130,10 @@ class CommandConsumer:
         hub_ids: frozenset[str] = frozenset(),
         reach: Reachability | None = None,
         outcomes: Outcomes | None = None,
+        shards: Shards | None = None,
     ) -> None:
         self._broker = broker
+        self._shards = shards
         self._keyring = keyring
         self._hub_broker_users = hub_broker_users
         self._seen = SeenIds()
@@ -144,6 +147,10 @@ class CommandConsumer:
         self._outposts: set[str] = set()
         self._outposts_lock = asyncio.Lock()
         self._recreated: OrderedDict[str, CommandResult] = OrderedDict()
+
+    def use_shards(self, shards: Shards) -> None:
+        """Consume the Outposts' command queues through ``shards`` from now on."""
+        self._shards = shards
 
     @property
     def in_flight(self) -> int:
@@ -166,11 +173,16 @@ class CommandConsumer:
             log.warning("ignoring invalid registry entry: %s", exc.reason)
             await message.ack()
             return
-        await self.ensure_outpost(envelope.body.key)
+        await self.ensure_outpost(envelope.body.key, envelope.body.shards)
         self._outcomes.announced(envelope.body.key)  # a hub (re)started using this Outpost
         await message.ack()
 
-    async def ensure_outpost(self, key: str) -> None:
+    async def ensure_outpost(self, key: str, shards: int = 1) -> None:
+        """Consume the Outpost's command queues: through :class:`~jupyterhub_outpost_mq.bridge.shards.Shards`
+        (shared out with the other bridges) when given, else all of them here."""
+        if self._shards is not None:
+            self._shards.add_outpost(key, shards)
+            return
         async with self._outposts_lock:
             if key in self._outposts:
                 return

@@ -23,6 +23,7 @@ from jupyterhub_outpost_mq.schemas.commands import (
     TunnelCommand,
 )
 from jupyterhub_outpost_mq.schemas.events import (
+    BridgeMembership,
     BridgeStatus,
     CommandResult,
     HubRoster,
@@ -52,6 +53,7 @@ Body = (
     | HubRoster
     | WatchReport
     | BridgeStatus
+    | BridgeMembership
     | TimelineNote
 )
 

@@ -35,6 +35,7 @@ from jupyterhub_outpost_mq.schemas.commands import (
 )
 from jupyterhub_outpost_mq.schemas.errors import DecodeError
 from jupyterhub_outpost_mq.schemas.events import (
+    BridgeMembership,
     BridgeStatus,
     CommandResult,
     HubRoster,
@@ -61,7 +62,7 @@ HUB_SAYS = (
     OutpostAnnouncement,
     TimelineNote,
 )
-BRIDGE_SAYS = (CommandResult, ProgressEvent, WatchReport, BridgeStatus)
+BRIDGE_SAYS = (CommandResult, ProgressEvent, WatchReport, BridgeStatus, BridgeMembership)
 
 
 class _Header(msgspec.Struct):

@@ -90,6 +90,8 @@ class OutpostAnnouncement(msgspec.Struct, frozen=True, kw_only=True, tag="outpos
 
     key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     origin: Annotated[str, msgspec.Meta(max_length=2048)]
+    shards: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    """How many command queues the hub sends this Outpost's commands to (by server)."""
 
 
 RosterId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
@@ -218,3 +220,19 @@ class BridgeStatus(msgspec.Struct, frozen=True, kw_only=True, tag="status"):
     orphans_stopped: Count = 0
     outposts_total: Count = 0
     outposts: Annotated[list[OutpostHealth], msgspec.Meta(max_length=STATUS_OUTPOSTS_MAX)] = []
+
+
+MEMBER_UNITS_MAX = 4096
+"""Most command queues one bridge heartbeat lists."""
+
+
+class BridgeMembership(msgspec.Struct, frozen=True, kw_only=True, tag="member"):
+    """A bridge's heartbeat to the other bridges (``P.members``, :mod:`~jupyterhub_outpost_mq.bridge.shards`):
+    it is alive, and which command queues (routing keys) it consumes or still finishes work
+    of. ``leaving``: its last one, sent once it let go of all of them. The envelope's ``hub``
+    is ``"bridges"``."""
+
+    bridge: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    interval: Annotated[float, msgspec.Meta(gt=0, le=3600)]
+    held: Annotated[list[Annotated[str, msgspec.Meta(max_length=220)]], msgspec.Meta(max_length=MEMBER_UNITS_MAX)] = []
+    leaving: bool = False

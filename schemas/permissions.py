@@ -47,6 +47,8 @@ HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 
 OUTPOST_KEY_PATTERN = r"[a-z0-9.-]{1,60}-[0-9]{1,5}-[0-9a-f]{10}"
 """Every key :func:`~jupyterhub_outpost_mq.schemas.topology.outpost_key` makes (host, port, digest)."""
+OUTPOST_QUEUE_PATTERN = OUTPOST_KEY_PATTERN + r"(\.s[0-9]{1,2})?"
+"""The tail of an Outpost's command queue: its key, with ``.s<i>`` for shards i > 0."""
 BRIDGE_CONTROL_QUEUE_PATTERN = r"bridge-[0-9a-f]{12}"
 """The tail of each bridge's exclusive ``P.control.bridge-<12 hex>`` queue (``BridgeBroker.consume_control``)."""
 
@@ -193,8 +195,8 @@ def hub_account(topology: Topology, hub_id: str, user: str | None = None) -> Acc
         ),
         _family(
             t.outpost_queue(""),
-            OUTPOST_KEY_PATTERN,
-            "<outpost key>",
+            OUTPOST_QUEUE_PATTERN,
+            "<outpost key>[.s<shard>]",
             configure="declares Outpost queues",
             write="binds them to the commands",
             read="asked of a new queue with a dead-letter exchange",
@@ -233,11 +235,20 @@ def bridge_account(topology: Topology, user: str | None = None) -> Account:
         ),
         _family(
             t.outpost_queue(""),
-            OUTPOST_KEY_PATTERN,
-            "<outpost key>",
+            OUTPOST_QUEUE_PATTERN,
+            "<outpost key>[.s<shard>]",
             configure="declares Outpost queues",
             write="binds them to the commands",
             read="consumes them",
+        ),
+        _exact(t.members_exchange, configure="declares it", write="publishes its heartbeats", read="binds its queue"),
+        _family(
+            t.members_queue(""),
+            BRIDGE_CONTROL_QUEUE_PATTERN,
+            "bridge-<12 hex>",
+            configure="declares its exclusive queue of the bridges' heartbeats",
+            write="binds it to the members exchange",
+            read="consumes it",
         ),
         _exact(
             t.deferred_exchange,

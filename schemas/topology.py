@@ -6,6 +6,10 @@ Layout (``P`` is the configurable name prefix)::
         -> P.outpost.<key>         one quorum queue per Outpost, single active consumer:
                                    a dead Outpost only fills its own queue (no head-of-line
                                    blocking); one bridge at a time consumes it (order per server)
+                 routing key = Outpost key + ".s<i>" (shard i > 0, ``outpost_shards``)
+        -> P.outpost.<key>.s<i>    the same, one queue per shard: a server's commands always
+                                   go to one shard (its order kept), and the bridges share
+                                   the shards out among themselves (``bridge/shards.py``)
     P.replies    direct exchange   routing key = hub id
         -> P.hub.<hub id>          one durable quorum queue per hub: results and events survive
                                    a hub restart
@@ -19,6 +23,8 @@ Layout (``P`` is the configurable name prefix)::
     P.control    fanout exchange -> one exclusive queue per bridge: commands every bridge
                                    carries out (``recreate_forward`` after an SSH node restart)
                                    and each hub's roster of the servers it owns
+    P.members    fanout exchange -> one exclusive queue per bridge: the bridges' heartbeats
+                                   (which shards each holds), from which they share them out
     P.audit      fanout exchange -> P.audit (stream, size- and age-capped): a secret-free copy
                                    of every command, and every result and event (the stream is
                                    also bound to P.replies), for ``outpost-mq-replay``
@@ -34,6 +40,8 @@ from urllib.parse import urlsplit
 
 DEAD_LETTER_REASON_HEADER = "x-outpost-mq-reason"
 DELIVERY_LIMIT = 20
+SHARDS_MAX = 64
+"""Most command queues (shards) per Outpost (``OutpostSpawner.outpost_shards``)."""
 DEFERRED_STOPS_MAX = 100_000
 """Most deferred stops the shared wait queue holds; beyond, bridges keep them on their disk."""
 """Quorum queues in RabbitMQ < 4.0 have no default delivery limit: without one a message
@@ -60,6 +68,32 @@ def outpost_key(url: str) -> str:
     readable = re.sub(r"[^a-z0-9.-]+", "-", host)[:60] or "outpost"
     digest = hashlib.sha256(origin.encode()).hexdigest()[:10]
     return f"{readable}-{port}-{digest}"
+
+
+def shard_routing_key(key: str, shard: int) -> str:
+    """The ``P.commands`` routing key (and queue suffix) of an Outpost's shard: shard 0 is
+    the Outpost key itself (the one queue of an unsharded Outpost), shard i > 0 is
+    ``<key>.s<i>``. An Outpost key never holds ``.s`` followed by digits at its end (it ends
+    in a hex digest)."""
+    return key if shard == 0 else f"{key}.s{shard}"
+
+
+def shard_routing_keys(key: str, shards: int) -> list[str]:
+    return [shard_routing_key(key, i) for i in range(max(1, shards))]
+
+
+def outpost_of(routing_key: str) -> str:
+    """The Outpost key of a shard's routing key (the inverse of :func:`shard_routing_key`)."""
+    head, dot, tail = routing_key.rpartition(".s")
+    return head if dot and tail.isdigit() else routing_key
+
+
+def shard_of(slot: str, shards: int) -> int:
+    """The shard of a server (its ``user/server`` slot) among ``shards``: a stable hash, so
+    all of a server's commands go to one queue, in order, whichever hub sends them."""
+    if shards <= 1:
+        return 0
+    return int.from_bytes(hashlib.sha256(slot.encode()).digest()[:8], "big") % shards
 
 
 def negotiated_heartbeat(heartbeat: int) -> int:
@@ -178,6 +212,14 @@ class Topology:
     def deferred_due_queue(self) -> str:
         """Deferred stops due for an attempt, consumed by every bridge."""
         return f"{self.prefix}.deferred.due"
+
+    @property
+    def members_exchange(self) -> str:
+        """The bridges' heartbeats (fanout to one exclusive queue per bridge)."""
+        return f"{self.prefix}.members"
+
+    def members_queue(self, bridge: str) -> str:
+        return f"{self.prefix}.members.{bridge}"
 
     def debug_queue(self, name: str) -> str:
         return f"{self.prefix}.debug.{name}"

@@ -49,8 +49,9 @@ from jupyterhub_outpost_mq.schemas import (
 )
 from jupyterhub_outpost_mq.schemas.base import new_id
 from jupyterhub_outpost_mq.schemas.cluster import connect_cluster, nodes_text
+from jupyterhub_outpost_mq.schemas.codec import peek
 from jupyterhub_outpost_mq.schemas.liveness import liveness_url
-from jupyterhub_outpost_mq.schemas.topology import broker_user
+from jupyterhub_outpost_mq.schemas.topology import broker_user, shard_of, shard_routing_key, shard_routing_keys
 from jupyterhub_outpost_mq.spawner.errors import BrokerUnavailable, KeysMissing
 from jupyterhub_outpost_mq.spawner.outbox import HubOutbox
 from jupyterhub_outpost_mq.spawner.roster import RosterSender
@@ -136,6 +137,7 @@ class HubBroker:
         self.bridge_broker_users: frozenset[str] = frozenset()  # who may publish replies; empty: anyone
         # The rosters ask the bridges for status watch reports (OutpostSpawner.status_watch_max_age).
         self.reads_watch_reports = False
+        self.shards = 1  # command queues per Outpost (OutpostSpawner.outpost_shards)
         self.outbox = outbox if outbox is not None else HubOutbox(":memory:")  # tests: not durable
         self._outbox_lock = asyncio.Lock()
         self._drainer: asyncio.Task[None] | None = None
@@ -175,6 +177,7 @@ class HubBroker:
             )
             broker.bridge_broker_users = frozenset(settings.bridge_broker_users)
             broker.reads_watch_reports = settings.status_watch_max_age > 0
+            broker.shards = settings.outpost_shards
             cls._instances[key] = broker
         return broker
 
@@ -364,15 +367,20 @@ class HubBroker:
         assert self._audit is not None
         t = self.topology
         try:
-            queue = await self._channel.declare_queue(
-                t.outpost_queue(key), durable=True, arguments=t.outpost_queue_arguments(), timeout=15
-            )
-            await queue.bind(self._commands, routing_key=key, timeout=15)
-            # The replay stream gets the very message the broker routes to the Outpost's queue:
-            # one publish per command, no copy sent by the hub.
-            await self._audit.bind(self._commands, routing_key=key, timeout=15)
+            for routing_key in shard_routing_keys(key, self.shards):
+                queue = await self._channel.declare_queue(
+                    t.outpost_queue(routing_key), durable=True, arguments=t.outpost_queue_arguments(), timeout=15
+                )
+                await queue.bind(self._commands, routing_key=routing_key, timeout=15)
+                # The replay stream gets the very message the broker routes to the Outpost's
+                # queue: one publish per command, no copy sent by the hub.
+                await self._audit.bind(self._commands, routing_key=routing_key, timeout=15)
             if declared is None:
-                announcement = Envelope(id=new_id(), hub=self.hub_id, body=OutpostAnnouncement(key=key, origin=origin))
+                announcement = Envelope(
+                    id=new_id(),
+                    hub=self.hub_id,
+                    body=OutpostAnnouncement(key=key, origin=origin, shards=self.shards),
+                )
                 await self._registry.publish(
                     aio_pika.Message(
                         encode_wire(announcement, self.keyring),
@@ -397,7 +405,13 @@ class HubBroker:
         assert self._commands is not None
         if len(self.outbox):
             await self._send_outbox()
-        await self._publish(self._commands, command, outpost, mandatory=True)
+        await self._publish(self._commands, command, self.routing_key(outpost, command), mandatory=True)
+
+    def routing_key(self, outpost: str, command: Envelope) -> str:
+        """The routing key of ``command`` to Outpost ``outpost``: its server's shard (a
+        command about no server, a flavors fetch, goes to shard 0)."""
+        server = command.server
+        return shard_routing_key(outpost, shard_of(server.slot, self.shards) if server is not None else 0)
 
     async def request(
         self,
@@ -460,10 +474,26 @@ class HubBroker:
             for item in self.outbox.pending():
                 await self.ensure_outpost(item.key, item.origin)
                 await self._publish_body(
-                    self._commands, item.body, item.key, item.message_id, item.kind, mandatory=True
+                    self._commands,
+                    item.body,
+                    self._outbox_routing_key(item.key, item.body),
+                    item.message_id,
+                    item.kind,
+                    mandatory=True,
                 )
                 self.outbox.sent(item.message_id)
                 log.info("outbox: %s %s handed to RabbitMQ", item.kind, item.message_id)
+
+    def _outbox_routing_key(self, outpost: str, body: bytes) -> str:
+        """The routing key of a command the outbox holds (its own wire frame, written by this
+        hub: read without checking the signature again)."""
+        if self.shards <= 1:
+            return outpost
+        try:
+            envelope, _ = peek(body)
+        except DecodeError:
+            return outpost
+        return self.routing_key(outpost, envelope)
 
     def note(self, server: ServerRef, note: TimelineNote) -> bool:
         """Record ``note`` in the replay stream (``P.audit``), without waiting: False when it

@@ -193,6 +193,21 @@ class OutpostTraits(LoggingConfigurable):
         answered from memory, without a round trip (JupyterHub polls on page loads and API
         calls too, not only every ``poll_interval``). 0 = always ask the Outpost.""",
     ).tag(config=True)
+    outpost_shards = Integer(
+        1,
+        min=1,
+        max=64,
+        help="""Command queues per Outpost. With one (the default) a single bridge at a time
+        serves an Outpost and the others stand by. With more, the hub sends each server's
+        commands to one of these queues (a stable hash of ``user/server``: a server's commands
+        keep their order) and the running bridges share the queues out among themselves, so
+        work for one busy Outpost spreads over several bridges; when a bridge goes away the
+        others take its queues within a few ``OutpostBridge.membership_interval`` (see
+        docs/scaling.md). Give every hub of a site the same value; change it only while no
+        server is starting or stopping (a server's commands may otherwise be in two queues
+        at once for a moment). A good value is a few times the number of bridges (e.g. 8 for
+        2-3 bridges).""",
+    ).tag(config=True)
     status_watch_max_age = Float(
         20.0,
         help="""Seconds a status from the bridges' status watch stays good for ``poll()``. Each

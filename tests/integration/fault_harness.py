@@ -131,8 +131,8 @@ class Stack:
     async def bridge(self, *extra: str, amqp_url: str = "", name: str = "bridge") -> Bridge:
         return await asyncio.to_thread(self.bridge_process(*extra, amqp_url=amqp_url, name=name).start)
 
-    async def hub(self, amqp_url: str = "", heartbeat: int = 5) -> CountingHub:
-        hub = CountingHub(amqp_url or self.amqp_url, self.prefix, self.hub_id, heartbeat=heartbeat)
+    async def hub(self, amqp_url: str = "", heartbeat: int = 5, shards: int = 1) -> CountingHub:
+        hub = CountingHub(amqp_url or self.amqp_url, self.prefix, self.hub_id, heartbeat=heartbeat, shards=shards)
         self._hubs.append(hub)
         return await hub.connect()
 

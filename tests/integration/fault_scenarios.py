@@ -276,19 +276,33 @@ async def disowned(workdir: Path, n: int = 6, *, dry_run: bool = False, amqp_url
 # -- 4. Bridge SIGKILL amid starts and stops --------------------------------------------------
 
 
-async def bridge_killed(workdir: Path, n: int = 100, *, amqp_url: str = AMQP_URL) -> Tally:
+async def bridge_killed(
+    workdir: Path, n: int = 100, *, amqp_url: str = AMQP_URL, bridges: int = 1, shards: int = 1
+) -> Tally:
     """``n/2`` starts of new servers (half sync, half async) and ``n/2`` stops of running ones
     in flight when the bridge is killed with SIGKILL and restarted: each completes once, none
     is lost. A sync start whose POST was out when the bridge died cannot get its answer back
     (only the POST's answer carries the server's address): it fails clearly and the hub
-    cleans it up; an async start is confirmed from the Outpost's record."""
-    tally = Tally(f"Bridge SIGKILL amid {n} starts and stops")
+    cleans it up; an async start is confirmed from the Outpost's record.
+
+    ``bridges`` > 1: that many bridges share the Outpost's ``shards`` command queues; the first
+    is SIGKILLed and not restarted, the others take its queues."""
+    tally = Tally(
+        f"Bridge SIGKILL amid {n} starts and stops"
+        + (f" ({bridges} bridges, {shards} queues; not restarted)" if bridges > 1 else "")
+    )
     half = n // 2
     async with stack(workdir, "kill", amqp_url) as st:
         outpost = await st.outpost()
         url = outpost.url
-        bridge = await st.bridge("--OutpostBridge.prefetch=200")
-        hub = await st.hub()
+        interval = "--OutpostBridge.membership_interval=0.5"
+        bridge = await st.bridge("--OutpostBridge.prefetch=200", interval)
+        others = [await st.bridge(interval, name=f"other{i}") for i in range(1, bridges)]
+        hub = await st.hub(shards=shards)
+        if others:  # every bridge serves some of the queues before the kill
+            await hub.ensure_outpost(url)  # announces the Outpost and its queues
+            serving = await wait_until(lambda: all("consuming commands of" in b.log() for b in [bridge, *others]), 30)
+            assert serving is not None, "the bridges did not share the queues out"
         old = [new_id("old") for _ in range(half)]
         ready = await send_all(hub, [(start_body(url, CREDENTIALS, u, "1"), u, "1", 90) for u in old], url)
         await settle(hub, ready, 90)
@@ -302,7 +316,8 @@ async def bridge_killed(workdir: Path, n: int = 100, *, amqp_url: str = AMQP_URL
         answered_before = sum(1 for s in [*starts, *stops] if s.future.done())
         await asyncio.to_thread(bridge.stop, signal.SIGKILL)
         killed = time.monotonic()
-        await asyncio.to_thread(bridge.start)
+        if not others:
+            await asyncio.to_thread(bridge.start)
         await settle(hub, [*starts, *stops], 120)
         counts = await asyncio.to_thread(post_counts, outpost)
         tally.attempted = 2 * half

@@ -40,7 +40,7 @@ from jupyterhub_outpost_mq.schemas import (
 from jupyterhub_outpost_mq.schemas.base import new_id
 from jupyterhub_outpost_mq.schemas.commands import HttpOptions
 from jupyterhub_outpost_mq.schemas.liveness import liveness_url
-from jupyterhub_outpost_mq.schemas.topology import url_origin
+from jupyterhub_outpost_mq.schemas.topology import shard_of, shard_routing_key, shard_routing_keys, url_origin
 from jupyterhub_outpost_mq.spawner.roster import split
 from tests.keys import hub_keyring
 
@@ -88,12 +88,13 @@ def poll_body(url: str, credentials: str, name: str, request_timeout: float | No
 class CountingHub:
     """Publishes commands and records every reply (``connect``/``close``)."""
 
-    def __init__(self, amqp_url: str, prefix: str, hub_id: str, *, heartbeat: int = 5) -> None:
+    def __init__(self, amqp_url: str, prefix: str, hub_id: str, *, heartbeat: int = 5, shards: int = 1) -> None:
         # The spawner's link policy (spawner.broker.HubBroker): dead after 1.5 heartbeats of
         # silence, reconnect after 1 s.
         self._url = liveness_url(amqp_url, heartbeat)
         self.topology = Topology(prefix)
         self.hub_id = hub_id
+        self.shards = shards  # command queues per Outpost, as OutpostSpawner.outpost_shards
         self.keyring = hub_keyring()
         self.results: dict[str, list[CommandResult]] = defaultdict(list)
         self.result_times: dict[str, float] = {}
@@ -158,11 +159,13 @@ class CountingHub:
             return key
         assert self._channel is not None
         t = self.topology
-        queue = await self._channel.declare_queue(
-            t.outpost_queue(key), durable=True, arguments=t.outpost_queue_arguments()
-        )
-        await queue.bind(t.command_exchange, routing_key=key)
-        announcement = Envelope(id=new_id(), hub=self.hub_id, body=OutpostAnnouncement(key=key, origin=url_origin(url)))
+        for routing_key in shard_routing_keys(key, self.shards):
+            queue = await self._channel.declare_queue(
+                t.outpost_queue(routing_key), durable=True, arguments=t.outpost_queue_arguments()
+            )
+            await queue.bind(t.command_exchange, routing_key=routing_key)
+        body = OutpostAnnouncement(key=key, origin=url_origin(url), shards=self.shards)
+        announcement = Envelope(id=new_id(), hub=self.hub_id, body=body)
         registry = await self._channel.get_exchange(t.registry_exchange)
         await registry.publish(
             aio_pika.Message(encode_wire(announcement, self.keyring), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
@@ -176,6 +179,8 @@ class CountingHub:
         future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
         self._waiters[envelope.id] = future
         key = await self.ensure_outpost(url)
+        server = envelope.server
+        routing_key = shard_routing_key(key, shard_of(server.slot, self.shards) if server is not None else 0)
         message = aio_pika.Message(
             encode_wire(envelope, self.keyring),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -188,7 +193,7 @@ class CountingHub:
             try:
                 assert self._commands is not None
                 try:
-                    await self._commands.publish(message, routing_key=key, mandatory=True, timeout=5)
+                    await self._commands.publish(message, routing_key=routing_key, mandatory=True, timeout=5)
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():

@@ -194,7 +194,11 @@ async def test_bridge_killed_mid_start_loses_and_duplicates_nothing(outpost: Out
     hub = CommandSender(broker)
     name, start_id = f"kill{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
     result = await hub.send(hub.envelope(start_body(outpost, name, start_id, delay=4), name, start_id, 60), outpost.url)
-    await asyncio.sleep(1.5)  # the POST reached the Outpost; no result yet
+    key = f"{name}/{start_id}"
+    end = time.monotonic() + 20
+    while outpost.get("/_dev/stats")["starts"].get(key) != 1 and time.monotonic() < end:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)  # the POST reached the Outpost; no result yet (it answers after 4 s)
     bridge.stop(signal.SIGKILL)
     bridge.start()  # redelivers the unacked start
     answer = await asyncio.wait_for(result, 60)

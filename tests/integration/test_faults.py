@@ -71,6 +71,13 @@ async def test_bridge_sigkill_amid_starts_and_stops(fault_broker: str, workdir: 
     assert tally.failed_clearly <= 8, tally
 
 
+async def test_three_bridges_share_the_queues_and_one_sigkilled_loses_nothing(fault_broker: str, workdir: Path) -> None:
+    tally = await fs.bridge_killed(workdir, n=40, amqp_url=fault_broker, bridges=3, shards=8)
+    assert (tally.lost, tally.duplicated) == (0, 0), tally
+    # Only sync starts whose POST was out when the bridge died may fail, and only clearly.
+    assert tally.failed_clearly <= 10, tally
+
+
 async def test_stop_while_the_outpost_is_down_is_carried_out_later(fault_broker: str, workdir: Path) -> None:
     tally = await fs.stop_while_down(workdir, n=6, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
