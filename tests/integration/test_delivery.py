@@ -28,10 +28,11 @@ from jupyterhub_outpost_mq.schemas import (
     StopCommand,
     Topology,
     encode,
+    encode_wire,
     outpost_key,
 )
 from jupyterhub_outpost_mq.schemas.base import new_id
-from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER, url_origin
+from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER, shard_of, shard_routing_key, url_origin
 from jupyterhub_outpost_mq.spawner.broker import HubBroker
 from tests.keys import hub_keyring
 
@@ -211,3 +212,41 @@ async def test_bridge_killed_mid_start_loses_and_duplicates_nothing(outpost: Out
     )
     assert stop.ok
     bridge.stop()
+
+
+async def test_a_hub_with_several_queues_per_outpost_sends_each_server_to_its_own(
+    outpost: Outpost, workdir: Path
+) -> None:
+    """``OutpostSpawner.outpost_shards``: the hub declares the Outpost's queues, announces how
+    many, and sends each server's commands (also those from its outbox) to the queue of its
+    shard; the bridge consumes them all."""
+    prefix = f"shard-{uuid.uuid4().hex[:6]}"
+    bridge = Bridge(workdir, prefix, workdir / f"{prefix}.sqlite")
+    bridge.name = prefix
+    bridge.log_path = workdir / f"{prefix}.log"
+    bridge.start()
+    topology = Topology(prefix)
+    broker = HubBroker(AMQP_URL, topology, f"{prefix}-hub", 15, hub_keyring())
+    broker.shards = 4
+    try:
+        await broker.ready()
+        hub = CommandSender(broker)
+        names = [f"sh{i}{uuid.uuid4().hex[:6]}" for i in range(8)]
+        assert len({shard_of(f"{n}/", 4) for n in names}) > 1 or len(names) < 4
+        envelopes = [hub.envelope(start_body(outpost, n, "1"), n, "1") for n in names]
+        key = outpost_key(outpost.url)
+        for envelope in envelopes:  # the outbox finds the same queue as a direct publish
+            wire = encode_wire(envelope, broker.keyring)
+            assert broker._outbox_routing_key(key, wire) == broker.routing_key(key, envelope)
+        started = await asyncio.gather(*[await hub.send(e, outpost.url) for e in envelopes])
+        assert all(r.ok for r in started), started
+        stopped = await asyncio.gather(
+            *[await hub.send(hub.envelope(stop_body(outpost, n), n, "1"), outpost.url) for n in names]
+        )
+        assert all(r.ok for r in stopped), stopped
+        log = bridge.log()
+        for shard in {shard_of(f"{n}/", 4) for n in names}:
+            assert f"consuming commands of {shard_routing_key(key, shard)}\n" in log, log[-3000:]
+    finally:
+        await broker.close()
+        bridge.stop()
