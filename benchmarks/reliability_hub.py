@@ -38,6 +38,7 @@ RELIES_ON = {
     "outage": "the hub's outbox (stops, SQLite) drained on reconnect; starts wait broker_retry_timeout",
     "commit": "the outbox's start notes, checked by the restarted hub",
     "cluster": "quorum queues on 3 nodes; hub and bridge move to the next node of the cluster URL",
+    "bridges": "unacked commands redelivered on consumer death; the survivors take the dead bridge's queues",
 }
 
 

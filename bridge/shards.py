@@ -12,8 +12,10 @@ Who consumes which unit:
   the bridges' key; a fanout to one exclusive queue per bridge): its id and the units it
   holds (consumes, or still finishes work of). A bridge not heard from for three of its
   intervals is gone; a bridge that stops says so in a last heartbeat (``leaving``).
-- A unit's owner is decided by rendezvous hashing over the live bridges: the same answer on
-  every bridge, and a bridge that comes or goes moves only its own share.
+- A unit's owner is decided by bounded rendezvous hashing over the live bridges
+  (:func:`assign`): the same answer on every bridge, an even share of each Outpost's units
+  and of all units per bridge, and a bridge that comes or goes moves little besides its own
+  share.
 - A bridge takes a unit it owns only when no other live bridge holds it, and lets go of a
   unit it holds when another bridge owns it or holds it too. Letting go cancels the
   consumer, finishes the commands already delivered (acked as usual), then drops the unit
@@ -39,7 +41,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +53,7 @@ from jupyterhub_outpost_mq.bridge.periodic import Periodic
 from jupyterhub_outpost_mq.schemas import BridgeMembership, DecodeError, Envelope, Keyring, decode_wire
 from jupyterhub_outpost_mq.schemas.base import new_id
 from jupyterhub_outpost_mq.schemas.events import MEMBER_UNITS_MAX
-from jupyterhub_outpost_mq.schemas.topology import shard_routing_keys
+from jupyterhub_outpost_mq.schemas.topology import outpost_of, shard_routing_keys
 
 if TYPE_CHECKING:
     from jupyterhub_outpost_mq.bridge.broker import BridgeBroker
@@ -81,9 +83,56 @@ class _Held:
     delivered: list[AbstractIncomingMessage] = field(default_factory=list)
 
 
-def rendezvous(unit: str, members: list[str]) -> str:
-    """The member that owns ``unit``: the highest hash of (member, unit)."""
-    return max(members, key=lambda m: hashlib.sha256(f"{m}|{unit}".encode()).digest())
+def _rank(member: str, unit: str) -> bytes:
+    return hashlib.sha256(f"{member}|{unit}".encode()).digest()
+
+
+class _Quota:
+    """An even share of ``total`` units among ``people``: each gets the floor, and only as many
+    as the remainder get one more."""
+
+    def __init__(self, total: int, people: list[str]) -> None:
+        self.floor, self.extra = divmod(total, len(people))
+        self.load = dict.fromkeys(people, 0)
+        self.above = 0  # members holding floor + 1
+
+    def room(self, member: str) -> bool:
+        load = self.load[member]
+        return load < self.floor or (load == self.floor and self.above < self.extra)
+
+    def take(self, member: str) -> None:
+        self.load[member] += 1
+        if self.load[member] == self.floor + 1:
+            self.above += 1
+
+
+def assign(units: Iterable[str], members: Iterable[str]) -> dict[str, str]:
+    """Which member owns each unit: every bridge computes the same answer from the same
+    units and members. Rendezvous hashing (each unit prefers the members in the order of a
+    hash of (member, unit), so a member that comes or goes moves little), bounded so that the
+    share is even: a member takes at most its fair share of each Outpost's units (its shards
+    spread over the bridges) and of all units (the Outposts spread too), as far as both can
+    hold; a unit whose preferred members are all full goes to the next one."""
+    people = sorted(set(members))
+    if not people:
+        return {}
+    groups: dict[str, list[str]] = {}
+    for unit in sorted(set(units)):
+        groups.setdefault(outpost_of(unit), []).append(unit)
+    overall = _Quota(sum(len(g) for g in groups.values()), people)
+    owners: dict[str, str] = {}
+    for _, group in sorted(groups.items()):
+        quota = _Quota(len(group), people)
+        for unit in group:
+            ranked = sorted(people, key=lambda m: _rank(m, unit), reverse=True)
+            owner = next(
+                (m for m in ranked if quota.room(m) and overall.room(m)),
+                next((m for m in ranked if quota.room(m)), ranked[0]),
+            )
+            owners[unit] = owner
+            quota.take(owner)
+            overall.take(owner)
+    return owners
 
 
 class Shards:
@@ -241,13 +290,13 @@ class Shards:
                 await self._beat()
         if now - self._listening_since < self._learn:
             return
-        members = self.live_members()
+        owners = assign(self._units, self.live_members())
         held_by_others: set[str] = set()
         for member in self._members.values():
             held_by_others |= member.held
         changed = False
         for unit in sorted(self._units):
-            mine = rendezvous(unit, members) == self.me
+            mine = owners.get(unit) == self.me
             if unit in self._held:
                 if not mine or unit in held_by_others:
                     self._release(unit)

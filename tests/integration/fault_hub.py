@@ -66,7 +66,15 @@ class HubStack:
     """The RabbitMQ node (or, with ``cluster``, three-node cluster), dev Outpost, bridge and
     hub of one scenario."""
 
-    def __init__(self, workdir: Path, name: str, hub_env: dict[str, str] | None = None, cluster: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        hub_env: dict[str, str] | None = None,
+        cluster: bool = False,
+        bridges: int = 1,
+        shards: int = 1,
+    ) -> None:
         self.name = name
         self.prefix = f"fh-{name}-{uuid.uuid4().hex[:6]}"
         self.dir = workdir / self.prefix
@@ -74,6 +82,9 @@ class HubStack:
         self.broker: RabbitNode | RabbitCluster = (RabbitCluster if cluster else RabbitNode)(self.dir / "broker")
         self.outpost = Outpost(self.dir, CREDENTIALS)
         self.bridge: Bridge | None = None
+        self.bridges = bridges  # with more than one, the others are in self.more_bridges
+        self.more_bridges: list[Bridge] = []
+        self.shards = shards  # OutpostSpawner.outpost_shards
         self.hub: Hub | None = None
         self.hub_env = hub_env or {}
         self.ops: list[Op] = []
@@ -100,7 +111,11 @@ class HubStack:
         self.broker.start()
         self.outpost.start()
         self.bridge = Bridge(self.dir, self.prefix, self.dir / "journal.sqlite", amqp_url=self.broker.url).start()
-        extra = json.dumps({"OutpostSpawner": {"broker_retry_timeout": 60}})
+        for i in range(1, self.bridges):
+            more = Bridge(self.dir, self.prefix, self.dir / f"journal{i}.sqlite", amqp_url=self.broker.url)
+            more.name, more.log_path = f"bridge{i}", self.dir / f"bridge{i}.log"
+            self.more_bridges.append(more.start())
+        extra = json.dumps({"OutpostSpawner": {"broker_retry_timeout": 60, "outpost_shards": self.shards}})
         env = {
             "AMQP_URL": self.broker.url,
             "OUTPOST_MQ_HUB_ID": self.hub_id,
@@ -116,6 +131,8 @@ class HubStack:
             self.hub.stop()
         if self.bridge is not None:
             self.bridge.stop()
+        for more in self.more_bridges:
+            more.stop()
         self.outpost.stop()
         self.broker.stop()  # nothing to do for a node a scenario left stopped
 
@@ -467,6 +484,39 @@ def bridge_killed(workdir: Path, n: int = 10) -> Tally:
         st.close()
 
 
+def bridges_one_killed(workdir: Path, n: int = 10, bridges: int = 3, shards: int = 8) -> Tally:
+    """Several bridges share the Outpost's queues (``outpost_shards``); the one that serves
+    the most of them is SIGKILLed, not restarted, while starts and stops are in flight: the
+    others take its queues."""
+    tally = Tally(
+        f"Real hub: {bridges} bridges sharing {shards} queues, one SIGKILLed for good with starts and stops"
+        f" in flight ({n} users)"
+    )
+    st = HubStack(workdir, "bridges", bridges=bridges, shards=shards).start()
+    try:
+        running, idle = prepare(st, n)
+        everyone = [st.bridge, *st.more_bridges]
+        served = {id(b): b.log().count("consuming commands of") for b in everyone if b is not None}
+        assert sum(1 for v in served.values() if v) > 1, "the bridges did not share the queues out"
+
+        def fault() -> float:
+            wait_posted(st, idle)
+            victim = max(everyone, key=lambda b: served[id(b)])
+            assert victim is not None
+            victim.stop(signal.SIGKILL)
+            return time.monotonic()
+
+        *_, ended = in_parallel(
+            *(lambda u=u: st.stop_server(u) for u in running),
+            *(lambda u=u: st.start_server(u, delay=START_DELAY) for u in idle),
+            fault,
+        )
+        tally.note(f"queues taken before the kill, per bridge: {sorted(served.values(), reverse=True)}")
+        return judge(st, tally, ended)
+    finally:
+        st.close()
+
+
 def broker_outage(workdir: Path, n: int = 10, down: float = 30.0) -> Tally:
     """Stops and starts issued during a RabbitMQ outage of ``down`` s: the stops wait in the
     hub's outbox, the starts wait for the broker (``broker_retry_timeout`` 60 s)."""
@@ -644,6 +694,7 @@ SCENARIOS: dict[str, Callable[..., Tally]] = {
     "outage": broker_outage,
     "commit": crash_before_commit,
     "cluster": cluster_node_killed,
+    "bridges": bridges_one_killed,
 }
 
 
@@ -658,4 +709,6 @@ def run(name: str, workdir: Path, quick: bool) -> Tally:
         kwargs["hold"] = 20.0 if quick else 30.0
     if name == "cluster":
         kwargs.update({"n": 4, "cycles": 4, "duration": 60.0, "down": 5.0} if quick else {"n": 20, "cycles": 5})
+    if name == "bridges":
+        kwargs["n"] = 6 if quick else 20
     return SCENARIOS[name](workdir, **kwargs)

@@ -22,9 +22,9 @@ import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage
 
 from jupyterhub_outpost_mq.bridge.broker import BridgeBroker
-from jupyterhub_outpost_mq.bridge.shards import Shards, rendezvous
+from jupyterhub_outpost_mq.bridge.shards import Shards, assign
 from jupyterhub_outpost_mq.schemas import BridgeMembership, Envelope, Topology, encode, encode_wire
-from jupyterhub_outpost_mq.schemas.topology import shard_of, shard_routing_key, shard_routing_keys
+from jupyterhub_outpost_mq.schemas.topology import outpost_of, shard_of, shard_routing_key, shard_routing_keys
 from tests.keys import bridge_keyring, hub_keyring
 
 aio = pytest.mark.asyncio(loop_scope="session")
@@ -168,12 +168,22 @@ def in_order(ledger: Ledger) -> bool:
     return all(seqs == sorted(seqs) and len(seqs) == len(set(seqs)) for seqs in ledger.ran.values())
 
 
-def test_rendezvous_moves_only_the_share_of_a_bridge_that_comes_or_goes() -> None:
-    units = [f"u{i}" for i in range(200)]
-    three = {u: rendezvous(u, ["a", "b", "c"]) for u in units}
-    two = {u: rendezvous(u, ["a", "b"]) for u in units}
-    assert all(two[u] == three[u] for u in units if three[u] != "c")
-    assert all(sum(1 for u in units if three[u] == m) > 40 for m in "abc")
+def test_every_bridge_gets_an_even_share_of_each_outpost_and_little_moves() -> None:
+    outposts = [f"host{i}.example-80-{i:010d}" for i in range(5)]
+    units = [u for key in outposts for u in shard_routing_keys(key, 8)]
+    for members in (["a"], ["a", "b"], ["a", "b", "c"], [f"bridge-{i:012x}" for i in range(7)]):
+        owners = assign(units, members)
+        assert set(owners) == set(units) and set(owners.values()) <= set(members)
+        for key in outposts:  # each Outpost's 8 queues spread evenly
+            counts = [sum(1 for u, m in owners.items() if outpost_of(u) == key and m == b) for b in members]
+            assert max(counts) - min(counts) <= 1, (members, key, counts)
+    assert assign(units, ["c", "a", "b"]) == assign(list(reversed(units)), ["a", "b", "c"])  # order-free
+    three, two = assign(units, ["a", "b", "c"]), assign(units, ["a", "b"])
+    moved = sum(1 for u in units if three[u] != "c" and two[u] != three[u])
+    assert moved <= len(units) // 4, moved  # mostly c's share moves when c goes
+    single = [f"host{i}.example-80-{i:010d}" for i in range(30)]  # one queue per Outpost
+    spread = assign(single, ["a", "b", "c"])
+    assert sorted(list(spread.values()).count(m) for m in "abc") == [10, 10, 10]
 
 
 def test_a_server_always_goes_to_the_same_shard() -> None:
