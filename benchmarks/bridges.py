@@ -10,7 +10,9 @@ client (``tests/integration/hubclient.py``) publishing polls of servers spread o
 the whole path, without starting processes). Each run keeps ``--window`` commands
 outstanding until ``--commands`` were answered; prints commands/s, p50/p99 latency (publish
 to result, so it includes the wait in the queue at that load) and how the commands spread
-over the bridges.
+over the bridges, and the bridges' CPU per command (all bridges together; one bridge sustains
+about 1000 / that many commands per second on a core of its own) next to the load
+generator's.
 
 Failover: with the largest bridge count, an open-loop load of ``--rate`` polls/s runs while
 one bridge is SIGKILLed (not restarted); prints the time until the last queue is served
@@ -32,11 +34,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from jupyterhub_outpost_mq.schemas.topology import outpost_key, shard_of, shard_routing_key
 from tests.integration.fault_harness import CREDENTIALS, stack
 from tests.integration.hubclient import CountingHub, poll_body
 
 SERVERS = 400
+
+
+def cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -78,17 +87,23 @@ async def run(bridges: int, args: argparse.Namespace, workdir: Path) -> dict[str
         await hub.ensure_outpost(url)
         await asyncio.sleep(2 * args.interval + 1)  # the bridges share the queues out
         await closed_loop(hub, url, min(500, args.commands), args.window)  # warm up
+        watched = [psutil.Process(p.proc.pid) for p in procs if p.proc is not None]
+        cpu_before = [cpu(w) for w in watched]
+        own_before = cpu(psutil.Process())
         seconds, latencies = await closed_loop(hub, url, args.commands, args.window)
+        bridge_cpu = sum(cpu(w) - b for w, b in zip(watched, cpu_before, strict=True))
+        own_cpu = cpu(psutil.Process()) - own_before
         spread = served_by({f"b{i}": p.log() for i, p in enumerate(procs)})
         row = {
             "bridges": bridges,
             "per_second": args.commands / seconds,
             "p50_ms": 1000 * percentile(latencies, 0.5),
             "p99_ms": 1000 * percentile(latencies, 0.99),
+            "bridge_cpu_ms": 1000 * bridge_cpu / args.commands,
         }
         print(
             f"{bridges:>7} {row['per_second']:>12.0f} {row['p50_ms']:>8.0f} {row['p99_ms']:>8.0f}"
-            f"   queues taken: {spread}",
+            f" {row['bridge_cpu_ms']:>14.2f} {1000 * own_cpu / args.commands:>12.2f}   queues taken: {spread}",
             flush=True,
         )
         if bridges == max(args.bridge_counts) and bridges > 1:
@@ -165,7 +180,8 @@ async def main() -> None:
     args = parser.parse_args()
     args.bridge_counts = [int(b) for b in args.bridges.split(",")]
     print(f"{os.cpu_count()} CPUs; {args.commands} polls, {args.window} outstanding, {args.shards} queues")
-    print(f"{'bridges':>7} {'commands/s':>12} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'bridges':>7} {'commands/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'bridge CPU ms':>14} {'client CPU ms':>12}")
+    print(f"{'':>7} {'':>12} {'':>8} {'':>8} {'per command':>14} {'per command':>12}")
     with tempfile.TemporaryDirectory() as tmp:
         for bridges in args.bridge_counts:
             await run(bridges, args, Path(tmp))

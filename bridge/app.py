@@ -12,6 +12,7 @@ connections -> Kubernetes and HTTP clients -> journal.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -449,7 +450,7 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
                     breaker=resilience.breaker,
                     in_flight=carrying,
                     counts=resilience.status_counts,
-                    depths=broker.queue_depths,
+                    depths=functools.partial(broker.queue_depths, units_of=shards.units_of),
                     publish=broker.publish_status,
                 )
                 resilience.outcomes.on_announced(reporter.served)

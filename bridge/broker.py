@@ -291,19 +291,23 @@ class BridgeBroker:
         )
         await self._replies.publish(outgoing, routing_key=self.topology.STATUS_ROUTING_KEY, timeout=10)
 
-    async def queue_depths(self, keys: list[str]) -> dict[str, int]:
-        """Ready messages per Outpost queue (passive declares on a channel of their own: a
-        queue deleted meanwhile closes that channel, not the bridge's others)."""
+    async def queue_depths(
+        self, keys: list[str], units_of: Callable[[str], list[str]] | None = None
+    ) -> dict[str, int]:
+        """Ready messages per Outpost, over its queues (``units_of``: an Outpost key's queue
+        routing keys, its shards; default: the one queue). Passive declares on a channel of
+        their own: a queue deleted meanwhile closes that channel, not the bridge's others."""
         if self._connection is None or not keys or not self.connected:
             return {}
         found: dict[str, int] = {}
         channel = await self._connection.channel()
         try:
             for key in keys:
-                queue = await channel.declare_queue(self.topology.outpost_queue(key), passive=True)
-                result = queue.declaration_result
-                if result is not None:
-                    found[key] = int(result.message_count or 0)
+                for unit in (units_of(key) if units_of is not None else None) or [key]:
+                    queue = await channel.declare_queue(self.topology.outpost_queue(unit), passive=True)
+                    result = queue.declaration_result
+                    if result is not None:
+                        found[key] = found.get(key, 0) + int(result.message_count or 0)
         except aio_pika.exceptions.ChannelClosed as exc:  # a queue that is gone: the rest next time
             log.debug("queue depth: %s", exc)
         finally:

@@ -188,6 +188,10 @@ class Shards:
             self._units |= new
             self._runner.wake()
 
+    def units_of(self, key: str) -> list[str]:
+        """The command queues (routing keys) known for Outpost ``key``."""
+        return sorted(u for u in self._units if outpost_of(u) == key)
+
     @property
     def held(self) -> frozenset[str]:
         """The units this bridge consumes now."""
@@ -339,7 +343,8 @@ class Shards:
             if not wait:  # shutting down: the consumer finishes the rest; closing now would requeue
                 await asyncio.Event().wait()
             began = self._clock()
-            while any(not m.processed for m in held.delivered):
+            # A lost connection returned every unacked delivery to the queue: nothing to wait for.
+            while self._broker.connected and any(not m.processed for m in held.delivered):
                 if self._clock() - began > self._drain_seconds:
                     log.warning("letting go of %s with commands still running after %.0f s", unit, self._drain_seconds)
                     break
