@@ -99,7 +99,16 @@ def cpu_seconds(proc: psutil.Process | None) -> float:
 class Stack:
     """One hub of ``kind`` with its Outpost(s) and, for ``ours``, its bridge."""
 
-    def __init__(self, kind: str, workdir: Path, settings: Settings, upstream_bin: Path | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        workdir: Path,
+        settings: Settings,
+        upstream_bin: Path | None = None,
+        *,
+        bridges: int = 1,
+        hub_env: dict[str, str] | None = None,
+    ) -> None:
         assert kind in STACKS, kind
         self.kind, self.settings = kind, settings
         self.dir = workdir
@@ -113,6 +122,12 @@ class Stack:
             self.bridge = Bridge(self.dir, self.prefix, self.dir / "journal.sqlite")
             # The bridge as an admin runs it: default retry limits, INFO logs (not the tests' DEBUG).
             self.bridge.argv = [a for a in self.bridge.argv if not a.startswith(("--OutpostBridge.", "--log-level"))]
+        self.more_bridges: list[Bridge] = []  # ours with bridges > 1: they share the Outposts' queues
+        for i in range(1, bridges if kind == "ours" else 1):
+            more = Bridge(self.dir, self.prefix, self.dir / f"journal{i}.sqlite")
+            more.argv = [a for a in more.argv if not a.startswith(("--OutpostBridge.", "--log-level"))]
+            more.name, more.log_path = f"bridge{i}", self.dir / f"bridge{i}.log"
+            self.more_bridges.append(more)
         env = {
             "BENCH_STACK": kind,
             "BENCH_START_DELAY": str(settings.start_delay),
@@ -120,6 +135,7 @@ class Stack:
             "OUTPOST_MQ_POLL_INTERVAL": str(settings.poll_interval),
             "OUTPOST_MQ_START_TIMEOUT": str(settings.start_timeout),
             "OUTPOST_SYSTEMS": json.dumps({"B": self.frozen.url} if self.frozen else {}),
+            **(hub_env or {}),
         }
         self.hub = Hub(self.dir, self.dir / "hub-state", self.prefix, self.outpost, env=env)  # type: ignore[arg-type]
         hub_bin = upstream_bin if kind == "upstream" else Path(self.hub.argv[0]).parent
@@ -134,6 +150,8 @@ class Stack:
                 self.frozen.start()
             if self.bridge is not None:
                 self.bridge.start()
+            for more in self.more_bridges:
+                more.start()
             self.hub.start()
         except BaseException:
             self.stop()
@@ -143,7 +161,7 @@ class Stack:
     def stop(self) -> None:
         """Everything this stack started, hub first; then its proxy if the hub left it, and its
         names on the broker."""
-        for proc in (self.hub, self.bridge, self.outpost, self.frozen):
+        for proc in (self.hub, self.bridge, *self.more_bridges, self.outpost, self.frozen):
             if proc is not None:
                 proc.stop(timeout=20)
         pid_file = self.dir / "hub-state" / "jupyterhub-proxy.pid"
@@ -165,7 +183,8 @@ class Stack:
     def processes(self) -> dict[str, psutil.Process | None]:
         """The processes whose cost is reported: hub; for ours also bridge and broker."""
         found: dict[str, psutil.Process | None] = {}
-        for name, proc in (("hub", self.hub), ("bridge", self.bridge)):
+        more = [(f"bridge{i}", b) for i, b in enumerate(self.more_bridges, start=1)]
+        for name, proc in (("hub", self.hub), ("bridge", self.bridge), *more):
             pid = self.pid(proc)
             found[name] = psutil.Process(pid) if pid else None
         found["broker"] = self.broker
