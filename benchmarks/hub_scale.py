@@ -30,7 +30,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
     extra = {"OutpostSpawner": {"outpost_shards": args.shards}}
     hub_env = {"OUTPOST_MQ_EXTRA_CONFIG": json.dumps(extra)}
     stack = Stack("ours", workdir / "stack", settings, bridges=args.bridges, hub_env=hub_env)
-    stack.start()
+    await asyncio.to_thread(stack.start)
     try:
         async with HubClient(stack) as hub:
             users = [f"scale-{i}" for i in range(args.servers)]
@@ -53,7 +53,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
     finally:
         bridges = [b for b in (stack.bridge, *stack.more_bridges) if b is not None]
         logs = {b.name: b.log() for b in bridges}
-        stack.stop()
+        await asyncio.to_thread(stack.stop)
     n = args.servers
     print(f"\n{n} servers started in {started:.0f} s ({n / started:.0f}/s), 100 at a time")
     print(f"{'process':10} {'CPU %':>7} {'RSS MiB':>8} {'RSS idle':>9} {'per 1,000 servers':>18}")
