@@ -216,15 +216,7 @@ class BridgeBroker:
         """Publish this bridge's heartbeat: not persistent, expiring after ``ttl`` s."""
         if self._members is None or not self.connected:
             return
-        outgoing = aio_pika.Message(
-            body=encode_wire(message, self.keyring),
-            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-            expiration=ttl,
-            message_id=message.id,
-            type=message.type,
-            user_id=self._user_id,
-        )
-        await self._members.publish(outgoing, routing_key="", timeout=10)
+        await self._members.publish(self._transient(message, ttl), routing_key="", timeout=10)
 
     async def consume_control(self, on_message: OnMessage) -> str:
         """Consume ``P.control`` (commands every bridge carries out) through this bridge's own
@@ -265,14 +257,7 @@ class BridgeBroker:
         key), not persistent: a report is worth little later. One attempt; the caller sends
         a full report next when this one may be lost."""
         assert self._replies is not None
-        outgoing = aio_pika.Message(
-            body=encode_wire(message, self.keyring),
-            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-            message_id=message.id,
-            content_type="application/msgpack",
-            type=message.type,
-            user_id=self._user_id,
-        )
+        outgoing = self._transient(message)
         await self._replies.publish(outgoing, routing_key=self.topology.watch_routing_key(message.hub), timeout=10)
 
     async def publish_status(self, message: Envelope, ttl: float) -> None:
@@ -280,7 +265,12 @@ class BridgeBroker:
         not persistent, not mandatory (no hub listening: dropped), expiring after ``ttl`` s."""
         if self._replies is None or not self.connected:
             return
-        outgoing = aio_pika.Message(
+        outgoing = self._transient(message, ttl)
+        await self._replies.publish(outgoing, routing_key=self.topology.STATUS_ROUTING_KEY, timeout=10)
+
+    def _transient(self, message: Envelope, ttl: float | None = None) -> aio_pika.Message:
+        """A signed message worth little later: not persistent, expiring after ``ttl`` s if given."""
+        return aio_pika.Message(
             body=encode_wire(message, self.keyring),
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
             expiration=ttl,
@@ -289,11 +279,8 @@ class BridgeBroker:
             type=message.type,
             user_id=self._user_id,
         )
-        await self._replies.publish(outgoing, routing_key=self.topology.STATUS_ROUTING_KEY, timeout=10)
 
-    async def queue_depths(
-        self, keys: list[str], units_of: Callable[[str], list[str]] | None = None
-    ) -> dict[str, int]:
+    async def queue_depths(self, keys: list[str], units_of: Callable[[str], list[str]] | None = None) -> dict[str, int]:
         """Ready messages per Outpost, over its queues (``units_of``: an Outpost key's queue
         routing keys, its shards; default: the one queue). Passive declares on a channel of
         their own: a queue deleted meanwhile closes that channel, not the bridge's others."""
