@@ -428,12 +428,12 @@ async def stop_while_down_bridge_gone(workdir: Path, n: int = 10, *, amqp_url: s
         took = await wait_until(lambda: not (set(users) & listed(outpost)), 60)
         remaining = await asyncio.to_thread(listed, outpost)
         await wait_until(lambda: sum(stops_ended(other_port)) >= n, 10)
-        carried, _ = await asyncio.to_thread(stops_ended, other_port)
+        carried, gone = await asyncio.to_thread(stops_ended, other_port)
         tally.attempted = n
         count_outcomes(tally, stops)
         tally.lost += sum(1 for u in users if u in remaining)
         tally.recover_seconds = took if took is not None else time.monotonic() - back
-        tally.extra = {"deferred": deferred, "carried_out_by_other": carried, "handed_over": handed is not None}
+        tally.extra = {"deferred": deferred, "ended_by_other": carried + gone, "handed_over": handed is not None}
         tally.note(
             f"{deferred}/{n} answered ok+deferred; the deferring bridge was SIGKILLed and not restarted;"
             f" the other bridge carried out {carried:.0f} once the Outpost answered"

@@ -81,8 +81,10 @@ async def test_three_bridges_share_the_queues_and_one_sigkilled_loses_nothing(fa
 async def test_stop_while_the_outpost_is_down_is_carried_out_later(fault_broker: str, workdir: Path) -> None:
     tally = await fs.stop_while_down(workdir, n=6, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
-    # Each server's stop is carried out (a copy delivered twice ends as already_gone).
-    assert tally.extra["deferred"] == 6 and tally.extra["carried_out"] >= 6, tally
+    # Each deferred stop ended in a DELETE the Outpost answered: 2xx, or 404 when the server
+    # was gone already (a copy delivered twice, or a DELETE whose answer the outage cut off).
+    ended = tally.extra["carried_out"] + tally.extra["already_gone"]
+    assert tally.extra["deferred"] == 6 and ended >= 6 and tally.extra["carried_out"] >= 1, tally
 
 
 async def test_stops_deferred_by_a_bridge_gone_for_good_are_carried_out_by_another(
@@ -91,7 +93,7 @@ async def test_stops_deferred_by_a_bridge_gone_for_good_are_carried_out_by_anoth
     tally = await fs.stop_while_down_bridge_gone(workdir, n=6, amqp_url=fault_broker)
     assert (tally.lost, tally.duplicated, tally.failed_clearly) == (0, 0, 0), tally
     assert tally.extra["deferred"] == 6 and tally.extra["handed_over"], tally
-    assert tally.extra["carried_out_by_other"] >= 6, tally
+    assert tally.extra["ended_by_other"] >= 6, tally
 
 
 async def test_broker_restart_under_load(fault_broker: str, workdir: Path) -> None:
