@@ -93,6 +93,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self._events_log: events.EventLog | None = None
         self._event_posts: events.PostRate | None = None
         self._request_pending = False
+        self._start_by = 0.0  # monotonic time start() ends by (before JupyterHub's start_timeout)
         self._start_noted = ""  # the start_id the outbox holds a note of (see _start_recorded)
         self._exit_code: int | None = None
         self._outpost_name = ""
@@ -486,8 +487,17 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self.add_event(events.sending_request(self._log_name, self.user_options or {}, self.event_field_max_bytes))
         broker_listen = None
         self._request_pending = True
+        # JupyterHub gives up on start() after start_timeout with a TimeoutError that has no
+        # text ("Spawn failed: "); the start ends a moment earlier, saying why.
+        self._start_by = time.monotonic() + self.start_timeout - min(2.0, self.start_timeout * 0.05)
         try:
             await resolve(self, "check_allowed", self.user_options or {}, passthrough=True)
+        except Exception as exc:  # check_allowed refused: its message is the reason
+            self._request_pending = False
+            self._report_failure(exc)
+            self.start_id = ""
+            raise
+        try:
             self.port = await self._resolve_port()
             await self._apply_poll_interval()
             # No wait for RabbitMQ here: the start's publish retries for broker_retry_timeout.
@@ -497,28 +507,30 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             # stops it after its restart (spawner.unclaimed.UnclaimedStarts.review_noted).
             broker.outbox.note_start(self.user.name, self.name, self.start_id)
             self._start_noted = self.start_id
-            result, during_startup = await self._unless_start_failed(self._request_start())
-        except REQUEST_FAILED as exc:
+            result, during_startup = await self._unless_start_failed(self._in_time(self._request_start()))
+        except Exception as exc:
+            failure = exc if isinstance(exc, REQUEST_FAILED) else self._unexpected(exc)
             if not self._failed_by_event():  # else the Outpost's event is the report; its POST did not fail
-                self._report_failure(exc)
-                await self._run_failed_spawn_request_hook(exc)
+                self._report_failure(failure)
+                await self._run_failed_spawn_request_hook(failure)
             await self._clean_up_failed_start()
-            raise
-        except Exception as exc:  # check_allowed refused: its message is the reason
-            self._report_failure(exc)
-            self.start_id = ""
-            raise
+            if failure is exc:
+                raise
+            raise failure from exc
         finally:
             self._request_pending = False
             if broker_listen is not None:
                 broker_listen()
         try:
-            url = await self._unless_start_failed(self._reachable_url(result, during_startup))
-        except REQUEST_FAILED as exc:
+            url = await self._unless_start_failed(self._in_time(self._reachable_url(result, during_startup)))
+        except Exception as exc:
+            failure = exc if isinstance(exc, REQUEST_FAILED) else self._unexpected(exc)
             if not self._failed_by_event():
-                self._report_failure(exc)
+                self._report_failure(failure)
             await self._clean_up_failed_start()
-            raise
+            if failure is exc:
+                raise
+            raise failure from exc
         # JupyterHub now waits for the server's HTTP endpoint: say so (progress() creeps on).
         self._answer_wait_since = time.monotonic()
         shown = [e.get("progress") for e in self.events if isinstance(e, dict)]
@@ -553,6 +565,27 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             self.log.warning("start of %s failed at the Outpost: %s", self._log_name, message)
             raise OutpostCommandFailed(ErrorInfo(kind="outpost_error", summary=message))
         return task.result()
+
+    async def _in_time(self, step: Awaitable[T]) -> T:
+        """Run a step of ``start()`` until shortly before JupyterHub's ``start_timeout``; then
+        fail with a message that says what was waited for (JupyterHub's own timeout says nothing)."""
+        try:
+            return await asyncio.wait_for(step, max(0.1, self._start_by - time.monotonic()))
+        except TimeoutError:
+            raise ReplyTimeout(
+                f"No answer from the bridge within the start timeout ({self.start_timeout:.0f} s);"
+                " the server will be stopped. Please try again later."
+            ) from None
+
+    def _unexpected(self, exc: Exception) -> OutpostSpawnerError:
+        """A failure of ``start()`` none of its steps expects: logged in full under an error id;
+        the user sees the id, never the exception's text."""
+        error_id = uuid.uuid4().hex[:8]
+        self.log.error("start of %s failed [error id %s]", self._log_name, error_id, exc_info=exc)
+        return OutpostSpawnerError(
+            f"The start failed on an unexpected error in the hub (error id {error_id});"
+            " the server will be stopped. Please try again."
+        )
 
     def _failed_by_event(self) -> bool:
         return self._start_failure is not None and self._start_failure.done()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .services import Hub, Outpost, wait_for
+from .services import Bridge, Hub, Outpost, wait_for
 from .test_spine import new_user, outpost_entries, start
 
 pytestmark = pytest.mark.integration
@@ -59,3 +59,22 @@ def test_outpost_down_past_the_deadline(hub: Hub, flaky_outpost: Outpost) -> Non
     assert events[-1].get("failed"), events
     assert "Outpost unreachable until the deadline" in events[-1]["message"], events[-1]
     wait_for(lambda: hub.server_model(user) is None, 30, "hub forgets the failed server")
+
+
+def test_no_answer_from_the_bridge_fails_clearly_before_jupyterhubs_timeout(
+    hub: Hub, bridge: Bridge, outpost: Outpost
+) -> None:
+    """A bridge that does not answer (frozen with SIGSTOP): the start fails a moment before
+    JupyterHub's start_timeout (whose own error has no text: "Spawn failed: ") with a message
+    that says what was missing; once the bridge is back, nothing of the start is left."""
+    user = new_user(hub)
+    assert bridge.proc is not None
+    os.kill(bridge.proc.pid, signal.SIGSTOP)
+    try:
+        events = start(hub, user, "", {"start_timeout": 8})
+    finally:
+        os.kill(bridge.proc.pid, signal.SIGCONT)
+    assert events[-1].get("failed"), events
+    assert "No answer from the bridge within the start timeout (8 s)" in events[-1]["message"], events[-1]
+    wait_for(lambda: hub.server_model(user) is None, 30, "hub forgets the failed server")
+    wait_for(lambda: outpost_entries(outpost, user) == [], 60, "nothing left at the Outpost")
