@@ -443,6 +443,7 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
             )
             consumer.use_shards(shards)
             resilience.watch.publish = broker.publish_watch
+            resilience.watch.peers = shards
             if self.status_interval:
                 reporter = StatusReporter(
                     self.bridge_name,

@@ -23,6 +23,10 @@ Who consumes which unit:
   runs while its previous one still runs on another bridge.
 - A new bridge first listens for half an interval (at least 0.5 s) before taking anything:
   the others answer its first heartbeat with theirs at once.
+- The heartbeat also names what the bridge's status watch reports on (short hashes of
+  Outpost account and hub): of the live bridges that claim the same pair, only the one
+  ranked first by the same rendezvous hash keeps it (:meth:`Shards.watched_elsewhere`), so
+  an Outpost account is listed by one bridge, not by every bridge whose servers use it.
 - Underneath, every queue keeps RabbitMQ's single active consumer: two bridges that both
   believe they own a unit (a partition, a heartbeat lost) never both receive its commands.
 
@@ -52,7 +56,7 @@ from jupyterhub_outpost_mq.bridge.broker import OnMessage
 from jupyterhub_outpost_mq.bridge.periodic import Periodic
 from jupyterhub_outpost_mq.schemas import BridgeMembership, DecodeError, Envelope, Keyring, decode_wire
 from jupyterhub_outpost_mq.schemas.base import new_id
-from jupyterhub_outpost_mq.schemas.events import MEMBER_UNITS_MAX
+from jupyterhub_outpost_mq.schemas.events import MEMBER_UNITS_MAX, MEMBER_WATCH_MAX
 from jupyterhub_outpost_mq.schemas.topology import outpost_of, shard_routing_keys
 
 if TYPE_CHECKING:
@@ -73,6 +77,7 @@ class _Member:
     seen: float
     interval: float
     held: frozenset[str]
+    watching: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -170,6 +175,7 @@ class Shards:
         self._last_beat = -1e9
         self._alone = False  # no heartbeats (no permission): take every unit, standing by where held
         self._runner = Periodic("sharing the command queues", self.run_once, interval)
+        self._watching: list[str] = []  # what this bridge's status watch reports on
         self.taken = 0
         self.released = 0
 
@@ -200,6 +206,18 @@ class Shards:
     def live_members(self) -> list[str]:
         """The bridges heard from recently, this one included."""
         return sorted({self.me, *self._members})
+
+    # -- the status watch's claims --------------------------------------------------------
+
+    def announce_watching(self, claims: frozenset[str]) -> None:
+        """What this bridge's status watch reports on now, sent with the next heartbeats."""
+        self._watching = sorted(claims)[:MEMBER_WATCH_MAX]
+
+    def watched_elsewhere(self, claim: str) -> bool:
+        """True when another live bridge claims ``claim`` and ranks before this one for it:
+        this bridge leaves it to that one (both converge within one heartbeat)."""
+        mine = _rank(self.me, claim)
+        return any(claim in m.watching and _rank(name, claim) > mine for name, m in self._members.items())
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -256,7 +274,7 @@ class Shards:
             return
         before = self._members.get(beat.bridge)
         held = frozenset(beat.held)
-        self._members[beat.bridge] = _Member(self._clock(), beat.interval, held)
+        self._members[beat.bridge] = _Member(self._clock(), beat.interval, held, frozenset(beat.watching))
         if before is None:
             log.info("bridge %s joined (%d live bridges)", beat.bridge, len(self.live_members()))
             self._answer = True  # the newcomer hears from us at once, not after an interval
@@ -266,7 +284,13 @@ class Shards:
     async def _beat(self, *, leaving: bool = False) -> None:
         self._last_beat = self._clock()
         held = sorted({*self._held, *self._draining})[:MEMBER_UNITS_MAX]
-        body = BridgeMembership(bridge=self.me, interval=self._interval, held=[] if leaving else held, leaving=leaving)
+        body = BridgeMembership(
+            bridge=self.me,
+            interval=self._interval,
+            held=[] if leaving else held,
+            leaving=leaving,
+            watching=[] if leaving else self._watching,
+        )
         envelope = Envelope(id=new_id(), hub=MEMBERS_HUB, body=body)
         await self._broker.publish_member(envelope, ttl=MISSED_BEATS * self._interval)
 

@@ -18,6 +18,12 @@ asks for it (:attr:`Rosters.watching`), the watch
    any report that may have been lost. The hub applies them in order
    (:mod:`jupyterhub_outpost_mq.spawner.watch`) and its ``poll()`` answers from memory.
 
+With several bridges (:mod:`~jupyterhub_outpost_mq.bridge.shards`), each (account, hub) pair
+is reported on by one of them: every bridge's heartbeat names the pairs its watch claims, and
+of the live bridges that claim a pair, the one the rendezvous hash ranks first keeps it; the
+others leave it (and send a full report first if they take it up again, e.g. when that
+bridge is gone). An Outpost account is then listed once per interval, not once per bridge.
+
 A server the watch does not list, or lists without a status it could learn, is left out:
 the hub then asks the Outpost with a poll command, as without the watch.
 """
@@ -26,12 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import itertools
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from jupyterhub_outpost_mq.bridge.circuit import CircuitBreaker
 from jupyterhub_outpost_mq.bridge.errors import OutpostAnswerError, TargetNotAllowed, TransientError
@@ -52,6 +60,19 @@ log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 CALL_SECONDS = 20.0
 Pair = tuple[str, str]  # (service name, start_id)
 Publish = Callable[[Envelope], Awaitable[None]]
+
+
+class WatchPeers(Protocol):
+    """The other bridges, as far as the watch needs them (:class:`~jupyterhub_outpost_mq.bridge.shards.Shards`)."""
+
+    def announce_watching(self, claims: frozenset[str]) -> None: ...
+
+    def watched_elsewhere(self, claim: str) -> bool: ...
+
+
+def watch_claim(ident: str, hub: str) -> str:
+    """The short hash a heartbeat names an (Outpost account, hub) pair by."""
+    return hashlib.sha256(f"{ident}|{hub}".encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -101,6 +122,7 @@ class StatusWatch:
         self._api = OutpostApi.of(client)
         self._rosters = rosters
         self.publish = publish  # set once the broker is connected
+        self.peers: WatchPeers | None = None  # several bridges: one of them reports on each pair
         self._breaker = breaker
         self._interval = interval  # 0 = no watch
         self._max_interval = max(interval, max_interval)
@@ -123,21 +145,26 @@ class StatusWatch:
         if self.publish is None:
             return 0
         watching = self._rosters.watching
-        if not watching:
-            return 0
         due: list[tuple[_Account, frozenset[str]]] = []
+        claims: set[str] = set()
         now = self._clock()
-        for target, hubs in self._ledger.targets():
-            recipients = hubs & watching
+        for target, hubs in self._ledger.targets() if watching else ():
+            ident = target_ident(target)
+            recipients = self._mine(ident, hubs & watching)
+            claims.update(watch_claim(ident, hub) for hub in recipients)
+            account = self._accounts.get(ident)
+            if account is not None:
+                for hub in set(account.sent) - recipients:  # left to another bridge: a full report when taken up again
+                    del account.sent[hub]
             if not recipients:
                 continue
-            ident = target_ident(target)
-            account = self._accounts.get(ident)
             if account is None:
                 listing = f"{self._run}.{next(self._numbers)}"
                 account = self._accounts[ident] = _Account(listing, target, self._interval)
             if now >= account.due and account.task is None:
                 due.append((account, recipients))
+        if self.peers is not None:
+            self.peers.announce_watching(frozenset(claims))
         # Each account's pass runs on its own: one Outpost that answers slowly (or not at all,
         # up to CALL_SECONDS) delays the next pass of no other.
         tasks = [asyncio.ensure_future(self._pass(account, hubs)) for account, hubs in due]
@@ -148,6 +175,13 @@ class StatusWatch:
             return 0
         done, _ = await asyncio.wait(tasks, timeout=max(self._interval, 0.1))
         return sum(t.result() for t in done if not t.cancelled() and t.exception() is None)
+
+    def _mine(self, ident: str, hubs: frozenset[str]) -> frozenset[str]:
+        """The hubs this bridge reports to about account ``ident``: those no better-ranked
+        live bridge claims."""
+        if self.peers is None:
+            return hubs
+        return frozenset(hub for hub in hubs if not self.peers.watched_elsewhere(watch_claim(ident, hub)))
 
     async def stop(self) -> None:
         await self._runner.stop()

@@ -225,14 +225,22 @@ class BridgeStatus(msgspec.Struct, frozen=True, kw_only=True, tag="status"):
 MEMBER_UNITS_MAX = 4096
 """Most command queues one bridge heartbeat lists."""
 
+MEMBER_WATCH_MAX = 4096
+"""Most status-watch claims one bridge heartbeat lists (beyond it, the others watch too)."""
+
 
 class BridgeMembership(msgspec.Struct, frozen=True, kw_only=True, tag="member"):
     """A bridge's heartbeat to the other bridges (``P.members``, :mod:`~jupyterhub_outpost_mq.bridge.shards`):
     it is alive, and which command queues (routing keys) it consumes or still finishes work
     of. ``leaving``: its last one, sent once it let go of all of them. The envelope's ``hub``
-    is ``"bridges"``."""
+    is ``"bridges"``. ``watching``: the (Outpost account, hub) pairs its status watch reports
+    on, as short hashes (:mod:`~jupyterhub_outpost_mq.bridge.status_watch`), so that one
+    bridge lists each account instead of all of them."""
 
     bridge: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
     interval: Annotated[float, msgspec.Meta(gt=0, le=3600)]
     held: Annotated[list[Annotated[str, msgspec.Meta(max_length=220)]], msgspec.Meta(max_length=MEMBER_UNITS_MAX)] = []
     leaving: bool = False
+    watching: Annotated[
+        list[Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16}$")]], msgspec.Meta(max_length=MEMBER_WATCH_MAX)
+    ] = []

@@ -52,7 +52,7 @@ from jupyterhub_outpost_mq.schemas.cluster import connect_cluster, nodes_text
 from jupyterhub_outpost_mq.schemas.codec import peek
 from jupyterhub_outpost_mq.schemas.liveness import liveness_url
 from jupyterhub_outpost_mq.schemas.topology import broker_user, shard_of, shard_routing_key, shard_routing_keys
-from jupyterhub_outpost_mq.spawner.errors import BrokerUnavailable, KeysMissing
+from jupyterhub_outpost_mq.spawner.errors import BrokerRefused, BrokerUnavailable, KeysMissing
 from jupyterhub_outpost_mq.spawner.outbox import HubOutbox
 from jupyterhub_outpost_mq.spawner.roster import RosterSender
 from jupyterhub_outpost_mq.spawner.server_state import RepliesRouter
@@ -400,11 +400,15 @@ class HubBroker:
     async def publish(self, command: Envelope, outpost: str) -> None:
         """Publish a command to an Outpost's queue (the broker also routes it to the replay
         stream); returns once the broker confirmed it. Whatever the outbox still holds goes
-        first (a stop kept during an outage must reach the bridge before a later start of the
-        same server)."""
+        first when it is for the same Outpost (a stop kept during an outage must reach the
+        bridge before a later start of the same server); the outbox's commands for other
+        Outposts are the drainer's, so a queue without a leader delays no other Outpost's
+        commands."""
         assert self._commands is not None
         if len(self.outbox):
-            await self._send_outbox()
+            await self._send_outbox(outpost)
+            if len(self.outbox):
+                self.drain_later()
         await self._publish(self._commands, command, self.routing_key(outpost, command), mandatory=True)
 
     def routing_key(self, outpost: str, command: Envelope) -> str:
@@ -443,7 +447,7 @@ class HubBroker:
         self.outbox.add(command.id, outpost, origin, command.type, encode_wire(command, self.keyring))
         try:
             await self.ready(timeout)
-            await self._send_outbox()
+            await self._send_outbox(outpost)
         except BrokerUnavailable as exc:
             log.warning("%s kept in the outbox until RabbitMQ is back: %s", command.describe(), exc)
             self.drain_later()
@@ -462,16 +466,22 @@ class HubBroker:
                 await self.ready(15)
                 await self._send_outbox()
                 delay = 1.0
+            except BrokerRefused as exc:  # a queue's leader is being elected: seconds
+                log.info("outbox: %d command(s) wait for RabbitMQ (%s)", len(self.outbox), exc)
+                await asyncio.sleep(1.0)
             except BrokerUnavailable as exc:
                 log.info("outbox: %d command(s) wait for RabbitMQ (%s)", len(self.outbox), exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 15.0)
 
-    async def _send_outbox(self) -> None:
-        """Send what the outbox holds, oldest first; each is forgotten once confirmed."""
+    async def _send_outbox(self, outpost: str | None = None) -> None:
+        """Send what the outbox holds (for Outpost ``outpost`` only, when given), oldest first;
+        each is forgotten once confirmed."""
         assert self._commands is not None
         async with self._outbox_lock:
             for item in self.outbox.pending():
+                if outpost is not None and item.key != outpost:
+                    continue
                 await self.ensure_outpost(item.key, item.origin)
                 await self._publish_body(
                     self._commands,
@@ -551,5 +561,9 @@ class HubBroker:
             raise_if_cancelled()
             # aiormq cancels the confirm futures of a connection it declares dead.
             raise BrokerUnavailable(f"the connection to RabbitMQ broke during the {kind} publish") from None
+        except aio_pika.exceptions.DeliveryError as exc:
+            if isinstance(exc, aio_pika.exceptions.PublishError):  # returned: no queue bound to it
+                raise BrokerUnavailable(f"RabbitMQ did not route the {kind} command to a queue") from exc
+            raise BrokerRefused(f"RabbitMQ refused the {kind} command (the queue has no leader right now)") from exc
         except Exception as exc:
             raise BrokerUnavailable(f"RabbitMQ did not accept the {kind} command: {exc}") from exc

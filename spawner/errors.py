@@ -6,6 +6,8 @@ Hierarchy::
     ├── HookError                an admin-configured hook raised or returned a wrong type;
     │                            names the trait
     ├── BrokerUnavailable        RabbitMQ cannot be reached or did not confirm a publish
+    │   ├── BrokerRefused        RabbitMQ answered but refused a publish (nack): a queue
+    │   │                        without a leader while a cluster node fails; retried soon
     │   └── KeysMissing          no usable signing key / bridge public keys: a configuration
     │                            error naming the trait (the hub sends nothing unsigned)
     ├── ReplyTimeout             no result for a command before its deadline
@@ -27,6 +29,12 @@ class HookError(OutpostSpawnerError):
 
 class BrokerUnavailable(OutpostSpawnerError):
     """RabbitMQ could not be reached or did not confirm a publish."""
+
+
+class BrokerRefused(BrokerUnavailable):
+    """RabbitMQ is reachable but refused (nacked) a publish: in a cluster, the queue's leader
+    was lost and a new one is being elected (seconds). Worth retrying at a short interval,
+    unlike an unreachable broker."""
 
 
 class KeysMissing(BrokerUnavailable):

@@ -45,6 +45,7 @@ from jupyterhub_outpost_mq.schemas.events import NOTE_TEXT_CHARS
 from jupyterhub_outpost_mq.spawner import progress as events
 from jupyterhub_outpost_mq.spawner.broker import HubBroker
 from jupyterhub_outpost_mq.spawner.errors import (
+    BrokerRefused,
     BrokerUnavailable,
     HookError,
     OutpostCommandFailed,
@@ -422,15 +423,17 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
                 await broker.publish(envelope, key)
                 return
             except BrokerUnavailable as exc:
-                if time.monotonic() + delay >= give_up:
+                # Refused (a queue's leader is being elected, seconds): try again soon; else back off.
+                pause = min(delay, 1.0) if isinstance(exc, BrokerRefused) else delay
+                if time.monotonic() + pause >= give_up:
                     raise
                 if self._request_pending and not told:
                     told = True
                     self.add_event(
                         {"progress": 10, "message": f"Message broker unreachable, retrying: {exc}", "failed": False}
                     )
-                self.log.warning("%s: %s; retrying in %.1f s", self._log_name, exc, delay)
-                await asyncio.sleep(delay)
+                self.log.warning("%s: %s; retrying in %.1f s", self._log_name, exc, pause)
+                await asyncio.sleep(pause)
                 delay = min(delay * 2, 5.0)
 
     def _envelope(self, body: Any, deadline: float, start_id: str | None = None) -> Envelope:

@@ -282,3 +282,34 @@ async def test_a_bridge_without_heartbeat_permissions_takes_every_queue_it_can(t
         assert in_order(ledger)
     finally:
         await worker.stop()
+
+
+@aio
+async def test_of_the_bridges_that_claim_a_status_watch_pair_exactly_one_keeps_it_also_after_it_dies(
+    topology: Topology,
+) -> None:
+    ledger = Ledger()
+    workers = [await Worker(topology, ledger, f"w{i}").start() for i in range(3)]
+    claims = ["a" * 16, "b" * 16, "c" * 16]
+    for w in workers:
+        w.shards.announce_watching(frozenset(claims))
+
+    def keepers(ws: list[Worker], claim: str) -> list[Worker]:
+        return [w for w in ws if not w.shards.watched_elsewhere(claim)]
+
+    await until(lambda: all(len(keepers(workers, c)) == 1 for c in claims))
+    # The keeper is the same one whichever bridge asks (every bridge ranks alike), and
+    # keeps it while the others still claim it.
+    await asyncio.sleep(3 * INTERVAL)
+    assert all(len(keepers(workers, c)) == 1 for c in claims)
+    (keeper,) = keepers(workers, claims[0])
+    await keeper.die()
+    alive = [w for w in workers if w is not keeper]
+    took = await until(lambda: len(keepers(alive, claims[0])) == 1, timeout=10)
+    assert took <= 3 * INTERVAL + 2, took
+    # A bridge that no longer claims a pair leaves it to the others at its next heartbeat.
+    (second,) = keepers(alive, claims[0])
+    second.shards.announce_watching(frozenset())
+    await until(lambda: [w for w in alive if w is not second and not w.shards.watched_elsewhere(claims[0])] != [])
+    for w in alive:
+        await w.stop()

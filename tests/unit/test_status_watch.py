@@ -18,6 +18,7 @@ from jupyterhub_outpost_mq.bridge.circuit import CircuitBreaker, GuardedOutpostC
 from jupyterhub_outpost_mq.bridge.ledger import ServerLedger
 from jupyterhub_outpost_mq.bridge.outpost_access import OutpostAccess
 from jupyterhub_outpost_mq.bridge.rosters import Rosters
+from jupyterhub_outpost_mq.bridge.shards import _rank
 from jupyterhub_outpost_mq.bridge.status_watch import StatusWatch
 from jupyterhub_outpost_mq.schemas import Envelope, HubRoster, OutpostTarget, WatchReport, outpost_key
 from jupyterhub_outpost_mq.spawner.watch import UNKNOWN, WatchTable
@@ -226,3 +227,71 @@ async def test_an_outpost_that_never_answers_delays_no_other(outpost: FakeOutpos
         frozen.close()
         for writer in accepted:
             writer.close()
+
+
+class Heartbeats:
+    """The other bridges as the watch sees them (bridge.shards.Shards): each bridge's claims,
+    and the same ranking rule, without RabbitMQ (test_shards.py runs the real heartbeats)."""
+
+    def __init__(self) -> None:
+        self.claims: dict[str, frozenset[str]] = {}
+
+    def member(self, name: str) -> Any:
+        board = self
+
+        class Peer:
+            def announce_watching(self, claims: frozenset[str]) -> None:
+                board.claims[name] = claims
+
+            def watched_elsewhere(self, claim: str) -> bool:
+                mine = _rank(name, claim)
+                return any(claim in c and _rank(o, claim) > mine for o, c in board.claims.items() if o != name)
+
+        return Peer()
+
+
+@aio
+async def test_with_several_bridges_one_lists_each_account_and_another_takes_over_with_a_full_report(
+    outpost: FakeOutpost,
+) -> None:
+    run(outpost, "alice", "bob")
+    outpost.list_status = True
+    s = Setup(outpost)
+    board = Heartbeats()
+    watches = {}
+    for name in ("bridge-1", "bridge-2", "bridge-3"):
+        watches[name] = StatusWatch(
+            s.ledger, s.client, s.rosters, s.publish, interval=5, status_interval=30, clock=s.clock
+        )
+        watches[name].peers = board.member(name)
+    await s.client.start()
+    try:
+        for _ in range(2):  # the first pass: every bridge claims; from the next, one keeps it
+            for watch in watches.values():
+                await watch.run_once()
+        outpost.requests.clear()
+        sent = len(s.sent)
+        for _ in range(4):
+            s.clock.now += 5.1
+            for watch in watches.values():
+                await watch.run_once()
+        assert s.count("list") == 4 and len(s.sent) == sent + 4  # once per interval, not three times
+        (keeper,) = [n for n, c in board.claims.items() if c]
+        del board.claims[keeper]  # that bridge is gone: its heartbeats stop
+        del watches[keeper]
+        outpost.services["bob/s1"]["status"] = 7
+        s.clock.now += 5.1
+        for watch in watches.values():
+            await watch.run_once()
+        assert s.reports()[-1].full and s.status("bob") == 7 and s.status("alice") is None
+        for _ in range(2):  # both may claim it in that first pass; one keeps it from the next
+            s.clock.now += 5.1
+            for watch in watches.values():
+                await watch.run_once()
+        before = s.count("list")
+        s.clock.now += 5.1
+        for watch in watches.values():
+            await watch.run_once()
+        assert s.count("list") == before + 1
+    finally:
+        await s.client.close()
