@@ -31,7 +31,7 @@ from aio_pika.abc import (
 )
 
 from jupyterhub_outpost_mq.schemas import Envelope, Keyring, Topology, encode_wire, peek, redacted
-from jupyterhub_outpost_mq.schemas.cluster import connect_cluster
+from jupyterhub_outpost_mq.schemas.cluster import connect_cluster, fresh_publisher, retire_channel
 from jupyterhub_outpost_mq.schemas.liveness import liveness_url
 from jupyterhub_outpost_mq.schemas.topology import DEAD_LETTER_REASON_HEADER, broker_user
 
@@ -60,6 +60,7 @@ class BridgeBroker:
         self._deferred: AbstractRobustExchange | None = None
         self._members: Any = None
         self._consumers: list[tuple[Any, str]] = []
+        self._publisher_lock = asyncio.Lock()
 
     async def connect(self, timeout: float = 30) -> None:
         name = f"outpost-mq bridge {socket.gethostname()} {os.getpid()}"
@@ -362,6 +363,14 @@ class BridgeBroker:
                     # aiormq cancels the confirm futures of a connection it declares dead.
                     raise ConnectionError("the connection broke during the publish") from None
                 return
+            except aio_pika.exceptions.DeliveryError as exc:
+                # Refused: returned (no queue: final), or nacked (a queue lost its leader:
+                # this channel goes on refusing, a new one does not; schemas/cluster.py).
+                if isinstance(exc, aio_pika.exceptions.PublishError) or time.monotonic() >= end:
+                    raise
+                exchange = await self._renew_publisher(exchange)
+                log.warning("RabbitMQ refused %s (a queue lost its leader); retrying on a new channel", message_id)
+                await asyncio.sleep(min(attempt * 0.2, 1.0))
             except (
                 TimeoutError,
                 aio_pika.exceptions.AMQPConnectionError,
@@ -374,6 +383,27 @@ class BridgeBroker:
                     raise
                 log.warning("publish of %s failed (%s); retrying after reconnect", message_id, exc)
                 await asyncio.sleep(min(attempt * 0.5, 2.0))
+
+    async def _renew_publisher(self, stale: AbstractRobustExchange) -> AbstractRobustExchange:
+        """Publish on a new channel from now on (once per refused channel); returns the
+        exchange to use instead of ``stale``."""
+        async with self._publisher_lock:
+            if self._connection is not None and (stale is self._replies or stale is self._dead):
+                t = self.topology
+                try:
+                    channel, (replies, dead) = await fresh_publisher(
+                        self._connection, [t.reply_exchange, t.dead_letter_exchange]
+                    )
+                except Exception as exc:  # the connection is going: it brings a new channel itself
+                    log.info("could not open a new publishing channel: %s", exc)
+                    return stale
+                old, self._publish_channel = self._publish_channel, channel
+                self._replies, self._dead = replies, dead  # type: ignore[assignment]
+                if old is not None:
+                    retire_channel(old)
+            fresh = self._replies if stale.name == self.topology.reply_exchange else self._dead
+            assert fresh is not None
+            return fresh
 
 
 def dead_letter_body(raw: bytes) -> bytes:

@@ -48,7 +48,7 @@ from jupyterhub_outpost_mq.schemas import (
     encode_wire,
 )
 from jupyterhub_outpost_mq.schemas.base import new_id
-from jupyterhub_outpost_mq.schemas.cluster import connect_cluster, nodes_text
+from jupyterhub_outpost_mq.schemas.cluster import connect_cluster, fresh_publisher, nodes_text, retire_channel
 from jupyterhub_outpost_mq.schemas.codec import peek
 from jupyterhub_outpost_mq.schemas.liveness import liveness_url
 from jupyterhub_outpost_mq.schemas.topology import broker_user, shard_of, shard_routing_key, shard_routing_keys
@@ -140,6 +140,7 @@ class HubBroker:
         self.shards = 1  # command queues per Outpost (OutpostSpawner.outpost_shards)
         self.outbox = outbox if outbox is not None else HubOutbox(":memory:")  # tests: not durable
         self._outbox_lock = asyncio.Lock()
+        self._publisher_lock = asyncio.Lock()
         self._drainer: asyncio.Task[None] | None = None
         self.topology = topology
         self.hub_id = hub_id
@@ -393,6 +394,9 @@ class HubBroker:
         except asyncio.CancelledError:
             raise_if_cancelled()
             raise BrokerUnavailable(f"the connection to RabbitMQ broke while declaring {key}") from None
+        except aio_pika.exceptions.DeliveryError as exc:  # the announcement refused: see _renew_publisher
+            await self._renew_publisher(self._registry)
+            raise BrokerRefused(f"RabbitMQ refused the announcement of the Outpost queue {key}") from exc
         except Exception as exc:
             raise BrokerUnavailable(f"RabbitMQ did not declare the Outpost queue {key}: {exc}") from exc
         self._outposts[key] = now
@@ -494,6 +498,35 @@ class HubBroker:
                 self.outbox.sent(item.message_id)
                 log.info("outbox: %s %s handed to RabbitMQ", item.kind, item.message_id)
 
+    async def _renew_publisher(self, stale: aio_pika.abc.AbstractExchange) -> None:
+        """After a nack: publish on a new channel from now on (a channel that published to a
+        queue whose leader died goes on refusing, see :mod:`~jupyterhub_outpost_mq.schemas.cluster`).
+        Once per refused channel, however many publishes it refused."""
+        async with self._publisher_lock:
+            current = (self._commands, self._control, self._audit, self._registry)
+            if self._connection is None or not any(stale is e for e in current):
+                return  # renewed meanwhile
+            t = self.topology
+            names = [t.command_exchange, t.control_exchange, t.audit_exchange, t.registry_exchange]
+            try:
+                channel, (commands, control, audit, registry) = await fresh_publisher(
+                    self._connection, names, on_return_raises=True
+                )
+            except Exception as exc:  # the connection is going: it brings a new channel itself
+                log.info("could not open a new publishing channel: %s", exc)
+                return
+            old = self._channel
+            self._channel, self._commands, self._control, self._audit, self._registry = (
+                channel,
+                commands,
+                control,
+                audit,
+                registry,
+            )
+            if old is not None:
+                retire_channel(old)
+            log.info("RabbitMQ refused a publish (a queue lost its leader): publishing on a new channel")
+
     def _outbox_routing_key(self, outpost: str, body: bytes) -> str:
         """The routing key of a command the outbox holds (its own wire frame, written by this
         hub: read without checking the signature again)."""
@@ -564,6 +597,7 @@ class HubBroker:
         except aio_pika.exceptions.DeliveryError as exc:
             if isinstance(exc, aio_pika.exceptions.PublishError):  # returned: no queue bound to it
                 raise BrokerUnavailable(f"RabbitMQ did not route the {kind} command to a queue") from exc
-            raise BrokerRefused(f"RabbitMQ refused the {kind} command (the queue has no leader right now)") from exc
+            await self._renew_publisher(exchange)
+            raise BrokerRefused(f"RabbitMQ refused the {kind} command (a queue's leader was lost)") from exc
         except Exception as exc:
             raise BrokerUnavailable(f"RabbitMQ did not accept the {kind} command: {exc}") from exc
