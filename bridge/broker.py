@@ -58,6 +58,7 @@ class BridgeBroker:
         self._replies: AbstractRobustExchange | None = None
         self._dead: AbstractRobustExchange | None = None
         self._deferred: AbstractRobustExchange | None = None
+        self._deferred_channel: Any = None
         self._members: Any = None
         self._consumers: list[tuple[Any, str]] = []
         self._publisher_lock = asyncio.Lock()
@@ -104,7 +105,7 @@ class BridgeBroker:
             with contextlib.suppress(Exception):
                 await channel.close()
             return
-        self._deferred = exchange
+        self._deferred, self._deferred_channel = exchange, channel
 
     @property
     def shares_deferred_stops(self) -> bool:
@@ -123,7 +124,18 @@ class BridgeBroker:
             expiration=max(0.1, wait),
             user_id=self._user_id,
         )
-        await self._deferred.publish(message, routing_key="wait", timeout=30)
+        try:
+            await self._deferred.publish(message, routing_key="wait", timeout=30)
+        except aio_pika.exceptions.DeliveryError as exc:
+            if not isinstance(exc, aio_pika.exceptions.PublishError) and self._connection is not None:
+                # Nacked: P.deferred.wait lost its leader; the next hand-over goes on a new channel.
+                old = self._deferred_channel
+                self._deferred_channel, (self._deferred,) = await fresh_publisher(
+                    self._connection, [self.topology.deferred_exchange]
+                )
+                if old is not None:
+                    retire_channel(old)
+            raise
 
     async def consume_deferred(self, on_message: OnMessage, prefetch: int = 20) -> bool:
         """Consume ``P.deferred.due`` (every bridge does); False when the queues are not available."""
@@ -259,7 +271,12 @@ class BridgeBroker:
         a full report next when this one may be lost."""
         assert self._replies is not None
         outgoing = self._transient(message)
-        await self._replies.publish(outgoing, routing_key=self.topology.watch_routing_key(message.hub), timeout=10)
+        try:
+            await self._replies.publish(outgoing, routing_key=self.topology.watch_routing_key(message.hub), timeout=10)
+        except aio_pika.exceptions.DeliveryError as exc:
+            if not isinstance(exc, aio_pika.exceptions.PublishError):
+                await self._renew_publisher(self._replies)
+            raise
 
     async def publish_status(self, message: Envelope, ttl: float) -> None:
         """Publish a bridge status (the hubs' Outposts page, :mod:`~jupyterhub_outpost_mq.bridge.status_report`):
@@ -398,7 +415,7 @@ class BridgeBroker:
                     log.info("could not open a new publishing channel: %s", exc)
                     return stale
                 old, self._publish_channel = self._publish_channel, channel
-                self._replies, self._dead = replies, dead  # type: ignore[assignment]
+                self._replies, self._dead = replies, dead
                 if old is not None:
                     retire_channel(old)
             fresh = self._replies if stale.name == self.topology.reply_exchange else self._dead

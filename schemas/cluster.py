@@ -31,7 +31,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 from aio_pika import RobustConnection
@@ -124,12 +124,13 @@ async def connect_cluster(
 
 async def fresh_publisher(
     connection: aio_pika.abc.AbstractRobustConnection, exchanges: Sequence[str], *, on_return_raises: bool = False
-) -> tuple[aio_pika.abc.AbstractRobustChannel, list[aio_pika.abc.AbstractExchange]]:
+) -> tuple[aio_pika.abc.AbstractRobustChannel, list[aio_pika.abc.AbstractRobustExchange]]:
     """A new publishing channel (with confirms) and the named (existing) exchanges on it:
     what a publisher switches to after a nack (see the module's text). The caller closes the
     old channel once the publishes still in flight on it had time to be confirmed."""
     channel = await connection.channel(publisher_confirms=True, on_return_raises=on_return_raises)
-    return channel, [await channel.get_exchange(name, ensure=False) for name in exchanges]
+    found = [await channel.get_exchange(name, ensure=False) for name in exchanges]
+    return channel, [cast(aio_pika.abc.AbstractRobustExchange, exchange) for exchange in found]
 
 
 def retire_channel(channel: aio_pika.abc.AbstractChannel, after: float = 30.0) -> None:
