@@ -33,6 +33,7 @@ from jupyterhub_outpost_mq.bridge.k8s_services import SERVICE_ACCOUNT_DIR, Servi
 from jupyterhub_outpost_mq.bridge.keys import KeyTraits
 from jupyterhub_outpost_mq.bridge.outpost_access import OutpostAccessTraits
 from jupyterhub_outpost_mq.bridge.pipeline import Pipeline
+from jupyterhub_outpost_mq.bridge.queue_moves import QueueMoves
 from jupyterhub_outpost_mq.bridge.reachability import Reachability
 from jupyterhub_outpost_mq.bridge.remote_forward import RemoteForwardRunner
 from jupyterhub_outpost_mq.bridge.resilience import Resilience, ResilienceTraits
@@ -400,6 +401,7 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
         )
         client = resilience.client  # an OutpostClient behind per-Outpost circuits
         reporter: StatusReporter | None = None
+        moves: QueueMoves | None = None
         broker = BridgeBroker(
             self.amqp_url,
             Topology(self.name_prefix),
@@ -442,6 +444,16 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
                 broker, self._keyring, consumer.on_command, interval=self.membership_interval, in_flight=in_flight
             )
             consumer.use_shards(shards)
+            served = frozenset(self.hub_ids)
+            moves = QueueMoves(
+                shards.me,
+                broker.publish_reply,
+                lambda: served or resilience.known_hubs(),  # hub_ids, when set, names every hub
+                lambda: shards.held,
+                forwards=reach.held_forwards,
+            )
+            shards.on_taken = moves.taken
+            resilience.outcomes.on_roster(lambda hub, _roster: moves.hub_seen(hub))
             resilience.watch.publish = broker.publish_watch
             resilience.watch.peers = shards
             if self.status_interval:
@@ -463,6 +475,7 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
                 if shared is not None:
                     await broker.consume_deferred(deferred.on_due)
             await shards.start()
+            moves.list_forwards()
             await broker.follow_registry(consumer.on_registry)
             if reporter is not None:
                 await reporter.start()
@@ -481,6 +494,8 @@ class OutpostBridge(Application, ResilienceTraits, KeyTraits, OutpostAccessTrait
         finally:
             if reporter is not None:
                 await reporter.stop()
+            if moves is not None:
+                await moves.close()
             await broker.close()
             await tunnels.close()
             await pool.close()

@@ -42,11 +42,12 @@ from jupyterhub_outpost_mq.bridge.broker import BridgeBroker
 from jupyterhub_outpost_mq.bridge.circuit import wait_notices
 from jupyterhub_outpost_mq.bridge.outcomes import Outcomes
 from jupyterhub_outpost_mq.bridge.pipeline import Pipeline, reply, run_cancellable
-from jupyterhub_outpost_mq.bridge.reachability import Reachability
+from jupyterhub_outpost_mq.bridge.reachability import ForwardKey, Reachability
 from jupyterhub_outpost_mq.bridge.shards import Shards
 from jupyterhub_outpost_mq.schemas import (
     CommandResult,
     DecodeError,
+    DropForwardCommand,
     Envelope,
     ErrorInfo,
     FlavorsCommand,
@@ -197,7 +198,7 @@ class CommandConsumer:
         a node, answer); then ack."""
         try:
             envelope = self._verified(message)
-            if not isinstance(envelope.body, (RecreateForwardCommand, HubRoster)):
+            if not isinstance(envelope.body, (RecreateForwardCommand, HubRoster, DropForwardCommand)):
                 raise DecodeError("invalid", f"a {envelope.type!r} message is not a control message")
             if self._hub_ids and envelope.hub not in self._hub_ids:
                 raise DecodeError("invalid", f"hub id {envelope.hub!r} is not served by this bridge")
@@ -209,6 +210,10 @@ class CommandConsumer:
             return
         if isinstance(envelope.body, HubRoster):
             self._outcomes.roster(envelope.hub, envelope.body)
+            await message.ack()
+            return
+        if isinstance(envelope.body, DropForwardCommand):
+            await self._drop_forward(envelope, envelope.body)
             await message.ack()
             return
         host = envelope.body.host
@@ -242,6 +247,18 @@ class CommandConsumer:
             await self._broker.publish_reply(reply(envelope, result))
         finally:
             await message.ack()
+
+    async def _drop_forward(self, envelope: Envelope, drop: DropForwardCommand) -> None:
+        """Another bridge built this start's forward: remove ours unless it is the one kept.
+        No answer: the hub does not wait for every bridge."""
+        if self._reach is None or envelope.server is None:
+            return
+        try:
+            await self._reach.drop_unless(ForwardKey(envelope.hub, drop.name, envelope.server.start_id), drop.keep)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a failure is logged, never a consumer crash
+            log.exception("drop_forward failed %s", envelope.describe())
 
     # -- commands ------------------------------------------------------------------------
 

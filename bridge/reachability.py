@@ -30,7 +30,7 @@ from jupyterhub_outpost_mq.bridge.errors import TunnelSpecError
 from jupyterhub_outpost_mq.bridge.k8s_services import ServiceManager
 from jupyterhub_outpost_mq.bridge.remote_forward import RemoteForwardRunner
 from jupyterhub_outpost_mq.bridge.tunnels import TunnelManager
-from jupyterhub_outpost_mq.schemas import RemoteForwardSpec, ServiceSpec, TunnelSpec
+from jupyterhub_outpost_mq.schemas import HeldForward, RemoteForwardSpec, ServiceSpec, TunnelSpec
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
@@ -131,6 +131,34 @@ class Reachability:
             log.info("Service %s/%s kept: another start of %s uses it", spec.namespace, spec.name, key.server)
             return
         await self._services.delete(spec, deadline)
+
+    def held_forwards(self, hub: str) -> list[HeldForward]:
+        """The forwards this bridge holds for ``hub``'s starts (:class:`ForwardsHeld`)."""
+        held = []
+        for stored in self.tunnels.stored_under(f"{hub}/"):
+            name, sep, start_id = stored.key.removeprefix(f"{hub}/").rpartition("/")
+            if not sep or not name:  # a forward an older version recorded per server
+                continue
+            host = "" if stored.spec.service is not None else self._public_host
+            held.append(
+                HeldForward(name=name, start_id="" if start_id == "0" else start_id, port=stored.port, host=host)
+            )
+        return held
+
+    async def drop_unless(self, key: ForwardKey, keep: str) -> bool:
+        """The forward of ``key`` moved to another bridge and the hub reaches the server at
+        ``keep`` now: remove this bridge's forward unless it is the one at ``keep``. Only the
+        local forward: a Service of that name points at the new bridge now. True when removed."""
+        stored = self.tunnels.stored(str(key))
+        if stored is None:
+            return False
+        mine = f"{self._public_host}:{stored.port}"
+        if keep == mine or (stored.spec.service is not None and keep.endswith(f":{stored.port}")):
+            return False
+        removed = await self.tunnels.remove(str(key))
+        if removed:
+            log.info("forward %s removed: it moved to another bridge (now at %s)", key, keep)
+        return removed
 
     async def remote_start(self, spec: RemoteForwardSpec, deadline: float) -> None:
         await self.remote.start(spec, deadline)

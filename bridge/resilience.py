@@ -220,6 +220,13 @@ class Resilience:
         outcome = "deferred" if result.deferred else "ok" if result.ok else (result.error.kind if result.error else "")
         self.metrics.commands.labels(command=result.command, outcome=outcome or "failed").inc()
 
+    def known_hubs(self) -> frozenset[str]:
+        """The hubs this bridge heard of: from their rosters and from the ledger."""
+        hubs = set(self.rosters.hubs)
+        for _, used_by in self._ledger.targets():
+            hubs |= used_by
+        return frozenset(hubs)
+
     def _roster(self, hub: str, roster: HubRoster) -> None:
         if not self.rosters.receive(hub, roster):
             return

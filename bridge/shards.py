@@ -176,6 +176,7 @@ class Shards:
         self._alone = False  # no heartbeats (no permission): take every unit, standing by where held
         self._runner = Periodic("sharing the command queues", self.run_once, interval)
         self._watching: list[str] = []  # what this bridge's status watch reports on
+        self.on_taken: Callable[[str], None] | None = None  # told of each unit this bridge takes
         self.taken = 0
         self.released = 0
 
@@ -355,6 +356,8 @@ class Shards:
         self._held[unit] = _Held(channel, queue, tag, delivered)
         self.taken += 1
         log.info("consuming commands of %s", unit)
+        if self.on_taken is not None:
+            self.on_taken(unit)
 
     def _release(self, unit: str, *, wait: bool = True) -> None:
         held = self._held.pop(unit)

@@ -15,6 +15,7 @@ from typing import Annotated
 import msgspec
 
 from jupyterhub_outpost_mq.schemas.commands import (
+    DropForwardCommand,
     FlavorsCommand,
     PollCommand,
     RecreateForwardCommand,
@@ -26,9 +27,11 @@ from jupyterhub_outpost_mq.schemas.events import (
     BridgeMembership,
     BridgeStatus,
     CommandResult,
+    ForwardsHeld,
     HubRoster,
     OutpostAnnouncement,
     ProgressEvent,
+    QueueTaken,
     TimelineNote,
     WatchReport,
 )
@@ -47,6 +50,7 @@ Body = (
     | TunnelCommand
     | FlavorsCommand
     | RecreateForwardCommand
+    | DropForwardCommand
     | CommandResult
     | ProgressEvent
     | OutpostAnnouncement
@@ -54,6 +58,8 @@ Body = (
     | WatchReport
     | BridgeStatus
     | BridgeMembership
+    | QueueTaken
+    | ForwardsHeld
     | TimelineNote
 )
 

@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 
 from jupyterhub_outpost_mq.schemas.base import SCHEMA_VERSION, Envelope
 from jupyterhub_outpost_mq.schemas.commands import (
+    DropForwardCommand,
     FlavorsCommand,
     PollCommand,
     RecreateForwardCommand,
@@ -38,9 +39,11 @@ from jupyterhub_outpost_mq.schemas.events import (
     BridgeMembership,
     BridgeStatus,
     CommandResult,
+    ForwardsHeld,
     HubRoster,
     OutpostAnnouncement,
     ProgressEvent,
+    QueueTaken,
     TimelineNote,
     WatchReport,
 )
@@ -58,11 +61,12 @@ HUB_SAYS = (
     TunnelCommand,
     FlavorsCommand,
     RecreateForwardCommand,
+    DropForwardCommand,
     HubRoster,
     OutpostAnnouncement,
     TimelineNote,
 )
-BRIDGE_SAYS = (CommandResult, ProgressEvent, WatchReport, BridgeStatus, BridgeMembership)
+BRIDGE_SAYS = (CommandResult, ProgressEvent, WatchReport, BridgeStatus, BridgeMembership, QueueTaken, ForwardsHeld)
 
 
 class _Header(msgspec.Struct):

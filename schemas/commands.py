@@ -116,6 +116,16 @@ class TunnelCommand(RedactedRepr, msgspec.Struct, frozen=True, kw_only=True, tag
     tunnel: TunnelSpec
 
 
+class DropForwardCommand(msgspec.Struct, frozen=True, kw_only=True, tag="drop_forward"):
+    """Broadcast (``P.control``) once a server's forward was rebuilt by another bridge (its
+    command queue moved there): every bridge whose forward of the envelope's start is *not*
+    at ``keep`` ("host:port", where the hub reaches the server now) removes its own. Only
+    the local forward: a Kubernetes Service of that name now points at the new bridge."""
+
+    name: ServiceName
+    keep: Annotated[str, msgspec.Meta(min_length=3, max_length=300)]
+
+
 class FlavorsCommand(RedactedRepr, msgspec.Struct, frozen=True, kw_only=True, tag="flavors"):
     """Fetch an Outpost's flavors (resource classes and their quotas): ``GET {url}``
     (``/flavors/``), or ``POST {url}`` with ``body`` (``/userflavors``: one user's flavors).

@@ -229,6 +229,43 @@ MEMBER_WATCH_MAX = 4096
 """Most status-watch claims one bridge heartbeat lists (beyond it, the others watch too)."""
 
 
+class QueueTaken(msgspec.Struct, frozen=True, kw_only=True, tag="queue_taken"):
+    """A bridge began consuming command queues (``units``: routing keys) that it did not
+    consume before: another bridge died, left or handed them over, or none held them. Sent to
+    every hub the bridge knows; a hub re-ensures the forwards of its running servers in those
+    queues (a :class:`~jupyterhub_outpost_mq.schemas.TunnelCommand` each, in order with
+    their other commands), so a forward lost with a bridge is rebuilt by the new one and the
+    proxy route follows its address (:mod:`jupyterhub_outpost_mq.spawner.forward_moves`)."""
+
+    bridge: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    units: Annotated[list[Annotated[str, msgspec.Meta(max_length=220)]], msgspec.Meta(max_length=MEMBER_UNITS_MAX)]
+
+
+FORWARDS_HELD_MAX = 2000
+"""Most forwards one :class:`ForwardsHeld` lists (more go in several)."""
+
+
+class HeldForward(msgspec.Struct, frozen=True, kw_only=True):
+    """One forward a bridge holds: the start it is for, and where it listens (``host`` is ""
+    when a Kubernetes Service fronts it: then only the port tells)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+    start_id: Annotated[str, msgspec.Meta(max_length=64)]
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    host: Annotated[str, msgspec.Meta(max_length=255)] = ""
+
+
+class ForwardsHeld(msgspec.Struct, frozen=True, kw_only=True, tag="forwards_held"):
+    """The forwards a bridge holds for one hub's servers, sent once per bridge run when the
+    hub's first roster reaches it: a bridge restarted with its state file restores forwards
+    that may have moved to another bridge while it was down, or whose server stopped. The hub
+    tells it to drop each that is not where it reaches the server now
+    (:class:`~jupyterhub_outpost_mq.schemas.DropForwardCommand`)."""
+
+    bridge: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    forwards: Annotated[list[HeldForward], msgspec.Meta(max_length=FORWARDS_HELD_MAX)]
+
+
 class BridgeMembership(msgspec.Struct, frozen=True, kw_only=True, tag="member"):
     """A bridge's heartbeat to the other bridges (``P.members``, :mod:`~jupyterhub_outpost_mq.bridge.shards`):
     it is alive, and which command queues (routing keys) it consumes or still finishes work

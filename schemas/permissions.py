@@ -162,7 +162,9 @@ def hub_account(topology: Topology, hub_id: str, user: str | None = None) -> Acc
             read="binds the dead-letter queue",
         ),
         _exact(t.dead_letter_queue, configure="declares it", write="binds it to the dead-letter exchange"),
-        _exact(t.control_exchange, configure="declares it", write="broadcasts rosters and recreate_forward"),
+        _exact(
+            t.control_exchange, configure="declares it", write="broadcasts rosters, recreate_forward and drop_forward"
+        ),
         _exact(
             t.reply_exchange,
             configure="declares it",

@@ -53,6 +53,7 @@ from jupyterhub_outpost_mq.schemas.codec import peek
 from jupyterhub_outpost_mq.schemas.liveness import liveness_url
 from jupyterhub_outpost_mq.schemas.topology import broker_user, shard_of, shard_routing_key, shard_routing_keys
 from jupyterhub_outpost_mq.spawner.errors import BrokerRefused, BrokerUnavailable, KeysMissing
+from jupyterhub_outpost_mq.spawner.forward_moves import ForwardMoves
 from jupyterhub_outpost_mq.spawner.outbox import HubOutbox
 from jupyterhub_outpost_mq.spawner.roster import RosterSender
 from jupyterhub_outpost_mq.spawner.server_state import RepliesRouter
@@ -155,6 +156,7 @@ class HubBroker:
         self._ready: asyncio.Task[None] | None = None
         self.roster: RosterSender | None = None  # started by attach()
         self.unclaimed: UnclaimedStarts | None = None  # set by attach()
+        self.forward_moves: ForwardMoves | None = None  # set by attach()
         self._notes: set[asyncio.Future[Any]] = set()
         self.notes_dropped = 0
 
@@ -191,6 +193,9 @@ class HubBroker:
         if first:
             self.unclaimed = UnclaimedStarts(users, log)
             self.router.on_unclaimed = self.unclaimed
+            self.forward_moves = ForwardMoves(users)
+            self.router.on_queue_taken = self.forward_moves
+            self.router.on_forwards_held = self.forward_moves.review
             close_with_hub(users)
         await self.ready(timeout)
         if first and self.unclaimed is not None:

@@ -5,7 +5,8 @@ a future per command id (results) and a listener per (user, server, start_id) (e
 Events for a start nobody listens to any more (an earlier start, a late duplicate) are
 dropped here, so they never land in the current start's progress. Status watch reports go to
 the :class:`~jupyterhub_outpost_mq.spawner.watch.WatchTable`, the bridges' own status (the
-Outposts page) to the :class:`BridgeBoard`. A result settles a waiting
+Outposts page) to the :class:`BridgeBoard`, a bridge's news that it took command queues to
+:mod:`~jupyterhub_outpost_mq.spawner.forward_moves`. A result settles a waiting
 command only when it answers exactly that command: same hub, same server (user, name,
 start_id) and the command's type; anything else is logged and ignored.
 """
@@ -18,7 +19,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from jupyterhub_outpost_mq.schemas import BridgeStatus, CommandResult, Envelope, ProgressEvent, WatchReport
+from jupyterhub_outpost_mq.schemas import (
+    BridgeStatus,
+    CommandResult,
+    Envelope,
+    ForwardsHeld,
+    ProgressEvent,
+    QueueTaken,
+    WatchReport,
+)
 from jupyterhub_outpost_mq.spawner.watch import WatchTable
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
@@ -41,6 +50,9 @@ class RepliesRouter:
         self.watch = WatchTable()
         # The latest status of each bridge, for the Outposts page (handlers.outposts).
         self.bridges = BridgeBoard()
+        # A bridge took command queues: the forwards in them follow (spawner.forward_moves).
+        self.on_queue_taken: Callable[[QueueTaken], None] | None = None
+        self.on_forwards_held: Callable[[ForwardsHeld], None] | None = None
 
     def expect(self, command: Envelope) -> asyncio.Future[CommandResult]:
         """A future for the result answering ``command``."""
@@ -95,6 +107,18 @@ class RepliesRouter:
         elif isinstance(body, WatchReport):
             if not self.watch.apply(body):
                 log.debug("watch report %s#%d out of order: waiting for a full one", body.listing, body.seq)
+        elif isinstance(body, QueueTaken):
+            if self.on_queue_taken is not None:
+                try:
+                    self.on_queue_taken(body)
+                except Exception:  # a bug here must not stop the reply consumer
+                    log.exception("following the forwards of %d command queue(s) failed", len(body.units))
+        elif isinstance(body, ForwardsHeld):
+            if self.on_forwards_held is not None:
+                try:
+                    self.on_forwards_held(body)
+                except Exception:  # a bug here must not stop the reply consumer
+                    log.exception("reviewing %d forward(s) of bridge %s failed", len(body.forwards), body.bridge)
         else:
             log.warning("unexpected %s message on the hub queue", envelope.type)
 

@@ -31,8 +31,10 @@ from traitlets import Dict, Unicode, default
 
 from jupyterhub_outpost_mq.schemas import (
     CommandResult,
+    DropForwardCommand,
     Envelope,
     ErrorInfo,
+    HeldForward,
     ProgressEvent,
     RosterEntry,
     ServerRef,
@@ -42,6 +44,7 @@ from jupyterhub_outpost_mq.schemas import (
 )
 from jupyterhub_outpost_mq.schemas.base import new_id
 from jupyterhub_outpost_mq.schemas.events import NOTE_TEXT_CHARS
+from jupyterhub_outpost_mq.schemas.topology import shard_of, shard_routing_key
 from jupyterhub_outpost_mq.spawner import progress as events
 from jupyterhub_outpost_mq.spawner.broker import HubBroker
 from jupyterhub_outpost_mq.spawner.errors import (
@@ -704,6 +707,82 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             raise OutpostCommandFailed(result.error or ErrorInfo(kind="invalid", summary="tunnel failed"))
         return result.address or service
 
+    # -- forwards that follow their command queue (spawner.forward_moves) ------------------
+    def has_bridge_forward(self) -> bool:
+        """Running, with a forward the bridge built (not the admin's ``ssh_custom_forward``)."""
+        return bool(self.ready and self.start_id and self._outpost_key and not self.ssh_custom_forward) and bool(
+            self.port_forward_info.get("service")
+        )
+
+    def command_queue(self) -> str | None:
+        """The routing key of the command queue this server's commands go to now."""
+        if not self._outpost_key:
+            return None
+        slot = ServerRef(user=self.user.name, server=self.name).slot
+        return shard_routing_key(self._outpost_key, shard_of(slot, HubBroker.of(self).shards))
+
+    async def follow_forward(self) -> bool:
+        """This server's command queue moved to another bridge: re-ensure the forward there (a
+        tunnel command through the queue; where the forward already is, it is found again).
+        When its address changed, point the server and its proxy route at the new one and
+        tell the other bridges to drop their copy. True when the address changed."""
+        if not self.has_bridge_forward():
+            return False
+        start_id = self.start_id
+        address = await self.send_tunnel(str(self.port_forward_info["service"]))
+        if self.ssh_custom_svc or not self.ready or self.start_id != start_id:
+            return False  # the admin's hook names the address; or the server changed meanwhile
+        if not await self._point_at(address):
+            return False
+        await self._drop_other_forwards(address)
+        return True
+
+    async def _drop_other_forwards(self, address: str) -> None:
+        """Tell every bridge but the one at ``address`` to remove its forward of this start."""
+        drop = self._envelope(DropForwardCommand(name=self.service_name, keep=address), time.time() + 300)
+        try:
+            await HubBroker.of(self).broadcast(drop)
+        except BrokerUnavailable as exc:  # the old bridge keeps an unused forward until the server stops
+            self.log.warning("%s: could not tell the bridges to drop its old forward: %s", self._log_name, exc)
+
+    def forward_is_stale(self, held: HeldForward) -> bool:
+        """Whether a bridge's forward of this server (``held``) is of no use: its start is over,
+        or the server is reached elsewhere now. Never while a start or stop is under way."""
+        if self.pending:
+            return False
+        if held.start_id != self.start_id:
+            return True  # an earlier start; its stop went to another bridge
+        server = self.server
+        if server is None or not self.has_bridge_forward():
+            return False
+        return server.port != held.port or bool(held.host and held.host != server.ip)
+
+    async def drop_stale_forward(self, held: HeldForward) -> None:
+        """Tell the bridges to drop ``held`` (every copy not at this server's address)."""
+        server = self.server
+        keep = f"{server.ip}:{server.port}" if server is not None and held.start_id == self.start_id else "none:0"
+        drop = self._envelope(DropForwardCommand(name=held.name, keep=keep), time.time() + 300, start_id=held.start_id)
+        try:
+            await HubBroker.of(self).broadcast(drop)
+        except BrokerUnavailable as exc:
+            self.log.warning("%s: could not have a stale forward dropped: %s", self._log_name, exc)
+
+    async def _point_at(self, address: str) -> bool:
+        """Make ``address`` ("host:port", the bridge's forward) the server's address, and its
+        proxy route's target once it is running; False when it was that already."""
+        host, _, port = address.rpartition(":")
+        server = self.server
+        if server is None or not port.isdigit() or (server.ip, server.port) == (host, int(port)):
+            return False
+        self.log.info("%s: its forward moved to %s (was %s:%s)", self._log_name, address, server.ip, server.port)
+        server.ip, server.port = host, int(port)
+        self.port = int(port)
+        self.user.db.commit()
+        proxy = getattr(self.user, "settings", {}).get("proxy")
+        if proxy is not None and self.ready:
+            await proxy.add_user(self.user, self.name)
+        return True
+
     async def setup_tunnel(self, info: dict[str, Any]) -> None:
         """The delayed case: the server (or its Outpost) reports where it runs. ``info`` was
         checked by the handler (only ``service`` and the overrides the admin allows).
@@ -714,10 +793,15 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         new_info = {**self.port_forward_info, **info}
         if self.ssh_custom_forward:
             await resolve(self, "ssh_custom_forward", new_info)
+            address = ""
         else:
-            await self.send_tunnel(str(info["service"]), new_info)
+            address = await self.send_tunnel(str(info["service"]), new_info)
         if self.ssh_custom_svc:
             await resolve(self, "ssh_custom_svc", new_info)
+        elif address and await self._point_at(address):
+            # The forward was reserved by the bridge that carried out the start; its command
+            # queue moved meanwhile, and another bridge built it, at another address.
+            await self._drop_other_forwards(address)
         self.port_forward_info = new_info
 
     async def _run_failed_spawn_request_hook(self, exc: Exception) -> None:
