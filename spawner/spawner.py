@@ -67,6 +67,8 @@ from jupyterhub_outpost_mq.spawner.watch import UNKNOWN
 T = TypeVar("T")
 
 # Errors that mean "the start request did not succeed" (upstream: the POST failed).
+NO_ADDRESS = "none:0"
+"""The ``keep`` of a :class:`DropForwardCommand` that has every bridge drop its copy."""
 REQUEST_FAILED = (OutpostCommandFailed, HookError, BrokerUnavailable, ReplyTimeout)
 
 
@@ -760,7 +762,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     async def drop_stale_forward(self, held: HeldForward) -> None:
         """Tell the bridges to drop ``held`` (every copy not at this server's address)."""
         server = self.server
-        keep = f"{server.ip}:{server.port}" if server is not None and held.start_id == self.start_id else "none:0"
+        keep = f"{server.ip}:{server.port}" if server is not None and held.start_id == self.start_id else NO_ADDRESS
         drop = self._envelope(DropForwardCommand(name=held.name, keep=keep), time.time() + 300, start_id=held.start_id)
         try:
             await HubBroker.of(self).broadcast(drop)
@@ -1072,8 +1074,14 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
                 await resolve(self, "pre_stop_hook")
             except HookError as exc:
                 self.log.warning("%s", exc)
+        bridge_forward = bool(self.port_forward_info.get("service")) and not self.ssh_custom_forward
         try:
             result = await self._stop_through_outbox()
+            if result is not None and result.ok and bridge_forward:
+                # The bridge that carried out the stop removed the forward it had; one that
+                # still holds a copy (the server's queue moved while the stop was on its way)
+                # removes it now.
+                await self._drop_other_forwards(NO_ADDRESS)
             if result is not None and result.ok and result.deferred:
                 self.log.info(
                     "stop of %s recorded by the bridge while the Outpost is down; carried out when it answers",
