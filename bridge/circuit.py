@@ -38,6 +38,7 @@ from jupyterhub_outpost_mq.bridge.errors import (
 )
 from jupyterhub_outpost_mq.bridge.outpost import OutpostClient
 from jupyterhub_outpost_mq.bridge.retry import Backoff
+from jupyterhub_outpost_mq.schemas.aio import wait_event
 from jupyterhub_outpost_mq.schemas.topology import url_origin
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
@@ -157,10 +158,7 @@ class CircuitBreaker:
             else:
                 wake = circuit.probe_since + self._probe_lease
             wait = max(0.01, min(wake, end - 0.05, next_notice) - now)
-            try:
-                await asyncio.wait_for(circuit.changed.wait(), wait)
-            except TimeoutError:
-                pass
+            await wait_event(circuit.changed, wait)
 
     def origins(self) -> set[str]:
         """Every origin that failed or answered since the bridge started."""

@@ -12,6 +12,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from jupyterhub_outpost_mq.schemas.aio import wait_event
+
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
 
@@ -48,7 +50,4 @@ class Periodic:
                 raise
             except Exception:
                 log.exception("%s failed; trying again later", self._name)
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, self._interval)

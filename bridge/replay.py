@@ -52,6 +52,7 @@ from jupyterhub_outpost_mq.schemas import (
     peek,
     redacted,
 )
+from jupyterhub_outpost_mq.schemas.aio import wait_event
 from jupyterhub_outpost_mq.schemas.cluster import connect_any
 from jupyterhub_outpost_mq.schemas.topology import url_origin
 
@@ -215,18 +216,13 @@ async def stream_timeline(
         try:
             while not live.is_set():  # the backlog
                 arrived.clear()
-                try:
-                    await asyncio.wait_for(arrived.wait(), idle)
-                except TimeoutError:
+                if not await wait_event(arrived, idle):
                     break
             batch, pending = in_time_order(pending), []
             yield batch
             while follow:
                 arrived.clear()
-                try:
-                    await asyncio.wait_for(arrived.wait(), LIVE_BATCH_SECONDS)
-                except TimeoutError:
-                    pass
+                await wait_event(arrived, LIVE_BATCH_SECONDS)
                 if pending:
                     batch, pending = in_time_order(pending), []
                     yield batch

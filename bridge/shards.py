@@ -70,6 +70,7 @@ DRAIN_SECONDS = 300.0
 """Longest a bridge waits for the commands of a unit it lets go of (a start's deadline is
 usually shorter); after it the unit is dropped anyway, the single active consumer still
 keeping two bridges from taking the same commands at once."""
+CANCEL_WAIT_SECONDS = 5.0  # stop_taking: how long to wait for the broker to answer the consumers' cancels
 
 
 @dataclass
@@ -86,6 +87,7 @@ class _Held:
     queue: Any
     tag: str
     delivered: list[AbstractIncomingMessage] = field(default_factory=list)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)  # its consumer delivers no more
 
 
 def _rank(member: str, unit: str) -> bytes:
@@ -242,8 +244,15 @@ class Shards:
         by the caller, ``CommandConsumer.drain``); the others still see the units held."""
         self._stopping = True
         await self._runner.stop()
-        for unit in list(self._held):
-            self._release(unit, wait=False)
+        released = [self._release(unit, wait=False) for unit in list(self._held)]
+        # Returns once no unit delivers more (each cancel answered, or its channel gone), so
+        # the caller's drain sees every delivery; bounded, a broker that does not answer
+        # takes the deliveries back when the connection closes.
+        if released:
+            waits = [asyncio.ensure_future(held.cancelled.wait()) for held in released]
+            await asyncio.wait(waits, timeout=CANCEL_WAIT_SECONDS)
+            for waiting in waits:
+                waiting.cancel()
 
     async def leave(self) -> None:
         """After the delivered commands were finished (or handed back): tell the others, so
@@ -359,14 +368,18 @@ class Shards:
         if self.on_taken is not None:
             self.on_taken(unit)
 
-    def _release(self, unit: str, *, wait: bool = True) -> None:
+    def _release(self, unit: str, *, wait: bool = True) -> _Held:
         held = self._held.pop(unit)
         self.released += 1
         self._draining[unit] = asyncio.ensure_future(self._drain(unit, held, wait))
+        return held
 
     async def _drain(self, unit: str, held: _Held, wait: bool) -> None:
         try:
-            await self._broker.cancel_unit(held.queue, held.tag)
+            try:
+                await self._broker.cancel_unit(held.queue, held.tag)
+            finally:
+                held.cancelled.set()
             if not wait:  # shutting down: the consumer finishes the rest; closing now would requeue
                 await asyncio.Event().wait()
             began = self._clock()

@@ -29,6 +29,7 @@ import asyncssh
 from jupyterhub_outpost_mq.bridge.errors import HostKeyMismatch, TransientTunnelError, TunnelError, TunnelSpecError
 from jupyterhub_outpost_mq.bridge.retry import Backoff
 from jupyterhub_outpost_mq.bridge.ssh_options import SshSettings
+from jupyterhub_outpost_mq.schemas.aio import wait_event
 
 log = logging.getLogger(f"OutpostBridge.{__name__}")  # under the app logger
 
@@ -153,10 +154,7 @@ class SshNode:
                 delay = self._backoff.delay(failures)
                 log.warning("SSH node %s: %s; next attempt in %.1f s", self.settings.label, exc, delay)
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
-                except TimeoutError:
-                    pass
+                await wait_event(self._wake, delay)
                 continue
             failures = 0
             self.connects += 1

@@ -42,6 +42,7 @@ from jupyterhub_outpost_mq.schemas import (
     TunnelCommand,
     TunnelSpec,
 )
+from jupyterhub_outpost_mq.schemas.aio import wait_event
 from jupyterhub_outpost_mq.schemas.base import new_id
 from jupyterhub_outpost_mq.schemas.events import NOTE_TEXT_CHARS
 from jupyterhub_outpost_mq.schemas.topology import shard_of, shard_routing_key
@@ -401,9 +402,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
                 await changed.wait()
                 continue
             creep_from = forward.value if creep_from is None else creep_from
-            try:
-                await asyncio.wait_for(changed.wait(), events.answer_wait_pause(time.monotonic() - since))
-            except TimeoutError:
+            if not await wait_event(changed, events.answer_wait_pause(time.monotonic() - since)):
                 waited = time.monotonic() - since
                 yield forward(events.waiting_for_answer(events.answer_wait_progress(creep_from, waited), waited))
 

@@ -145,10 +145,10 @@ async def publish(topology: Topology, servers: int, per_server: int, *, pause: f
     await connection.close()
 
 
-async def until(predicate: Any, timeout: float = 20) -> float:
+async def until(predicate: Any, timeout: float = 20, state: Any = None) -> float:
     began = time.monotonic()
     while not predicate():
-        assert time.monotonic() - began < timeout, "timed out"
+        assert time.monotonic() - began < timeout, f"timed out{': ' + state() if state else ''}"
         await asyncio.sleep(0.02)
     return time.monotonic() - began
 
@@ -221,7 +221,7 @@ async def test_a_bridge_that_joins_or_leaves_under_load_never_lets_two_run_one_s
     await first.stop()  # leaves: the second takes everything
     await until(lambda: shared_out([second]))
     await load
-    await until(lambda: ledger.done() == 1200)
+    await until(lambda: ledger.done() == 1200, state=lambda: f"{ledger.done()} done, by {dict(ledger.by)}")
     await second.stop()
     assert not ledger.overlaps, ledger.overlaps[:5]
     assert in_order(ledger)
