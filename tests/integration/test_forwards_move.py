@@ -9,7 +9,6 @@ surviving bridge drops its copies. Nothing is left listening once the servers st
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import uuid
@@ -21,7 +20,14 @@ import requests
 
 from .services import Bridge, Hub, Outpost, new_user, wait_for
 from .sshd import Sshd
-from .test_tunnels_e2e import assert_through_forward, proxy_target, server_port, via_proxy
+from .test_tunnels_e2e import (
+    assert_through_forward,
+    proxy_target,
+    server_port,
+    tunnel_hub_env,
+    via_proxy,
+    write_bridge_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -34,15 +40,7 @@ def prefix() -> str:
 def make_bridge(workdir: Path, prefix: str, name: str, host: str) -> Bridge:
     """A bridge whose forwards listen on ``host``: each bridge its own address, as on two
     machines (else a forward rebuilt on the same port would look as if it had not moved)."""
-    config = workdir / f"{prefix}_{name}_config.py"
-    config.write_text(
-        "c = get_config()  # noqa\n"
-        f"c.OutpostBridge.known_hosts_path = {str(workdir / 'fwdmove_known_hosts')!r}\n"
-        f"c.OutpostBridge.tunnel_bind_host = {host!r}\n"
-        f"c.OutpostBridge.tunnel_public_host = {host!r}\n"
-        f"c.OutpostBridge.ssh_keys = {{'sshd': {str(workdir / 'sshd' / 'client_ed25519')!r}}}\n"
-        "c.OutpostBridge.ssh_allowed_hosts = ['127.0.0.1']\n"
-    )
+    config = write_bridge_config(workdir / f"{prefix}_{name}_config.py", workdir, host)
     bridge = Bridge(workdir, prefix, workdir / f"{prefix}-{name}.sqlite", [f"--config={config}"])
     bridge.name = f"{prefix}-{name}"
     bridge.log_path = workdir / f"{prefix}-{name}.log"
@@ -63,24 +61,7 @@ def bridges(rabbitmq: str, workdir: Path, prefix: str) -> Iterator[list[Bridge]]
 
 @pytest.fixture(scope="module")
 def hub(bridges: list[Bridge], outpost: Outpost, sshd: Sshd, workdir: Path, prefix: str) -> Iterator[Hub]:
-    extra = {
-        "OutpostSpawner": {
-            "ssh_node": "127.0.0.1",
-            "ssh_port": sshd.port,
-            "ssh_username": sshd.user,
-            "ssh_key": str(sshd.key_path),
-            "svc_create": False,
-            "custom_misc_disable_default": True,
-        },
-        "Spawner": {
-            "apply_user_options": {
-                "start_timeout": "start_timeout",
-                "ssh_during_startup": "ssh_during_startup",
-                "start_async": "start_async",
-            }
-        },
-    }
-    env = {"OUTPOST_MQ_TEST_OPTIONS": "1", "OUTPOST_MQ_EXTRA_CONFIG": json.dumps(extra)}
+    env = tunnel_hub_env(sshd)
     hub = Hub(workdir, workdir / f"hub-{prefix}", prefix, outpost, env=env)
     hub.name = f"jupyterhub-{prefix}"
     hub.log_path = workdir / f"{hub.name}.log"
@@ -165,6 +146,9 @@ def test_forwards_follow_their_queue_to_the_surviving_bridge_and_back(
 
     for user in users:
         assert hub.api("DELETE", hub.server_path(user)).status_code in (202, 204)
-    wait_for(lambda: not outpost.get("/_dev/stats")["pids"], 60, "the servers stopped")
+    # The Outpost is shared with other test modules: only this test's servers count.
+    wait_for(
+        lambda: not any(k.split("/")[0] in users for k in outpost.get("/_dev/stats")["pids"]), 60, "the servers stopped"
+    )
     for user in users:
         wait_for(lambda user=user: not listening(now[user]), 30, f"the forward of {user} removed with its server")

@@ -26,30 +26,22 @@ def e2e_prefix() -> str:
     return f"tune2e-{uuid.uuid4().hex[:6]}"
 
 
-@pytest.fixture(scope="module")
-def e2e_bridge(rabbitmq: str, workdir: Path, e2e_prefix: str) -> Iterator[Bridge]:
-    config = workdir / f"{e2e_prefix}_config.py"
-    config.write_text(
+def write_bridge_config(path: Path, workdir: Path, host: str = "127.0.0.1") -> Path:
+    """A bridge configuration for forwards through the throwaway sshd, listening on ``host``."""
+    path.write_text(
         "c = get_config()  # noqa\n"
-        f"c.OutpostBridge.known_hosts_path = {str(workdir / 'e2e_known_hosts')!r}\n"
-        "c.OutpostBridge.tunnel_bind_host = '127.0.0.1'\n"
-        "c.OutpostBridge.tunnel_public_host = '127.0.0.1'\n"
+        f"c.OutpostBridge.known_hosts_path = {str(path.with_suffix('.known_hosts'))!r}\n"
+        f"c.OutpostBridge.tunnel_bind_host = {host!r}\n"
+        f"c.OutpostBridge.tunnel_public_host = {host!r}\n"
         # The hub sends the throwaway sshd's key path (OutpostSpawner.ssh_key): list it.
         f"c.OutpostBridge.ssh_keys = {{'sshd': {str(workdir / 'sshd' / 'client_ed25519')!r}}}\n"
         "c.OutpostBridge.ssh_allowed_hosts = ['127.0.0.1']\n"
     )
-    bridge = Bridge(workdir, e2e_prefix, workdir / f"{e2e_prefix}.sqlite", [f"--config={config}"])
-    bridge.name = e2e_prefix
-    bridge.log_path = workdir / f"{e2e_prefix}-bridge.log"
-    try:
-        bridge.start()
-        yield bridge
-    finally:
-        bridge.stop()  # also when it never became ready: no orphaned bridge
+    return path
 
 
-@pytest.fixture(scope="module")
-def tunnel_hub(e2e_bridge: Bridge, outpost: Outpost, sshd: Sshd, workdir: Path, e2e_prefix: str) -> Iterator[Hub]:
+def tunnel_hub_env(sshd: Sshd) -> dict[str, str]:
+    """The hub's environment: OutpostSpawner forwarding through ``sshd``, start options on."""
     extra = {
         "OutpostSpawner": {
             "ssh_node": "127.0.0.1",
@@ -69,7 +61,25 @@ def tunnel_hub(e2e_bridge: Bridge, outpost: Outpost, sshd: Sshd, workdir: Path, 
             }
         },
     }
-    env = {"OUTPOST_MQ_TEST_OPTIONS": "1", "OUTPOST_MQ_EXTRA_CONFIG": json.dumps(extra)}
+    return {"OUTPOST_MQ_TEST_OPTIONS": "1", "OUTPOST_MQ_EXTRA_CONFIG": json.dumps(extra)}
+
+
+@pytest.fixture(scope="module")
+def e2e_bridge(rabbitmq: str, workdir: Path, e2e_prefix: str) -> Iterator[Bridge]:
+    config = write_bridge_config(workdir / f"{e2e_prefix}_config.py", workdir)
+    bridge = Bridge(workdir, e2e_prefix, workdir / f"{e2e_prefix}.sqlite", [f"--config={config}"])
+    bridge.name = e2e_prefix
+    bridge.log_path = workdir / f"{e2e_prefix}-bridge.log"
+    try:
+        bridge.start()
+        yield bridge
+    finally:
+        bridge.stop()  # also when it never became ready: no orphaned bridge
+
+
+@pytest.fixture(scope="module")
+def tunnel_hub(e2e_bridge: Bridge, outpost: Outpost, sshd: Sshd, workdir: Path, e2e_prefix: str) -> Iterator[Hub]:
+    env = tunnel_hub_env(sshd)
     hub = Hub(workdir, workdir / f"hub-{e2e_prefix}", e2e_prefix, outpost, env=env)
     hub.name = f"jupyterhub-{e2e_prefix}"
     hub.log_path = workdir / f"{hub.name}.log"
