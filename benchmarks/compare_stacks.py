@@ -13,6 +13,7 @@ broker again when the stack stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ import aiohttp
 import psutil
 import requests
 
+from benchmarks.hub_profile import Sampler
 from tests.integration.services import AMQP_URL, Bridge, Hub, Process, free_port, port_open, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +145,8 @@ class Stack:
         assert hub_bin is not None, "the upstream stack needs the upstream venv"
         self.hub.argv = [str(hub_bin / "jupyterhub"), "-f", str(CONFIG)]
         self.broker = broker_process() if kind == "ours" else None
+        self.profile_to: Path | None = None  # set: the hub is sampled by py-spy in :meth:`profiled`
+        self.profiles: list[Path] = []
 
     def start(self) -> Stack:
         try:
@@ -172,6 +177,20 @@ class Stack:
                 pass
         if self.bridge is not None:
             asyncio.run(purge_broker(self.prefix))
+
+    @contextlib.contextmanager
+    def profiled(self) -> Iterator[None]:
+        """Around a scenario's measured part: the hub sampled by py-spy when ``profile_to`` is set."""
+        pid = self.pid(self.hub)
+        if self.profile_to is None or pid is None:
+            yield
+            return
+        sampler = Sampler(pid, self.profile_to / f"hub-{len(self.profiles)}.raw").start()
+        try:
+            yield
+        finally:
+            sampler.stop()
+            self.profiles.append(sampler.output)
 
     @property
     def api(self) -> str:

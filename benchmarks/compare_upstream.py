@@ -41,7 +41,7 @@ from pathlib import Path
 
 import jupyterhub
 
-from benchmarks import upstream_env
+from benchmarks import hub_profile, upstream_env
 from benchmarks.compare_stacks import STACKS, HubClient, Settings, Stack, StartFailed, loadavg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,9 +88,10 @@ async def concurrent_starts(stack: Stack, hub: HubClient, sizes: Sizes) -> Figur
     """P1: every user's start at once; until all are ready, and what it cost."""
     users = [f"p1-{i}" for i in range(sizes.p1_users)]
     await hub.create_users(users)
-    before, began = stack.cpu(), time.monotonic()
-    results = await asyncio.gather(*(hub.start_until_ready(u) for u in users), return_exceptions=True)
-    took, after = time.monotonic() - began, stack.cpu()
+    with stack.profiled():
+        before, began = stack.cpu(), time.monotonic()
+        results = await asyncio.gather(*(hub.start_until_ready(u) for u in users), return_exceptions=True)
+        took, after = time.monotonic() - began, stack.cpu()
     times = [r for r in results if isinstance(r, float)]
     failures = [r for r in results if not isinstance(r, float)]
     if failures:
@@ -107,7 +108,9 @@ async def sequential_starts(stack: Stack, hub: HubClient, sizes: Sizes) -> Figur
     """P2: one start at a time at an Outpost that answers at once (after one warm-up start)."""
     users = [f"p2-{i}" for i in range(sizes.p2_starts + 1)]
     await hub.create_users(users)
-    times = [await hub.start_until_ready(u) for u in users]
+    times = [await hub.start_until_ready(users[0])]  # the warm-up
+    with stack.profiled():
+        times += [await hub.start_until_ready(u) for u in users[1:]]
     return {"median_ready": statistics.median(times[1:]), "max_ready": max(times[1:])}
 
 
@@ -124,9 +127,10 @@ async def running_servers(stack: Stack, hub: HubClient, sizes: Sizes) -> Figures
     await asyncio.sleep(2 * interval)  # every server polled at least once
     rss_after = stack.rss_mib()
     await asyncio.to_thread(stack.outpost.reset)
-    before, began = stack.cpu(), time.monotonic()
-    await asyncio.sleep(sizes.p3_window)
-    after, elapsed = stack.cpu(), time.monotonic() - began
+    with stack.profiled():
+        before, began = stack.cpu(), time.monotonic()
+        await asyncio.sleep(sizes.p3_window)
+        after, elapsed = stack.cpu(), time.monotonic() - began
     stats = await asyncio.to_thread(stack.outpost.stats)
     ticks = elapsed / interval
     figures = {
@@ -250,6 +254,7 @@ async def run_once(key: str, kind: str, repeat: int, args: argparse.Namespace, w
     scenario = SCENARIOS[key]
     print(f"[{key} {kind} #{repeat + 1}] load average {loadavg()}", flush=True)
     stack = Stack(kind, workdir / f"{key}-{kind}-{repeat + 1}", scenario.settings(args.sizes), args.upstream_bin)
+    stack.profile_to = stack.dir if args.profile else None
     began = time.monotonic()
     await asyncio.to_thread(stack.start)
     try:
@@ -259,6 +264,10 @@ async def run_once(key: str, kind: str, repeat: int, args: argparse.Namespace, w
         await asyncio.to_thread(stack.stop)
     shown = ", ".join(f"{k}={v:.3g}" for k, v in figures.items())
     print(f"    {shown} ({time.monotonic() - began:.0f} s with start and stop)", flush=True)
+    for raw in stack.profiles:
+        summary = hub_profile.summarize(raw)
+        raw.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+        print(hub_profile.report(f"{key} {kind} #{repeat + 1} ({raw})", summary), flush=True)
     return figures
 
 
@@ -397,6 +406,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes: the whole run takes a few minutes")
     parser.add_argument("--no-upstream", action="store_true", help="ours and the floor only (no upstream venv)")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/performance.md alone")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the hub with py-spy during each measured part (P1, P2, P3) and print where its CPU went",
+    )
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
@@ -407,6 +421,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.sizes = QUICK if args.quick else Sizes()
     args.stacks = [k for k in STACKS if not (args.no_upstream and k == "upstream")]
     args.upstream_bin = None
+    if args.profile and not hub_profile.available():
+        parser.error("--profile needs py-spy (pip install py-spy, part of the test extra)")
     return args
 
 
