@@ -63,6 +63,8 @@ log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
 
 REDECLARE_SECONDS = 60.0
 NOTES_IN_FLIGHT = 100
+BROADCAST_KINDS = frozenset({"drop_forward"})
+"""Outbox commands for every bridge (``P.control``), not for an Outpost's command queue."""
 """Most timeline notes awaiting the broker's confirm; more are dropped (they are best effort)."""
 
 
@@ -452,7 +454,11 @@ class HubBroker:
     async def hand_over(self, command: Envelope, outpost: str, origin: str, *, timeout: float = 3) -> bool:
         """Hand a command over for good: on disk first, then to RabbitMQ. True when the broker
         confirmed it now; False when it waits in the outbox (RabbitMQ unreachable), from where
-        the drainer sends it as soon as the broker is back (also after a hub restart)."""
+        the drainer sends it as soon as the broker is back (also after a hub restart).
+
+        A command every bridge carries out (:data:`BROADCAST_KINDS`, ``origin`` ""), goes to
+        ``P.control``, after the commands for ``outpost`` that wait before it (a stop that
+        waits in the outbox, whose forwards it drops)."""
         self.outbox.add(command.id, outpost, origin, command.type, encode_wire(command, self.keyring))
         try:
             await self.ready(timeout)
@@ -490,6 +496,12 @@ class HubBroker:
         async with self._outbox_lock:
             for item in self.outbox.pending():
                 if outpost is not None and item.key != outpost:
+                    continue
+                if item.kind in BROADCAST_KINDS:
+                    assert self._control is not None
+                    await self._publish_body(self._control, item.body, "", item.message_id, item.kind, mandatory=False)
+                    self.outbox.sent(item.message_id)
+                    log.info("outbox: %s %s handed to RabbitMQ", item.kind, item.message_id)
                     continue
                 await self.ensure_outpost(item.key, item.origin)
                 await self._publish_body(

@@ -14,11 +14,13 @@ The configuration (upstream names and meaning) is in :mod:`jupyterhub_outpost_mq
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import html
 import os
 import time
 import uuid
+import weakref
 from collections.abc import AsyncGenerator, Awaitable
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -67,10 +69,14 @@ from jupyterhub_outpost_mq.spawner.watch import UNKNOWN
 
 T = TypeVar("T")
 
-# Errors that mean "the start request did not succeed" (upstream: the POST failed).
 NO_ADDRESS = "none:0"
 """The ``keep`` of a :class:`DropForwardCommand` that has every bridge drop its copy."""
+# Errors that mean "the start request did not succeed" (upstream: the POST failed).
 REQUEST_FAILED = (OutpostCommandFailed, HookError, BrokerUnavailable, ReplyTimeout)
+STARTUP_FOLLOWS = 16
+"""At most this many servers re-ensure their forwards at once in :meth:`OutpostSpawner.get_url`
+(JupyterHub checks every running server at once when it starts)."""
+_startup_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
 
 class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
@@ -711,9 +717,15 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
     # -- forwards that follow their command queue (spawner.forward_moves) ------------------
     def has_bridge_forward(self) -> bool:
         """Running, with a forward the bridge built (not the admin's ``ssh_custom_forward``)."""
-        return bool(self.ready and self.start_id and self._outpost_key and not self.ssh_custom_forward) and bool(
-            self.port_forward_info.get("service")
+        return (
+            self._running()
+            and bool(self.start_id and self._outpost_key and not self.ssh_custom_forward)
+            and bool(self.port_forward_info.get("service"))
         )
+
+    def _running(self) -> bool:
+        """Ready, or being checked by JupyterHub at its start (``pending`` is "check" then)."""
+        return self.server is not None and self.pending in (None, "check")
 
     def command_queue(self) -> str | None:
         """The routing key of the command queue this server's commands go to now."""
@@ -722,18 +734,18 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         slot = ServerRef(user=self.user.name, server=self.name).slot
         return shard_routing_key(self._outpost_key, shard_of(slot, HubBroker.of(self).shards))
 
-    async def follow_forward(self) -> bool:
+    async def follow_forward(self, *, route: bool = True) -> bool:
         """This server's command queue moved to another bridge: re-ensure the forward there (a
         tunnel command through the queue; where the forward already is, it is found again).
-        When its address changed, point the server and its proxy route at the new one and
-        tell the other bridges to drop their copy. True when the address changed."""
+        When its address changed, point the server (and with ``route`` its proxy route) at the
+        new one and tell the other bridges to drop their copy. True when the address changed."""
         if not self.has_bridge_forward():
             return False
         start_id = self.start_id
         address = await self.send_tunnel(str(self.port_forward_info["service"]))
-        if self.ssh_custom_svc or not self.ready or self.start_id != start_id:
+        if self.ssh_custom_svc or not self._running() or self.start_id != start_id:
             return False  # the admin's hook names the address; or the server changed meanwhile
-        if not await self._point_at(address):
+        if not await self._point_at(address, route=route):
             return False
         await self._drop_other_forwards(address)
         return True
@@ -745,6 +757,21 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
             await HubBroker.of(self).broadcast(drop)
         except BrokerUnavailable as exc:  # the old bridge keeps an unused forward until the server stops
             self.log.warning("%s: could not tell the bridges to drop its old forward: %s", self._log_name, exc)
+
+    async def _hand_over_drop_forwards(self) -> None:
+        """Every bridge drops its forward of this start, through the hub's outbox: sent after
+        the stop that waits there (a bridge that no longer holds the server's queue would
+        otherwise keep its copy until it restarts)."""
+        drop = self._envelope(
+            DropForwardCommand(name=self.service_name, keep=NO_ADDRESS), time.time() + self.stop_deadline
+        )
+        key = self._outpost_key
+        if not key:
+            return
+        try:
+            await HubBroker.of(self).hand_over(drop, key, "")
+        except OutpostSpawnerError as exc:  # no keys: nothing was built through a broker
+            self.log.warning("%s: could not hand over the drop of its forwards: %s", self._log_name, exc)
 
     def forward_is_stale(self, held: HeldForward) -> bool:
         """Whether a bridge's forward of this server (``held``) is of no use: its start is over,
@@ -768,9 +795,33 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         except BrokerUnavailable as exc:
             self.log.warning("%s: could not have a stale forward dropped: %s", self._log_name, exc)
 
-    async def _point_at(self, address: str) -> bool:
-        """Make ``address`` ("host:port", the bridge's forward) the server's address, and its
-        proxy route's target once it is running; False when it was that already."""
+    async def get_url(self) -> str:
+        """JupyterHub asks this when it starts, for each server that ``poll()`` says runs, then
+        checks the server at that address and shuts it down if it does not answer there. A
+        server reached through a forward the bridge built may have lost that forward while
+        the hub was down (its command queue moved to another bridge, whose ``QueueTaken`` the
+        hub reads only now): re-ensure the forward through the queue first, so the check (and
+        the proxy route JupyterHub then writes) uses the address that works now. When no bridge
+        answers within ``http_timeout``, the address the hub had."""
+        if self.has_bridge_forward():
+            loop = asyncio.get_running_loop()
+            gate = _startup_gates.setdefault(loop, asyncio.Semaphore(STARTUP_FOLLOWS))
+            try:
+                async with gate:
+                    # The proxy may not run yet; JupyterHub routes the server's address after the check.
+                    await asyncio.wait_for(self.follow_forward(route=False), max(5.0, float(self.http_timeout)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reason = "no answer in time" if isinstance(exc, TimeoutError) else exc
+                self.log.warning(
+                    "%s: could not re-ensure its forward (%s); checking the address it had", self._log_name, reason
+                )
+        return str(await super().get_url())
+
+    async def _point_at(self, address: str, *, route: bool = True) -> bool:
+        """Make ``address`` ("host:port", the bridge's forward) the server's address, and (with
+        ``route``) its proxy route's target once it is running; False when it was that already."""
         host, _, port = address.rpartition(":")
         server = self.server
         if server is None or not port.isdigit() or (server.ip, server.port) == (host, int(port)):
@@ -780,7 +831,7 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         self.port = int(port)
         self.user.db.commit()
         proxy = getattr(self.user, "settings", {}).get("proxy")
-        if proxy is not None and self.ready:
+        if route and proxy is not None and self.ready:
             await proxy.add_user(self.user, self.name)
         return True
 
@@ -1075,12 +1126,20 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
                 self.log.warning("%s", exc)
         bridge_forward = bool(self.port_forward_info.get("service")) and not self.ssh_custom_forward
         try:
-            result = await self._stop_through_outbox()
+            try:
+                result = await self._stop_through_outbox()
+            except ReplyTimeout:
+                if bridge_forward:  # the bridge has the stop; the drop follows it, for good
+                    await self._hand_over_drop_forwards()
+                raise
             if result is not None and result.ok and bridge_forward:
                 # The bridge that carried out the stop removed the forward it had; one that
                 # still holds a copy (the server's queue moved while the stop was on its way)
                 # removes it now.
                 await self._drop_other_forwards(NO_ADDRESS)
+            elif result is None and bridge_forward:
+                # The stop waits in the outbox: the drop goes out after it, when RabbitMQ is back.
+                await self._hand_over_drop_forwards()
             if result is not None and result.ok and result.deferred:
                 self.log.info(
                     "stop of %s recorded by the bridge while the Outpost is down; carried out when it answers",
@@ -1092,6 +1151,12 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
                 self.log.warning("stop of %s: %s", self._log_name, result.error.summary if result.error else "failed")
         except (BrokerUnavailable, ReplyTimeout, HookError) as exc:
             self.log.warning("stop of %s not confirmed (%s); the bridge keeps trying", self._log_name, exc)
+        except Exception:
+            # JupyterHub drops an exception of stop() without a word and counts the server as
+            # stopped: say it here; what the outbox holds is sent again by its drainer.
+            self.log.exception("stop of %s failed; what the hub's outbox holds is sent again", self._log_name)
+            with contextlib.suppress(Exception):
+                HubBroker.of(self).drain_later()
         self._start_recorded()
         await self._run_custom_removals()
         self.port_forward_info = {}

@@ -152,3 +152,36 @@ def test_forwards_follow_their_queue_to_the_surviving_bridge_and_back(
     )
     for user in users:
         wait_for(lambda user=user: not listening(now[user]), 30, f"the forward of {user} removed with its server")
+
+
+def test_a_hub_that_was_down_while_the_queue_moved_checks_and_routes_the_new_forward(
+    hub: Hub, bridges: list[Bridge], outpost: Outpost, sshd: Sshd
+) -> None:
+    """The hub is stopped (its servers keep running, ``cleanup_servers`` False), the bridge
+    holding the queue is SIGKILLed, the other takes the queue, and only then the hub starts
+    again. JupyterHub checks each running server at the address ``get_url()`` answers and shuts
+    down one that does not answer there: the old forward died with its bridge, so the spawner
+    re-ensures the forward first, and the server keeps running, reached through the new one."""
+    user = new_user(hub)
+    assert hub.api("POST", hub.server_path(user), json={"ssh_during_startup": True}).status_code in (201, 202)
+    assert hub.progress(user)[-1].get("ready")
+    assert_through_forward(hub, outpost, sshd, user)
+    before = proxy_target(hub, user)
+
+    dead = holder(bridges)
+    survivor = next(b for b in bridges if b is not dead)
+    offset = len(survivor.log())
+    hub.stop()
+    dead.stop(signal.SIGKILL)
+    wait_for(lambda: "consuming commands of" in survivor.log()[offset:], 60, "the queue taken by the other bridge")
+    assert not listening(before)  # the forward the hub knows is gone
+    hub_offset = len(hub.log())
+    hub.start()
+    wait_for(lambda: proxy_target(hub, user) != before, 60, f"the route of {user} at the new forward")
+    wait_for(lambda: reachable(hub, user), 30, f"{user} through the new forward")
+    assert "does not appear to be running" not in hub.log()[hub_offset:]
+    assert any(k.startswith(f"{user}/") for k in outpost.get("/_dev/stats")["pids"])  # never stopped
+
+    dead.start()  # as the module found it: two bridges
+    assert hub.api("DELETE", hub.server_path(user)).status_code in (202, 204)
+    wait_for(lambda: not any(k.startswith(f"{user}/") for k in outpost.get("/_dev/stats")["pids"]), 60, "stopped")

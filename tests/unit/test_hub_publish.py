@@ -15,7 +15,15 @@ import aio_pika
 import pytest
 import pytest_asyncio
 
-from jupyterhub_outpost_mq.schemas import Envelope, OutpostTarget, ServerRef, StopCommand, Topology, encode_wire
+from jupyterhub_outpost_mq.schemas import (
+    DropForwardCommand,
+    Envelope,
+    OutpostTarget,
+    ServerRef,
+    StopCommand,
+    Topology,
+    encode_wire,
+)
 from jupyterhub_outpost_mq.schemas.base import new_id
 from jupyterhub_outpost_mq.schemas.topology import outpost_key
 from jupyterhub_outpost_mq.spawner.broker import HubBroker
@@ -80,3 +88,43 @@ async def test_a_refused_publish_is_told_apart_and_an_outbox_for_one_outpost_hol
     while broker.outbox.contains(kept.id):
         assert time.monotonic() < end, "the outbox was not drained"
         await asyncio.sleep(0.1)
+
+
+@aio
+async def test_a_drop_of_forwards_kept_after_a_stop_goes_to_every_bridge_once_the_stop_went(
+    setup: tuple[HubBroker, aio_pika.abc.AbstractChannel, Topology],
+) -> None:
+    """A stop that waited in the outbox (RabbitMQ was down) is followed by the drop of the
+    server's forwards: sent on ``P.control`` (every bridge), after the stop, not to an Outpost."""
+    broker, channel, topology = setup
+    key_a = outpost_key(URL_A)
+    await broker.ensure_outpost(key_a, URL_A)
+    command_queue = await channel.declare_queue(topology.outpost_queue(key_a), passive=True)
+    await command_queue.purge()  # the earlier test's stop
+    control = await channel.declare_queue(exclusive=True)
+    await control.bind(topology.control_exchange, routing_key="")
+
+    kept = stop(broker.hub_id, "dave", URL_A)
+    broker.outbox.add(kept.id, key_a, URL_A, kept.type, encode_wire(kept, broker.keyring))
+    ref = ServerRef(user="dave", server="", start_id="s1")
+    drop = Envelope(
+        id=new_id(),
+        hub=broker.hub_id,
+        server=ref,
+        deadline=time.time() + 60,
+        body=DropForwardCommand(name="dave", keep="none:0"),
+    )
+    assert await broker.hand_over(drop, key_a, "")  # RabbitMQ is there: the stop, then the drop
+    assert not broker.outbox.contains(kept.id) and not broker.outbox.contains(drop.id)
+
+    commands: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+    tag = await command_queue.consume(commands.put)  # a quorum queue with one active consumer: no basic.get
+    stop_message = await asyncio.wait_for(commands.get(), 5)
+    assert stop_message.message_id == kept.id
+    drop_message = await control.get(timeout=5)
+    assert drop_message.message_id == drop.id and drop_message.type == "drop_forward"
+    await asyncio.sleep(0.3)
+    assert commands.empty()  # the drop did not go to the Outpost's queue
+    await stop_message.ack()
+    await drop_message.ack()
+    await command_queue.cancel(tag)
