@@ -168,3 +168,63 @@ def test_the_bridge_has_its_key_trusts_hubs_and_allows_outposts() -> None:
     assert volumes["keys"]["secret"]["secretName"] == "outpost-bridge-keys"
     assert key_file.rsplit("/", 1)[1] in bridge_objects()["Secret/outpost-bridge-keys"]["stringData"]
     assert config.hub_public_keys and config.allowed_outposts
+
+
+def statefulset_objects() -> dict[str, dict[str, Any]]:
+    """deploy/kubernetes/outpost-bridges.yaml (several bridges) by kind, Services by name."""
+    found: dict[str, dict[str, Any]] = {}
+    for d in documents(ROOT / "deploy" / "kubernetes" / "outpost-bridges.yaml"):
+        key = d["kind"] if d["kind"] not in ("Secret", "Service") else f"{d['kind']}/{d['metadata']['name']}"
+        found[key] = d
+    return found
+
+
+def statefulset_config(pod_name: str, monkeypatch: pytest.MonkeyPatch) -> Config:
+    monkeypatch.setenv("POD_NAME", pod_name)
+    source = statefulset_objects()["ConfigMap"]["data"]["outpost_bridge_config.py"]
+    config = Config()
+    exec(compile(source, "outpost_bridge_config.py", "exec"), {"get_config": lambda: config})
+    return config
+
+
+def test_the_statefulset_shares_the_single_bridges_objects_but_not_its_state() -> None:
+    """Several bridges (outpost-bridges.yaml) use the same account, role and Secrets as one;
+    each pod has a state volume of its own."""
+    one, many = bridge_objects(), statefulset_objects()
+    for key in ("ServiceAccount", "Role", "RoleBinding", "Secret/outpost-mq-amqp", "Secret/outpost-bridge-keys"):
+        assert many[key] == one[key], key
+    assert "PersistentVolumeClaim" not in many and "Deployment" not in many
+    sts = many["StatefulSet"]["spec"]
+    assert sts["replicas"] >= 2 and sts["podManagementPolicy"] == "Parallel"
+    assert many[f"Service/{sts['serviceName']}"]["spec"]["clusterIP"] == "None"
+    pod = sts["template"]["spec"]
+    container = pod["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert [t["metadata"]["name"] for t in sts["volumeClaimTemplates"]] == ["state"]
+    assert "state" not in {v["name"] for v in pod["volumes"]}  # from the claim template, one per pod
+    # Everything else of the pod as in the single bridge's Deployment.
+    single = one["Deployment"]["spec"]["template"]["spec"]
+    assert container == single["containers"][0]
+    assert [v for v in single["volumes"] if v["name"] != "state"] == pod["volumes"]
+    assert mounts["state"] == "/var/lib/outpost-bridge"
+    pdb = many["PodDisruptionBudget"]["spec"]
+    assert pdb["maxUnavailable"] == 1 and pdb["selector"] == sts["selector"]
+
+
+def test_each_bridge_of_the_statefulset_selects_only_its_own_pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    many = statefulset_objects()
+    pod = many["StatefulSet"]["spec"]["template"]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in pod["spec"]["containers"][0]["env"][1:]}
+    assert env == {"POD_IP": "status.podIP", "POD_NAME": "metadata.name"}
+    a = OutpostBridge(config=statefulset_config("outpost-bridge-0", monkeypatch))
+    b = OutpostBridge(config=statefulset_config("outpost-bridge-1", monkeypatch))
+    assert a.service_selector == {"statefulset.kubernetes.io/pod-name": "outpost-bridge-0"}
+    assert b.service_selector != a.service_selector and b.bridge_name == "outpost-bridge-1"
+    # The ConfigMap differs from the single bridge's in the selector and the name only.
+    known = set(OutpostBridge.class_trait_names(config=True))
+    config = statefulset_config("outpost-bridge-0", monkeypatch).OutpostBridge
+    assert set(config) <= known, set(config) - known
+    single = bridge_config().OutpostBridge
+    assert {k: v for k, v in config.items() if k not in ("service_selector", "bridge_name")} == {
+        k: v for k, v in single.items() if k != "service_selector"
+    }
