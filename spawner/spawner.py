@@ -76,7 +76,22 @@ REQUEST_FAILED = (OutpostCommandFailed, HookError, BrokerUnavailable, ReplyTimeo
 STARTUP_FOLLOWS = 16
 """At most this many servers re-ensure their forwards at once in :meth:`OutpostSpawner.get_url`
 (JupyterHub checks every running server at once when it starts)."""
-_startup_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+class _StartupFollows:
+    """The hub's start-up re-ensuring of forwards (:meth:`OutpostSpawner.get_url`): a gate of
+    :data:`STARTUP_FOLLOWS`, and one time window for all of them, from the first call on:
+    without a bridge that answers, the servers after the first do not each wait in turn."""
+
+    def __init__(self, window: float) -> None:
+        self.gate = asyncio.Semaphore(STARTUP_FOLLOWS)
+        self.until = time.monotonic() + window
+
+    def left(self) -> float:
+        return self.until - time.monotonic()
+
+
+_startup: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _StartupFollows] = weakref.WeakKeyDictionary()
 
 
 class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
@@ -802,14 +817,19 @@ class OutpostSpawner(OutpostTraits, TunnelTraits, Spawner):
         the hub was down (its command queue moved to another bridge, whose ``QueueTaken`` the
         hub reads only now): re-ensure the forward through the queue first, so the check (and
         the proxy route JupyterHub then writes) uses the address that works now. When no bridge
-        answers within ``http_timeout``, the address the hub had."""
+        answers within ``http_timeout`` of the first such call (for all servers together), the
+        address the hub had."""
         if self.has_bridge_forward():
             loop = asyncio.get_running_loop()
-            gate = _startup_gates.setdefault(loop, asyncio.Semaphore(STARTUP_FOLLOWS))
+            follows = _startup.get(loop)
+            if follows is None:
+                follows = _startup[loop] = _StartupFollows(max(5.0, float(self.http_timeout)))
             try:
-                async with gate:
+                async with follows.gate:
+                    if follows.left() <= 0:
+                        raise TimeoutError
                     # The proxy may not run yet; JupyterHub routes the server's address after the check.
-                    await asyncio.wait_for(self.follow_forward(route=False), max(5.0, float(self.http_timeout)))
+                    await asyncio.wait_for(self.follow_forward(route=False), follows.left())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
