@@ -195,7 +195,7 @@ class HubBroker:
         if first:
             self.unclaimed = UnclaimedStarts(users, log)
             self.router.on_unclaimed = self.unclaimed
-            self.forward_moves = ForwardMoves(users)
+            self.forward_moves = ForwardMoves(users, self.broadcast, self.hub_id)
             self.router.on_queue_taken = self.forward_moves
             self.router.on_forwards_held = self.forward_moves.review
             close_with_hub(users)

@@ -12,8 +12,10 @@ other bridges to drop their copy (:class:`~jupyterhub_outpost_mq.schemas.DropFor
 A bridge restarted with its state file lists the forwards it holds for this hub
 (:class:`~jupyterhub_outpost_mq.schemas.ForwardsHeld`): each that belongs to a running
 server reached elsewhere now, or to a start that is over, is dropped
-(:meth:`OutpostSpawner.drop_stale_forward`); a forward of a server this hub has not loaded,
-or whose spawner is busy starting or stopping, is left alone.
+(:meth:`OutpostSpawner.drop_stale_forward`); a forward whose spawner is busy starting or
+stopping is left alone. One that no loaded server of this hub has (neither its name nor its
+start id) is dropped too: JupyterHub loads every user with a running or starting server at
+its start, so that server is not running here (it stopped while the bridge was down).
 
 At most :data:`CONCURRENCY` servers follow at once; a server whose follow fails keeps its
 route (logged), and is tried again at the next news about its queue.
@@ -24,20 +26,29 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from jupyterhub_outpost_mq.schemas import ForwardsHeld, QueueTaken
+from jupyterhub_outpost_mq.schemas import DropForwardCommand, Envelope, ForwardsHeld, HeldForward, QueueTaken, ServerRef
+from jupyterhub_outpost_mq.schemas.base import new_id
 
 log = logging.getLogger(f"JupyterHub.{__name__}")  # under the hub logger
 
 CONCURRENCY = 16
+NO_ADDRESS = "none:0"
+"""The ``keep`` of a :class:`DropForwardCommand` that has every bridge drop its copy."""
 
 
 class ForwardMoves:
     """Called with each :class:`QueueTaken`; schedules the spawners' :meth:`follow_forward`."""
 
-    def __init__(self, users: Any) -> None:
+    def __init__(
+        self, users: Any, broadcast: Callable[[Envelope], Awaitable[None]] | None = None, hub_id: str = ""
+    ) -> None:
         self._users = users
+        self._broadcast = broadcast  # P.control, for the drop of a forward no server has
+        self._hub_id = hub_id
         self._gate = asyncio.Semaphore(CONCURRENCY)
         self._following: dict[int, asyncio.Task[None]] = {}  # id(spawner) -> its follow
         self._reviews: set[asyncio.Task[None]] = set()
@@ -65,13 +76,28 @@ class ForwardMoves:
             for spawner in list(getattr(user, "spawners", {}).values()):
                 if hasattr(spawner, "drop_stale_forward"):
                     by_name[spawner.service_name] = spawner
+        start_ids = {getattr(spawner, "start_id", "") for spawner in by_name.values()}
         stale = 0
         for forward in held.forwards:
             spawner = by_name.get(forward.name)
             if spawner is not None and spawner.forward_is_stale(forward):
                 stale += 1
                 self._spawn(spawner.drop_stale_forward(forward))
+            elif spawner is None and forward.start_id and forward.start_id not in start_ids and self._broadcast:
+                stale += 1
+                self._spawn(self._drop_orphan(forward))
         log.info("bridge %s holds %d forward(s) of this hub; %d stale", held.bridge, len(held.forwards), stale)
+
+    async def _drop_orphan(self, forward: HeldForward) -> None:
+        """Every bridge drops its copy of ``forward``: no server of this hub has it."""
+        assert self._broadcast is not None
+        ref = ServerRef(user=forward.name, start_id=forward.start_id)
+        body = DropForwardCommand(name=forward.name, keep=NO_ADDRESS)
+        drop = Envelope(id=new_id(), hub=self._hub_id, server=ref, deadline=time.time() + 300, body=body)
+        try:
+            await self._broadcast(drop)
+        except Exception as exc:  # the copy stays until the bridge's next list of its forwards
+            log.warning("could not have the forward %s (start %s) dropped: %s", forward.name, forward.start_id, exc)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)

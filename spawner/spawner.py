@@ -58,6 +58,7 @@ from jupyterhub_outpost_mq.spawner.errors import (
     OutpostSpawnerError,
     ReplyTimeout,
 )
+from jupyterhub_outpost_mq.spawner.forward_moves import NO_ADDRESS
 from jupyterhub_outpost_mq.spawner.hooks import call_hook, resolve
 from jupyterhub_outpost_mq.spawner.outpost_traits import OutpostTraits
 from jupyterhub_outpost_mq.spawner.plan import plan_poll, plan_start, plan_stop, resolve_target
@@ -69,8 +70,6 @@ from jupyterhub_outpost_mq.spawner.watch import UNKNOWN
 
 T = TypeVar("T")
 
-NO_ADDRESS = "none:0"
-"""The ``keep`` of a :class:`DropForwardCommand` that has every bridge drop its copy."""
 # Errors that mean "the start request did not succeed" (upstream: the POST failed).
 REQUEST_FAILED = (OutpostCommandFailed, HookError, BrokerUnavailable, ReplyTimeout)
 STARTUP_FOLLOWS = 16

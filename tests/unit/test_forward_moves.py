@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from jupyterhub_outpost_mq.bridge.queue_moves import QueueMoves
-from jupyterhub_outpost_mq.schemas import Envelope, ForwardsHeld, HeldForward, QueueTaken
+from jupyterhub_outpost_mq.schemas import DropForwardCommand, Envelope, ForwardsHeld, HeldForward, QueueTaken
 from jupyterhub_outpost_mq.spawner.forward_moves import ForwardMoves
 
 aio = pytest.mark.asyncio(loop_scope="session")
@@ -62,6 +62,7 @@ class FakeSpawner:
         self.running = running
         self.port = port
         self.followed = 0
+        self.start_id = "s"
         self.dropped: list[HeldForward] = []
         self.gate = asyncio.Event()
 
@@ -92,7 +93,12 @@ class FakeUser:
 async def test_the_hub_has_the_running_servers_of_the_taken_queues_follow_once_each() -> None:
     a, b, c = FakeSpawner("a", "q.1"), FakeSpawner("b", "q.2"), FakeSpawner("c", "q.1", running=False)
     users: dict[int, Any] = {1: FakeUser(a), 2: FakeUser(b, c)}
-    moves = ForwardMoves(users)
+    broadcast: list[Envelope] = []
+
+    async def publish(envelope: Envelope) -> None:
+        broadcast.append(envelope)
+
+    moves = ForwardMoves(users, publish, "hub-1")
     moves(QueueTaken(bridge="bridge-2", units=["q.1"]))
     moves(QueueTaken(bridge="bridge-2", units=["q.1"]))  # again while the first follow runs
     await asyncio.sleep(0.05)
@@ -107,9 +113,13 @@ async def test_the_hub_has_the_running_servers_of_the_taken_queues_follow_once_e
             forwards=[
                 HeldForward(name="a", start_id="s", port=4000),  # where the server is reached
                 HeldForward(name="b", start_id="s", port=4999),  # moved away: stale
-                HeldForward(name="zed", start_id="s", port=4000),  # no such server here: left alone
+                HeldForward(name="zed", start_id="s", port=4000),  # a start id some server has: left alone
+                HeldForward(name="gone", start_id="old", port=4100),  # no server has it: dropped
             ],
         )
     )
     await asyncio.sleep(0.05)
     assert a.dropped == [] and [h.port for h in b.dropped] == [4999]
+    [drop] = broadcast
+    assert isinstance(drop.body, DropForwardCommand) and drop.hub == "hub-1"
+    assert (drop.body.name, drop.body.keep, drop.server and drop.server.start_id) == ("gone", "none:0", "old")
